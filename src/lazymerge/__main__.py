@@ -1,0 +1,5 @@
+import sys
+
+from lazymerge.cli import main
+
+sys.exit(main())

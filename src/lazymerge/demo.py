@@ -1,0 +1,57 @@
+"""`make demo`: build a small Llama pair + LoRA, then run the founding recipe on them.
+
+The founding recipe (examples/airolima-chronos.yaml) is scaled to the demo's depth:
+its span [0, 25) of 40 layers becomes [0, 5) of 8. The merge runs as a separate
+`lazymerge merge` process so the peak memory it reports is the merge's own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lazymerge.synthetic import LlamaShape, write_llama, write_lora
+
+FOUNDING = Path(__file__).resolve().parents[2] / "examples" / "airolima-chronos.yaml"
+FOUNDING_LAYERS = 40  # Llama 2 13B
+
+
+def scaled_recipe(founding: dict, layers: int, shard_size: str) -> dict:  # type: ignore[type-arg]
+    """The founding recipe with its layer span scaled from 40 layers to `layers`."""
+    recipe = dict(founding)
+    gradient = dict(recipe["gradient"])
+    start, end = gradient["layers"]
+    gradient["layers"] = [
+        round(start * layers / FOUNDING_LAYERS),
+        round(end * layers / FOUNDING_LAYERS),
+    ]
+    recipe["gradient"] = gradient
+    recipe["output"] = {**recipe.get("output", {}), "shard_size": shard_size}
+    return recipe
+
+
+def main(workdir: str = ".demo") -> int:
+    root = Path(workdir).resolve()
+    shape = LlamaShape(layers=8)
+    print(f"building demo models in {root} (8-layer Llama, hidden {shape.hidden}, fp16)")
+    write_llama(root / "chronos-13b-v2", shape, seed=1, shard_size=4 * 10**6)
+    write_llama(root / "airoboros-l2-13b-gpt4-2.0", shape, seed=2, shard_size=4 * 10**6)
+    write_lora(root / "limarp-llama2", shape, seed=3, r=16, alpha=16)
+    recipe = scaled_recipe(yaml.safe_load(FOUNDING.read_text()), shape.layers, "5MB")
+    recipe_path = root / "airolima-chronos.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    print(f"recipe {recipe_path} (from {FOUNDING.name}, span scaled to {recipe['gradient']['layers']}):")
+    print(recipe_path.read_text())
+    cmd = [
+        sys.executable, "-m", "lazymerge", "merge", str(recipe_path),
+        "-o", str(root / "airolima-chronos-grad"), "--overwrite",
+    ]  # fmt: skip
+    print("$ lazymerge " + " ".join(cmd[3:]), flush=True)
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,176 @@
+"""Executes a MergePlan: read -> fp32 blend + LoRA in place -> one cast -> write.
+
+Memory is bounded by the working budget (`max_memory`), not by the model: each tensor
+is processed in blocks of rows, the input pages of a block are released as soon as it
+is written, and nothing is buffered beyond the block being computed.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
+from lazymerge.lora import LoraTerm
+from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor
+from lazymerge.writer import ShardResult, ShardWriter, finalize_output, prepare_output
+
+DEFAULT_MAX_MEMORY = 512 * 2**20
+# Plain copies move at most this much per step, so the mapped input pages a copy makes
+# resident stay small even when the budget is large.
+COPY_CHUNK = 64 * 2**20
+Step = Callable[[int], object]  # progress: called with the bytes just written
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    shards: tuple[ShardResult, ...]
+    seconds: float
+    peak_rss: int  # bytes, the whole process
+    bytes_read: int
+    bytes_written: int
+
+
+def run_merge(
+    plan: MergePlan,
+    out: Path,
+    *,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Write the merged model described by `plan` into directory `out`."""
+    start = time.monotonic()
+    out = prepare_output(out, plan.recipe.inputs(), overwrite)
+    results = []
+    with (
+        MappedReader() as reader,
+        tqdm(
+            total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
+            desc="merging", disable=not progress, file=sys.stderr,
+        ) as bar,
+    ):  # fmt: skip
+        for shard in plan.shards:
+            writer = ShardWriter(out, shard)
+            try:
+                for t in shard.tensors:
+                    write_tensor(t, reader, writer, max_memory, bar.update)
+                results.append(writer.finish())
+            except BaseException:
+                writer.abort()
+                raise
+    finalize_output(out, plan, results)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return MergeResult(
+        out, tuple(results), time.monotonic() - start, peak, plan.bytes_to_read, plan.bytes_to_write
+    )
+
+
+def write_tensor(
+    t: PlannedTensor, reader: MappedReader, writer: ShardWriter, budget: int, step: Step
+) -> None:
+    """Produce one output tensor's bytes into the writer, block by block."""
+    if t.action == COMPUTE:
+        _compute(t, reader, writer, budget, step)
+    else:
+        src = t.base if t.action == COPY_BASE else t.other
+        assert src is not None  # the plan only copies from a side it has
+        _copy(src, t.offset, reader, writer, min(budget, COPY_CHUNK), step)
+
+
+def _copy(
+    src: TensorRef, offset: int, reader: MappedReader, writer: ShardWriter, chunk: int, step: Step
+) -> None:
+    chunk = max(chunk, 1)
+    for start in range(0, src.nbytes, chunk):
+        stop = min(start + chunk, src.nbytes)
+        with reader.raw(src, start, stop) as view:
+            writer.write(offset + start, view)
+        reader.release(src, start, stop)
+        step(stop - start)
+
+
+def block_rows(t: PlannedTensor, budget: int) -> int:
+    """Rows per block so that the block's buffers and mapped input pages fit `budget`."""
+    if t.rows == 0:
+        return 1
+    row_numel = t.nbytes // itemsize(t.dtype) // t.rows
+    per_row = row_numel * (4 + 4 + itemsize(t.dtype)) + t.base.row_nbytes
+    if t.other is not None:
+        per_row += t.other.row_nbytes
+    return max(1, min(t.rows, budget // max(per_row, 1)))
+
+
+def _compute(
+    t: PlannedTensor, reader: MappedReader, writer: ShardWriter, budget: int, step: Step
+) -> None:
+    rows = block_rows(t, budget)
+    base_a = _factors(t.base_loras, reader)
+    other_a = _factors(t.other_loras, reader)
+    row_bytes = t.nbytes // t.rows if t.rows else 0
+    for r0 in range(0, t.rows, rows):
+        r1 = min(r0 + rows, t.rows)
+        acc = blend_rows(t, reader, r0, r1, base_a, other_a)
+        out = acc.to(DTYPES[t.dtype]).reshape(-1).view(torch.uint8)
+        writer.write(t.offset + r0 * row_bytes, memoryview(out.numpy()))
+        step((r1 - r0) * row_bytes)
+
+
+def blend_rows(
+    t: PlannedTensor,
+    reader: MappedReader,
+    r0: int,
+    r1: int,
+    base_a: Sequence[torch.Tensor],
+    other_a: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """fp32 rows [r0, r1) of `(1 - r) * base' + r * other'` (' = with its LoRAs)."""
+    acc = None
+    if t.ratio < 1:
+        acc = _side(t.base, t.base_loras, base_a, reader, r0, r1)
+        if t.ratio != 0:
+            acc.mul_(1 - t.ratio)
+    if t.ratio > 0:
+        assert t.other is not None  # the plan resolves `other` whenever ratio > 0
+        theirs = _side(t.other, t.other_loras, other_a, reader, r0, r1)
+        if t.ratio != 1:
+            theirs.mul_(t.ratio)
+        acc = theirs if acc is None else acc.add_(theirs)
+    assert acc is not None
+    return acc
+
+
+def _side(
+    ref: TensorRef,
+    terms: Sequence[LoraTerm],
+    factors_a: Sequence[torch.Tensor],
+    reader: MappedReader,
+    r0: int,
+    r1: int,
+) -> torch.Tensor:
+    """fp32 copy of rows [r0, r1) of one model's tensor with its LoRA deltas added in place."""
+    acc = torch.empty((r1 - r0, *ref.shape[1:]), dtype=torch.float32)
+    acc.copy_(reader.rows(ref, r0, r1))  # a copy: the mapped view itself is read-only
+    reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
+    for term, a in zip(terms, factors_a, strict=True):
+        b = reader.rows(term.b, r0, r1).to(torch.float32)
+        acc.addmm_(b, a, alpha=term.scale)  # acc += scale * (B @ A), no full delta
+        reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)
+    return acc
+
+
+def _factors(terms: Sequence[LoraTerm], reader: MappedReader) -> list[torch.Tensor]:
+    """The A factors ([r, in], small) as fp32, read once per tensor."""
+    out = []
+    for term in terms:
+        out.append(reader.rows(term.a, 0, term.a.rows).to(torch.float32, copy=True))
+        reader.release(term.a)
+    return out

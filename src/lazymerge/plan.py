@@ -1,0 +1,210 @@
+"""MergePlan: every output tensor's inputs, ratio, LoRA terms, shard and offset.
+
+Decided from headers alone, before any tensor data is read, so a plan can be printed,
+checked and executed, and the same inputs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lazymerge.errors import InputError, RecipeError
+from lazymerge.gradient import layer_count, layer_of, ratio_for
+from lazymerge.index import CheckpointIndex, TensorRef, itemsize
+from lazymerge.lora import LoraAdapter, LoraTerm
+from lazymerge.recipe import ModelSpec, Recipe
+
+COPY_BASE, COPY_OTHER, COMPUTE = "copy-base", "copy-other", "compute"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where its bytes come from and where they go."""
+
+    name: str
+    dtype: str  # output dtype code
+    shape: tuple[int, ...]
+    ratio: float  # fraction of `other`
+    base: TensorRef
+    other: TensorRef | None  # None when ratio == 0
+    base_loras: tuple[LoraTerm, ...]  # only those that matter (ratio < 1)
+    other_loras: tuple[LoraTerm, ...]  # only those that matter (ratio > 0)
+    action: str  # COPY_BASE, COPY_OTHER or COMPUTE
+    shard: int
+    offset: int  # within the shard's data section
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    recipe: Recipe
+    base: CheckpointIndex
+    other: CheckpointIndex | None
+    n_layers: int
+    tensors: tuple[PlannedTensor, ...]
+    shards: tuple[Shard, ...]
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Input bytes the merge touches: sources of each tensor plus their LoRA factors."""
+        total = 0
+        for t in self.tensors:
+            if t.action != COPY_OTHER:
+                total += t.base.nbytes
+            if t.other is not None and t.action != COPY_BASE:
+                total += t.other.nbytes
+            total += sum(lo.a.nbytes + lo.b.nbytes for lo in t.base_loras + t.other_loras)
+        return total
+
+    def layer_ratios(self) -> dict[int | None, list[float]]:
+        """Distinct ratios per decoder layer (None: tensors outside the layers)."""
+        out: dict[int | None, list[float]] = {}
+        for t in self.tensors:
+            ratios = out.setdefault(layer_of(t.name), [])
+            if t.ratio not in ratios:
+                ratios.append(t.ratio)
+        return out
+
+
+def build_plan(recipe: Recipe) -> MergePlan:
+    """Open every input's headers and decide the whole merge."""
+    base = CheckpointIndex.open(recipe.base.path)
+    n_layers = layer_count(base.tensors)
+    other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
+    if other is not None:
+        _check_layers(recipe, base, other, n_layers)
+    base_terms = _lora_terms(recipe.base, base)
+    other_terms = _lora_terms(recipe.other, other) if recipe.other and other else {}
+    planned = [
+        _plan_tensor(recipe, ref, other, n_layers, base_terms, other_terms) for ref in base
+    ]
+    tensors, shards = _shard(planned, recipe.output.shard_size)
+    return MergePlan(recipe, base, other, n_layers, tensors, shards)
+
+
+def _check_layers(
+    recipe: Recipe, base: CheckpointIndex, other: CheckpointIndex, n_layers: int
+) -> None:
+    n_other = layer_count(other.tensors)
+    if n_other != n_layers:
+        raise InputError(
+            f"base {base.path} has {n_layers} layers but other {other.path} has {n_other}; "
+            "a layer gradient needs models of the same depth"
+        )
+    for i, rule in enumerate(recipe.gradient):
+        if rule.layers is not None and rule.layers[1] > n_layers:
+            start, end = rule.layers
+            raise RecipeError(
+                f"gradient[{i}].layers: span [{start}, {end}) goes past the last layer; "
+                f"the models have {n_layers} layers (0..{n_layers - 1})"
+            )
+
+
+def _lora_terms(spec: ModelSpec, index: CheckpointIndex) -> dict[str, list[LoraTerm]]:
+    terms: dict[str, list[LoraTerm]] = {}
+    for lo in spec.loras:
+        adapter = LoraAdapter.open(lo.path, lo.weight)
+        adapter.check_against(index)
+        for target, term in adapter.terms.items():
+            if not index[target].is_float:
+                raise InputError(f"{lo.path}: targets {target}, which is not a float tensor")
+            terms.setdefault(target, []).append(term)
+    return terms
+
+
+def _plan_tensor(
+    recipe: Recipe,
+    ref: TensorRef,
+    other: CheckpointIndex | None,
+    n_layers: int,
+    base_terms: dict[str, list[LoraTerm]],
+    other_terms: dict[str, list[LoraTerm]],
+) -> PlannedTensor:
+    if not ref.is_float:
+        # Integer/bool buffers are not blended: the base's bytes, as they are.
+        return PlannedTensor(ref.name, ref.dtype, ref.shape, 0.0, ref, None, (), (), COPY_BASE, 0, 0, ref.nbytes)
+    ratio = ratio_for(ref.name, recipe.gradient, n_layers) if other is not None else 0.0
+    dtype = recipe.output.dtype or ref.dtype
+    other_ref = _other_ref(ref, other) if other is not None and ratio > 0 else None
+    base_loras = tuple(base_terms.get(ref.name, ())) if ratio < 1 else ()
+    other_loras = tuple(other_terms.get(ref.name, ())) if ratio > 0 else ()
+    if ratio == 0 and not base_loras and ref.dtype == dtype:
+        action = COPY_BASE
+    elif ratio == 1 and not other_loras and other_ref is not None and other_ref.dtype == dtype:
+        action = COPY_OTHER
+    else:
+        action = COMPUTE
+    nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
+    return PlannedTensor(
+        ref.name, dtype, ref.shape, ratio, ref, other_ref, base_loras, other_loras, action, 0, 0, nbytes
+    )
+
+
+def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
+    if ref.name not in other:
+        raise InputError(f"{other.path} has no tensor {ref.name}, which the gradient blends")
+    o = other[ref.name]
+    if o.shape != ref.shape:
+        raise InputError(
+            f"{ref.name}: base {ref.file} has shape {list(ref.shape)} but other {o.file} "
+            f"has {list(o.shape)}"
+        )
+    if not o.is_float:
+        raise InputError(f"{ref.name}: other {o.file} stores it as {o.dtype}, not a float")
+    return o
+
+
+def _shard(
+    planned: Sequence[PlannedTensor], shard_size: int
+) -> tuple[tuple[PlannedTensor, ...], tuple[Shard, ...]]:
+    """Greedy split in plan order (HF's rule: a tensor larger than a shard gets its own)."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in planned:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    shards = [Shard(shard_name(k, n), tuple(_place(group, k))) for k, group in enumerate(groups)]
+    return tuple(t for s in shards for t in s.tensors), tuple(shards)
+
+
+def _place(group: Iterable[PlannedTensor], k: int) -> Iterable[PlannedTensor]:
+    offset = 0
+    for t in group:
+        yield replace(t, shard=k, offset=offset)
+        offset += t.nbytes
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def plan_inputs(plan: MergePlan) -> list[Path]:
+    """Every input file the plan reads (model shards and adapter weights)."""
+    files = list(plan.base.files) + (list(plan.other.files) if plan.other else [])
+    for t in plan.tensors:
+        files += [lo.a.file for lo in t.base_loras + t.other_loras]
+    return list(dict.fromkeys(files))

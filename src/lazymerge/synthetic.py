@@ -1,0 +1,167 @@
+"""Random checkpoints with real Llama key names and layout, for the demo, tests, benchmarks.
+
+They are written shard by shard through the safetensors library, so a generator's own
+memory is bounded by one shard, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lazymerge.index import SAFETENSORS_INDEX
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    layers: int = 8
+    hidden: int = 256
+    intermediate: int = 688
+    heads: int = 8
+    kv_heads: int = 8
+    vocab: int = 1000
+
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every weight, in the order transformers' state_dict gives."""
+        h, i, kv = self.hidden, self.intermediate, self.hidden // self.heads * self.kv_heads
+        yield "model.embed_tokens.weight", (self.vocab, h)
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            yield p + "self_attn.q_proj.weight", (h, h)
+            yield p + "self_attn.k_proj.weight", (kv, h)
+            yield p + "self_attn.v_proj.weight", (kv, h)
+            yield p + "self_attn.o_proj.weight", (h, h)
+            yield p + "mlp.gate_proj.weight", (i, h)
+            yield p + "mlp.up_proj.weight", (i, h)
+            yield p + "mlp.down_proj.weight", (h, i)
+            yield p + "input_layernorm.weight", (h,)
+            yield p + "post_attention_layernorm.weight", (h,)
+        yield "model.norm.weight", (h,)
+        yield "lm_head.weight", (self.vocab, h)
+
+    def config(self, dtype: torch.dtype) -> dict[str, object]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
+def _random(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if len(shape) == 1:  # norms: around 1, as trained ones are
+        return (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+    return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+
+
+def write_llama(
+    directory: str | Path,
+    shape: LlamaShape,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float16,
+    shard_size: int = 2 * 10**9,
+) -> Path:
+    """A random Llama checkpoint: shards of at most `shard_size` + index + config.json."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(name, dims, _nbytes(dims, dtype)) for name, dims in shape.tensors()]
+    n_shards = _count_shards([n for _, _, n in sizes], shard_size)
+    weight_map: dict[str, str] = {}
+    group: dict[str, torch.Tensor] = {}
+    size = k = 0
+    for name, dims, nbytes in sizes:
+        if group and size + nbytes > shard_size:
+            _flush(out, group, k, n_shards, weight_map)
+            k, size = k + 1, 0
+        group[name] = _random(dims, gen, dtype)
+        size += nbytes
+    _flush(out, group, k, n_shards, weight_map)
+    total = sum(n for _, _, n in sizes)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def _count_shards(sizes: list[int], shard_size: int) -> int:
+    count, size = 1, 0
+    for n in sizes:
+        if size and size + n > shard_size:
+            count, size = count + 1, 0
+        size += n
+    return count
+
+
+def _flush(
+    out: Path, tensors: dict[str, torch.Tensor], k: int, n: int, weight_map: dict[str, str]
+) -> str:
+    name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    save_file(tensors, str(out / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    tensors.clear()  # the shard is on disk: let its memory go
+
+
+def write_lora(
+    directory: str | Path,
+    shape: LlamaShape,
+    *,
+    seed: int,
+    r: int = 8,
+    alpha: float = 16,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    dtype: torch.dtype = torch.float32,
+    use_rslora: bool = False,
+) -> Path:
+    """A random PEFT LoRA adapter (both factors non-zero) for a LlamaShape model."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, dims in shape.tensors():
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        out_f, in_f = dims
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / in_f**0.5).to(dtype)
+        tensors[f"{key}.lora_B.weight"] = (0.01 * torch.randn(out_f, r, generator=gen)).to(dtype)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

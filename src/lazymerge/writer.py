@@ -1,0 +1,197 @@
+"""Streaming safetensors writer and the output directory's lifecycle.
+
+A shard's header is fixed from the plan before any data exists; tensor bytes are then
+written at their offsets as the engine produces them, hashed on the way, and the shard
+is fsynced and renamed from `*.partial` only when complete. The index file, which makes
+a directory a loadable model, is written last: an interrupted merge never has one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lazymerge import __version__
+from lazymerge.errors import OutputError
+from lazymerge.index import SAFETENSORS_INDEX
+from lazymerge.plan import MergePlan, PlannedTensor, Shard, plan_inputs
+from lazymerge.recipe import DTYPE_LABELS
+
+PARTIAL = ".partial"
+MANIFEST = "lazymerge.json"
+# Files a model directory needs besides weights; copied from the base as they are.
+AUX_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json",
+    "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def build_header(tensors: Sequence[PlannedTensor]) -> bytes:
+    """8-byte length + JSON header, space-padded to a multiple of 8 like safetensors' own."""
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    for t in tensors:
+        entries[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [t.offset, t.offset + t.nbytes],
+        }
+    body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    size: int
+    sha256: str
+
+
+class ShardWriter:
+    """Writes one shard: header first, then each tensor's bytes in plan order."""
+
+    def __init__(self, directory: Path, shard: Shard) -> None:
+        self.final = directory / shard.name
+        self.partial = directory / (shard.name + PARTIAL)
+        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._sha = hashlib.sha256()
+        header = build_header(shard.tensors)
+        self._data_start = len(header)
+        self._end = self._data_start + shard.data_size
+        self._pos = 0
+        self._pwrite(header, 0)
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        """Write bytes at `offset` of the data section; offsets must arrive in order."""
+        if offset != self._pos:
+            raise RuntimeError(f"{self.partial}: write at {offset}, expected {self._pos}")
+        self._pwrite(data, self._data_start + offset)
+        self._pos += len(data)
+
+    def _pwrite(self, data: memoryview | bytes, at: int) -> None:
+        view = memoryview(data).cast("B")
+        self._sha.update(view)
+        while view:
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
+
+    def finish(self) -> ShardResult:
+        """fsync, close and give the shard its final name."""
+        if self._data_start + self._pos != self._end:
+            raise RuntimeError(f"{self.partial}: {self._pos} data bytes written, plan says more")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        os.replace(self.partial, self.final)
+        return ShardResult(self.final.name, self._end, self._sha.hexdigest())
+
+    def abort(self) -> None:
+        """Close without renaming: the `.partial` file stays, visibly incomplete."""
+        os.close(self._fd)
+
+
+def prepare_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> Path:
+    """Check the output directory is safe to use and clear what a previous merge left."""
+    out = out.expanduser().resolve()
+    for p in inputs:
+        p = p.resolve()
+        if out == p or p in out.parents or out in p.parents:
+            raise OutputError(f"output {out} overlaps input {p}; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.iterdir())
+    if existing and not overwrite:
+        raise OutputError(f"output {out} is not empty; pass --overwrite to replace its merge files")
+    # The index goes first: while shards are being replaced, the directory must not
+    # look like a complete model.
+    for name in (SAFETENSORS_INDEX, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    for f in existing:
+        if f.is_file() and (f.name.endswith((".safetensors", PARTIAL)) or f.name in AUX_FILES or f.name == "config.json"):
+            f.unlink()
+    return out
+
+
+def finalize_output(out: Path, plan: MergePlan, shards: Sequence[ShardResult]) -> None:
+    """Write config, tokenizer files, manifest and, last, the index."""
+    base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
+    _write_config(base_dir, out, plan.recipe.output.dtype)
+    for name in AUX_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, out / name)
+    _write_json(out / MANIFEST, manifest(plan, shards))
+    weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
+    index = {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map}
+    _write_json(out / SAFETENSORS_INDEX, index)
+    _fsync_dir(out)
+
+
+def _write_config(base_dir: Path, out: Path, dtype: str | None) -> None:
+    src = base_dir / "config.json"
+    if not src.is_file():
+        return
+    config = json.loads(src.read_text(encoding="utf-8"))
+    if dtype is not None:
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = DTYPE_LABELS[dtype]
+    _write_json(out / "config.json", config)
+
+
+def manifest(plan: MergePlan, shards: Sequence[ShardResult]) -> dict[str, Any]:
+    """What was merged from what: recipe, input fingerprints, per-tensor decisions, hashes."""
+    return {
+        "lazymerge_version": __version__,
+        "recipe": plan.recipe.to_dict(),
+        "inputs": {str(p): fingerprint(p) for p in plan_inputs(plan)},
+        "tensors": {
+            t.name: {
+                "ratio": t.ratio,
+                "action": t.action,
+                "base_loras": [str(lo.adapter) for lo in t.base_loras],
+                "other_loras": [str(lo.adapter) for lo in t.other_loras],
+            }
+            for t in plan.tensors
+        },
+        "shards": {s.name: {"size": s.size, "sha256": s.sha256} for s in shards},
+    }
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Size, mtime and header sha256: cheap (no data read) and enough to notice a file
+    that was replaced or rewritten since; a full data hash would cost a second pass."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+    st = path.stat()
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "header_sha256": hashlib.sha256(header).hexdigest(),
+    }
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
