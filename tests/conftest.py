@@ -1,0 +1,76 @@
+"""Fixtures: tiny random Llama checkpoints and PEFT adapters made by transformers + PEFT.
+
+These come from the libraries people really use, not from lazymerge's own generator, so
+the merge is checked against checkpoints and adapters lazymerge did not write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lazymerge.cli import main
+
+N_LAYERS = 8
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_config():  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def make_llama(directory: Path, seed: int) -> Path:
+    """A random fp32 LlamaForCausalLM saved by transformers in several safetensors shards."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # trained norms are not all ones; make the blend visible
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, max_shard_size="300KB")
+    return directory
+
+
+def make_adapter(model_dir: Path, directory: Path, seed: int, **lora_kwargs: object) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS, "init_lora_weights": False}
+    kwargs.update(lora_kwargs)
+    peft_model = get_peft_model(model, LoraConfig(**kwargs))
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    base = make_llama(root / "base", seed=1)
+    other = make_llama(root / "other", seed=2)
+    return {
+        "base": base,
+        "other": other,
+        "lora": make_adapter(other, root / "lora", seed=3),
+    }
+
+
+def run_cli(*args: str | Path) -> int:
+    return main([str(a) for a in args])
