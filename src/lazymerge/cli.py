@@ -118,13 +118,18 @@ def _run(
         click.echo(summary(plan, result))
 
 
+INTERRUPTED = "lazymerge: interrupted; the output is incomplete (.partial shards, no index)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and a non-zero exit."""
     debug = bool(os.environ.get("LAZYMERGE_DEBUG"))
     try:
         rc = cli.main(args=argv, prog_name="lazymerge", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("lazymerge: aborted", err=True)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt (Ctrl-C)
+        if debug:
+            raise
+        click.echo(INTERRUPTED, err=True)
         return 130
     except click.ClickException as e:
         e.show()
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        click.echo("lazymerge: interrupted; the output is incomplete (.partial shards, no index)", err=True)
+        click.echo(INTERRUPTED, err=True)
         return 130
     except OSError as e:
         if debug:

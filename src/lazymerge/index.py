@@ -203,18 +203,23 @@ def _open_sharded(directory: Path, index_path: Path) -> dict[str, TensorRef]:
         raise InputError(f"{index_path}: not a valid index ({type(e).__name__}: {e})") from None
     if not isinstance(weight_map, dict):
         raise InputError(f"{index_path}: weight_map is not a JSON object")
-    shard_names = sorted(set(weight_map.values()), key=str)
+    # The weight map is the checkpoint, as for transformers: a tensor a shard holds but
+    # the map does not list is not part of the model.
+    headers = {
+        shard: read_header(_shard_path(directory, index_path, shard))
+        for shard in sorted(set(weight_map.values()), key=str)
+    }
     tensors: dict[str, TensorRef] = {}
-    for shard in shard_names:
-        shard_path = _shard_path(directory, index_path, shard)
-        header = read_header(shard_path)
-        tensors.update(header)
-        for name, mapped in weight_map.items():
-            if mapped == shard and name not in header:
-                raise InputError(
-                    f"{index_path}: tensor {name!r} is listed in {shard} but that shard "
-                    "does not contain it"
-                )
+    for shard, header in headers.items():
+        for name, ref in header.items():
+            if weight_map.get(name) == shard:
+                tensors[name] = ref
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise InputError(
+                f"{index_path}: tensor {name!r} is listed in {shard} but that shard "
+                "does not contain it"
+            )
     return tensors
 
 
