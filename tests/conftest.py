@@ -6,10 +6,12 @@ the merge is checked against checkpoints and adapters lazymerge did not write.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lazymerge.cli import main
 
@@ -74,3 +76,26 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
+
+
+def load_merged(out: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(out / shard)))
+    assert set(tensors) == set(index["weight_map"])
+    return tensors
+
+
+def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, torch.Tensor]:
+    """PEFT's own merge of an adapter at `weight` (set_scale), in fp32."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", weight)
+    return {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}

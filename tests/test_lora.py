@@ -9,19 +9,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter, run_cli
+from conftest import load_merged, make_adapter, peft_merge, run_cli
 
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.0.self_attn.v_proj"
-
-
-def load_merged(out: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        tensors.update(load_file(str(out / shard)))
-    assert set(tensors) == set(index["weight_map"])
-    return tensors
 
 
 @pytest.fixture
@@ -38,7 +29,10 @@ def small(tmp_path: Path) -> dict[str, torch.Tensor]:
 
 
 def adapter(
-    directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str = "", **config: object
+    directory: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    name: str = "",
+    **config: object,
 ) -> Path:
     directory.mkdir()
     seg = f".{name}" if name else ""
@@ -63,9 +57,14 @@ def expected(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: float) -> tor
 def test_delta_is_weight_times_scale_times_b_at_a(tmp_path: Path, small: dict) -> None:  # type: ignore[type-arg]
     a, b = factors(8, 6, 2)
     ad = adapter(tmp_path / "ad", {Q: (a, b)}, lora_alpha=4)
-    assert run_cli("lora", tmp_path / "base", ad, "--weight", "0.25", "-o", tmp_path / "out", "-q") == 0
+    assert (
+        run_cli("lora", tmp_path / "base", ad, "--weight", "0.25", "-o", tmp_path / "out", "-q")
+        == 0
+    )
     out = load_merged(tmp_path / "out")
-    torch.testing.assert_close(out[f"{Q}.weight"], expected(small[f"{Q}.weight"], a, b, 0.25 * 4 / 2))
+    torch.testing.assert_close(
+        out[f"{Q}.weight"], expected(small[f"{Q}.weight"], a, b, 0.25 * 4 / 2)
+    )
     assert torch.equal(out[f"{V}.weight"], small[f"{V}.weight"])  # untouched: copied bytes
     assert torch.equal(out["model.norm.weight"], small["model.norm.weight"])
 
@@ -75,7 +74,9 @@ def test_rslora_scale_and_adapter_name_segment(tmp_path: Path, small: dict) -> N
     ad = adapter(tmp_path / "ad", {Q: (a, b)}, name="default", r=4, lora_alpha=3, use_rslora=True)
     assert run_cli("lora", tmp_path / "base", ad, "-o", tmp_path / "out", "-q") == 0
     out = load_merged(tmp_path / "out")
-    torch.testing.assert_close(out[f"{Q}.weight"], expected(small[f"{Q}.weight"], a, b, 3 / math.sqrt(4)))
+    torch.testing.assert_close(
+        out[f"{Q}.weight"], expected(small[f"{Q}.weight"], a, b, 3 / math.sqrt(4))
+    )
 
 
 def test_rank_and_alpha_patterns(tmp_path: Path, small: dict) -> None:  # type: ignore[type-arg]
@@ -96,7 +97,12 @@ def test_several_loras_add(tmp_path: Path, small: dict) -> None:  # type: ignore
     a2, b2 = factors(8, 6, 2)
     adapter(tmp_path / "one", {Q: (a1, b1)})
     adapter(tmp_path / "two", {Q: (a2, b2)})
-    recipe = {"base": {"model": "base", "loras": [{"path": "one", "weight": 0.5}, {"path": "two", "weight": -1}]}}
+    recipe = {
+        "base": {
+            "model": "base",
+            "loras": [{"path": "one", "weight": 0.5}, {"path": "two", "weight": -1}],
+        }
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert run_cli("merge", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q") == 0
     w = small[f"{Q}.weight"].double()
@@ -121,7 +127,11 @@ def test_several_loras_add(tmp_path: Path, small: dict) -> None:  # type: ignore
     ],
 )  # fmt: skip
 def test_adapter_errors(
-    tmp_path: Path, small: dict, capsys: pytest.CaptureFixture[str], build: object, message: str  # type: ignore[type-arg]
+    tmp_path: Path,
+    small: dict,
+    capsys: pytest.CaptureFixture[str],
+    build: object,
+    message: str,  # type: ignore[type-arg]
 ) -> None:
     ad = build(tmp_path / "ad")  # type: ignore[operator]
     assert run_cli("lora", tmp_path / "base", ad, "-o", tmp_path / "out", "-q") == 1
@@ -131,7 +141,9 @@ def test_adapter_errors(
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
-def test_adapter_with_unsupported_tensor_kind(tmp_path: Path, small: dict, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[type-arg]
+def test_adapter_with_unsupported_tensor_kind(
+    tmp_path: Path, small: dict, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[type-arg]
     ad = adapter(tmp_path / "ad", {Q: factors(8, 6, 2)})
     t = load_file(str(ad / "adapter_model.safetensors"))
     t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(2, 3)
@@ -140,24 +152,15 @@ def test_adapter_with_unsupported_tensor_kind(tmp_path: Path, small: dict, capsy
     assert "lora_embedding_A' is not a lora_A/lora_B weight" in capsys.readouterr().err
 
 
-def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, torch.Tensor]:
-    """PEFT's own merge of an adapter at `weight` (set_scale), in fp32."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            module.set_scale("default", weight)
-    return {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
-
-
 @pytest.mark.parametrize("weight", [1.0, 0.25])
-def test_lora_equals_peft_merge_and_unload(models: dict[str, Path], tmp_path: Path, weight: float) -> None:
+def test_lora_equals_peft_merge_and_unload(
+    models: dict[str, Path], tmp_path: Path, weight: float
+) -> None:
     out = tmp_path / "out"
-    assert run_cli("lora", models["other"], models["lora"], "--weight", str(weight), "-o", out, "-q") == 0
+    assert (
+        run_cli("lora", models["other"], models["lora"], "--weight", str(weight), "-o", out, "-q")
+        == 0
+    )
     ours = load_merged(out)
     ref = peft_merge(models["other"], models["lora"], weight)
     assert set(ours) == set(ref)

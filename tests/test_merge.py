@@ -14,8 +14,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import N_LAYERS, run_cli
-from test_lora import load_merged, peft_merge
+from conftest import N_LAYERS, load_merged, peft_merge, run_cli, tiny_config
 
 SPAN = 5  # the founding [0, 25) of 40 layers, scaled to 8
 
@@ -23,7 +22,10 @@ SPAN = 5  # the founding [0, 25) of 40 layers, scaled to 8
 def founding_recipe(models: dict[str, Path], directory: Path, **output: object) -> Path:
     recipe = {
         "base": str(models["base"]),
-        "other": {"model": str(models["other"]), "loras": [{"path": str(models["lora"]), "weight": 0.25}]},
+        "other": {
+            "model": str(models["other"]),
+            "loras": [{"path": str(models["lora"]), "weight": 0.25}],
+        },
         "gradient": {"values": [0.9, 0.0], "layers": [0, SPAN]},
         "output": {"dtype": "float16", "shard_size": "400KB", **output},
     }
@@ -84,7 +86,9 @@ def test_founding_recipe_equals_reference(models: dict[str, Path], merged: Path)
         assert torch.equal(ours[name], ref[name]), name  # ratio 0: base, one cast, exact
 
 
-def test_output_loads_in_transformers_with_reference_logits(models: dict[str, Path], merged: Path) -> None:
+def test_output_loads_in_transformers_with_reference_logits(
+    models: dict[str, Path], merged: Path
+) -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
@@ -99,7 +103,9 @@ def test_shards_index_config_and_manifest(models: dict[str, Path], merged: Path)
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     shards = sorted(merged.glob("model-*.safetensors"))
     assert len(shards) > 1
-    assert [p.name for p in shards] == [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    assert [p.name for p in shards] == [
+        f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
+    ]
     assert set(index["weight_map"].values()) == {p.name for p in shards}
     total = 0
     for p in shards:
@@ -116,14 +122,25 @@ def test_shards_index_config_and_manifest(models: dict[str, Path], merged: Path)
     config = json.loads((merged / "config.json").read_text())
     assert config.get("torch_dtype", config.get("dtype")) == "float16"
     assert config["num_hidden_layers"] == N_LAYERS
-    assert (merged / "generation_config.json").read_bytes() == (models["base"] / "generation_config.json").read_bytes()
+    assert (merged / "generation_config.json").read_bytes() == (
+        models["base"] / "generation_config.json"
+    ).read_bytes()
 
     manifest = json.loads((merged / "lazymerge.json").read_text())
     for p in shards:
-        assert manifest["shards"][p.name] == {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-    assert manifest["tensors"]["model.layers.1.self_attn.q_proj.weight"]["ratio"] == pytest.approx(0.675)
-    assert manifest["tensors"]["model.layers.1.self_attn.q_proj.weight"]["other_loras"] == [str(models["lora"])]
-    assert manifest["tensors"]["model.layers.6.mlp.up_proj.weight"]["action"] == "compute"  # fp32 -> fp16
+        assert manifest["shards"][p.name] == {
+            "size": p.stat().st_size,
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        }
+    assert manifest["tensors"]["model.layers.1.self_attn.q_proj.weight"]["ratio"] == pytest.approx(
+        0.675
+    )
+    assert manifest["tensors"]["model.layers.1.self_attn.q_proj.weight"]["other_loras"] == [
+        str(models["lora"])
+    ]
+    assert (
+        manifest["tensors"]["model.layers.6.mlp.up_proj.weight"]["action"] == "compute"
+    )  # fp32 -> fp16
     assert len(manifest["inputs"]) == len(list(models["base"].glob("*.safetensors"))) * 2 + 1
 
 
@@ -131,7 +148,9 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
-def test_byte_identical_across_runs_and_row_blocks(models: dict[str, Path], merged: Path, tmp_path: Path) -> None:
+def test_byte_identical_across_runs_and_row_blocks(
+    models: dict[str, Path], merged: Path, tmp_path: Path
+) -> None:
     recipe = founding_recipe(models, tmp_path)
     assert run_cli("merge", recipe, "-o", tmp_path / "again", "-q") == 0
     assert shard_bytes(tmp_path / "again") == shard_bytes(merged)
@@ -142,7 +161,18 @@ def test_byte_identical_across_runs_and_row_blocks(models: dict[str, Path], merg
 
 def test_ratio_zero_and_one_copy_source_bytes(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["gradient", models["base"], models["other"], "--values", "1", "--layers", "0:2", "-o", out, "-q"]
+    args = [
+        "gradient",
+        models["base"],
+        models["other"],
+        "--values",
+        "1",
+        "--layers",
+        "0:2",
+        "-o",
+        out,
+        "-q",
+    ]
     assert run_cli(*args) == 0
     ours, base, other = load_merged(out), load_merged(models["base"]), load_merged(models["other"])
     manifest = json.loads((out / "lazymerge.json").read_text())["tensors"]
@@ -161,10 +191,16 @@ def test_gradient_command_equals_recipe(models: dict[str, Path], tmp_path: Path)
     args = ["--values", "0.9,0.3,0", "--layers", "1:7", "--rest", "0.1", "-o", tmp_path / "b", "-q"]
     assert run_cli("gradient", models["base"], models["other"], *args) == 0
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
-    ours, base, other = load_merged(tmp_path / "a"), load_merged(models["base"]), load_merged(models["other"])
+    ours, base, other = (
+        load_merged(tmp_path / "a"),
+        load_merged(models["base"]),
+        load_merged(models["other"]),
+    )
     name = "model.layers.4.mlp.down_proj.weight"  # anchors at layers 1, 3.5, 6: layer 4 = 0.3 - 0.3 * 0.5 / 2.5
     r = 0.3 - 0.3 * (0.5 / 2.5)
-    torch.testing.assert_close(ours[name], (1 - r) * base[name] + r * other[name], rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        ours[name], (1 - r) * base[name] + r * other[name], rtol=0, atol=1e-7
+    )
     name = "lm_head.weight"
     torch.testing.assert_close(ours[name], 0.9 * base[name] + 0.1 * other[name], rtol=0, atol=1e-7)
 
@@ -178,7 +214,9 @@ def error_of(capsys: pytest.CaptureFixture[str], *args: object, rc: int = 1) -> 
     return err
 
 
-def test_output_directory_rules(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_directory_rules(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     recipe = founding_recipe(models, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -186,25 +224,43 @@ def test_output_directory_rules(models: dict[str, Path], tmp_path: Path, capsys:
     assert "is not empty; pass --overwrite" in error_of(capsys, "merge", recipe, "-o", out, "-q")
     assert run_cli("merge", recipe, "-o", out, "-q", "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces merge files only
-    assert "overlaps input" in error_of(capsys, "merge", recipe, "-o", models["other"], "--overwrite")
+    assert "overlaps input" in error_of(
+        capsys, "merge", recipe, "-o", models["other"], "--overwrite"
+    )
     assert "overlaps input" in error_of(capsys, "merge", recipe, "-o", models["lora"] / "sub")
     before = {p.name: p.stat().st_mtime_ns for p in models["base"].iterdir()}
-    assert "overlaps input" in error_of(capsys, "lora", models["base"], models["lora"], "-o", models["base"])
+    assert "overlaps input" in error_of(
+        capsys, "lora", models["base"], models["lora"], "-o", models["base"]
+    )
     assert {p.name: p.stat().st_mtime_ns for p in models["base"].iterdir()} == before
     (tmp_path / "file").write_text("x")
     assert "is not a directory" in error_of(capsys, "merge", recipe, "-o", tmp_path / "file")
 
 
-def test_span_past_the_last_layer(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    err = error_of(capsys, "gradient", models["base"], models["other"], "--values", "0.9,0", "--layers", "0:25", "-o", tmp_path / "o")
-    assert "gradient[0].layers: span [0, 25) goes past the last layer; the models have 8 layers (0..7)" in err
+def test_span_past_the_last_layer(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = error_of(
+        capsys,
+        "gradient",
+        models["base"],
+        models["other"],
+        "--values",
+        "0.9,0",
+        "--layers",
+        "0:25",
+        "-o",
+        tmp_path / "o",
+    )
+    assert (
+        "gradient[0].layers: span [0, 25) goes past the last layer; the models have 8 layers (0..7)"
+        in err
+    )
     assert not (tmp_path / "o").exists()
 
 
 def save_llama(directory: Path, **changes: int) -> Path:
     from transformers import LlamaForCausalLM
-
-    from conftest import tiny_config
 
     config = tiny_config()
     for key, value in changes.items():
@@ -213,31 +269,62 @@ def save_llama(directory: Path, **changes: int) -> Path:
     return directory
 
 
-def test_mismatched_models(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mismatched_models(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shallow = save_llama(tmp_path / "shallow", num_hidden_layers=6)
-    err = error_of(capsys, "gradient", models["base"], shallow, "--values", "0.5", "-o", tmp_path / "o")
-    assert "has 8 layers but other" in err and "has 6; a layer gradient needs models of the same depth" in err
+    err = error_of(
+        capsys, "gradient", models["base"], shallow, "--values", "0.5", "-o", tmp_path / "o"
+    )
+    assert (
+        "has 8 layers but other" in err
+        and "has 6; a layer gradient needs models of the same depth" in err
+    )
     narrow = save_llama(tmp_path / "narrow", hidden_size=32)
-    err = error_of(capsys, "gradient", models["base"], narrow, "--values", "0.5", "-o", tmp_path / "o")
+    err = error_of(
+        capsys, "gradient", models["base"], narrow, "--values", "0.5", "-o", tmp_path / "o"
+    )
     # Embeddings have ratio 0 here, so the first blended tensor is the one refused.
     assert "model.layers." in err and "has shape [64] but other" in err and "has [32]" in err
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_flag_errors(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_flag_errors(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     g = ["gradient", models["base"], models["other"], "-o", tmp_path / "o"]
-    assert "--values: 'a,b' is not a comma-separated list" in error_of(capsys, *g, "--values", "a,b")
-    assert "--shard-size: 'huge' is not a size" in error_of(capsys, *g, "--values", "1", "--shard-size", "huge")
+    assert "--values: 'a,b' is not a comma-separated list" in error_of(
+        capsys, *g, "--values", "a,b"
+    )
+    assert "--shard-size: 'huge' is not a size" in error_of(
+        capsys, *g, "--values", "1", "--shard-size", "huge"
+    )
     assert "--dtype: unknown dtype 'fp8'" in error_of(capsys, *g, "--values", "1", "--dtype", "fp8")
-    assert "--max-memory: '0' is not a size" in error_of(capsys, *g, "--values", "1", "--max-memory", "0")
-    assert "does not exist" in error_of(capsys, "gradient", tmp_path / "nope", models["other"], "--values", "1", "-o", tmp_path / "o")
-    assert "cannot read recipe" in error_of(capsys, "merge", tmp_path / "none.yaml", "-o", tmp_path / "o")
+    assert "--max-memory: '0' is not a size" in error_of(
+        capsys, *g, "--values", "1", "--max-memory", "0"
+    )
+    assert "does not exist" in error_of(
+        capsys,
+        "gradient",
+        tmp_path / "nope",
+        models["other"],
+        "--values",
+        "1",
+        "-o",
+        tmp_path / "o",
+    )
+    assert "cannot read recipe" in error_of(
+        capsys, "merge", tmp_path / "none.yaml", "-o", tmp_path / "o"
+    )
     assert run_cli("merge") == 2
     assert "Missing argument 'RECIPE'" in capsys.readouterr().err
 
 
 def test_interrupt_and_full_disk_leave_visibly_incomplete_output(
-    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import lazymerge.engine as engine
 

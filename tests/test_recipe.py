@@ -96,7 +96,14 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5GiB", 3 * 2**29), ("4096", 4096), (123, 123), ("10 kb", 10_000)],
+    [
+        ("2GB", 2 * 10**9),
+        ("500MiB", 500 * 2**20),
+        ("1.5GiB", 3 * 2**29),
+        ("4096", 4096),
+        (123, 123),
+        ("10 kb", 10_000),
+    ],
 )
 def test_sizes(text: object, value: int) -> None:
     assert parse_size(text) == value

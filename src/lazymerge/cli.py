@@ -59,7 +59,9 @@ def merge(recipe: Path, **opts: Any) -> None:
 @cli.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--weight", type=float, default=1.0, show_default=True, help="Multiplier of the LoRA delta.")
+@click.option(
+    "--weight", type=float, default=1.0, show_default=True, help="Multiplier of the LoRA delta."
+)
 @_output_options
 def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
     """Merge one PEFT LoRA ADAPTER into BASE at --weight.
@@ -74,15 +76,27 @@ def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("other", type=click.Path(path_type=Path))
 @click.option("--values", required=True, help="Ratios of OTHER at the anchors, e.g. 0.9,0.")
-@click.option("--layers", help="Layer span start:end (end exclusive), e.g. 0:25; default all layers.")
-@click.option("--rest", default="0", show_default=True, help="Ratio of OTHER outside the span and outside the layers.")
+@click.option(
+    "--layers", help="Layer span start:end (end exclusive), e.g. 0:25; default all layers."
+)
+@click.option(
+    "--rest",
+    default="0",
+    show_default=True,
+    help="Ratio of OTHER outside the span and outside the layers.",
+)
 @_output_options
-def gradient(base: Path, other: Path, values: str, layers: str | None, rest: str, **opts: Any) -> None:
+def gradient(
+    base: Path, other: Path, values: str, layers: str | None, rest: str, **opts: Any
+) -> None:
     """Blend OTHER into BASE with a layer gradient (BlockMerge_Gradient's flags).
 
     Example: lazymerge gradient ./chronos-13b ./airolima -o ./out --values 0.9,0 --layers 0:25
     """
-    rule: dict[str, Any] = {"values": _floats(values, "--values"), "rest": _floats(rest, "--rest")[0]}
+    rule: dict[str, Any] = {
+        "values": _floats(values, "--values"),
+        "rest": _floats(rest, "--rest")[0],
+    }
     if layers is not None:
         rule["layers"] = layers
     data = {"base": str(base), "other": str(other), "gradient": rule}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,7 +20,7 @@ FOUNDING = Path(__file__).resolve().parents[2] / "examples" / "airolima-chronos.
 FOUNDING_LAYERS = 40  # Llama 2 13B
 
 
-def scaled_recipe(founding: dict, layers: int, shard_size: str) -> dict:  # type: ignore[type-arg]
+def scaled_recipe(founding: dict[str, Any], layers: int, shard_size: str) -> dict[str, Any]:
     """The founding recipe with its layer span scaled from 40 layers to `layers`."""
     recipe = dict(founding)
     gradient = dict(recipe["gradient"])
@@ -43,7 +44,9 @@ def main(workdir: str = ".demo") -> int:
     recipe = scaled_recipe(yaml.safe_load(FOUNDING.read_text()), shape.layers, "5MB")
     recipe_path = root / "airolima-chronos.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    print(f"recipe {recipe_path} (from {FOUNDING.name}, span scaled to {recipe['gradient']['layers']}):")
+    print(
+        f"recipe {recipe_path} (from {FOUNDING.name}, span scaled to {recipe['gradient']['layers']}):"
+    )
     print(recipe_path.read_text())
     cmd = [
         sys.executable, "-m", "lazymerge", "merge", str(recipe_path),

@@ -63,15 +63,36 @@ def run_merge(
             try:
                 for t in shard.tensors:
                     write_tensor(t, reader, writer, max_memory, bar.update)
+                    reader.release_touched()
                 results.append(writer.finish())
             except BaseException:
                 writer.abort()
                 raise
     finalize_output(out, plan, results)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return MergeResult(
-        out, tuple(results), time.monotonic() - start, peak, plan.bytes_to_read, plan.bytes_to_write
+        out,
+        tuple(results),
+        time.monotonic() - start,
+        peak_rss(),
+        plan.bytes_to_read,
+        plan.bytes_to_write,
     )
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    Linux's VmHWM belongs to this process image alone; getrusage's ru_maxrss survives
+    exec and so reports the parent's size when a large process started us.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def write_tensor(
@@ -120,7 +141,7 @@ def _compute(
         r1 = min(r0 + rows, t.rows)
         acc = blend_rows(t, reader, r0, r1, base_a, other_a)
         out = acc.to(DTYPES[t.dtype]).reshape(-1).view(torch.uint8)
-        writer.write(t.offset + r0 * row_bytes, memoryview(out.numpy()))
+        writer.write(t.offset + r0 * row_bytes, out.numpy().data)
         step((r1 - r0) * row_bytes)
 
 

@@ -8,6 +8,7 @@ resident memory does not grow with the size of the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -146,8 +147,7 @@ def _check_layout(path: Path, refs: list[TensorRef], data_start: int, size: int)
         end = r.offset + r.nbytes
     if end > size:
         raise InputError(
-            f"{path}: tensor data ends at byte {end} but the file has {size}; "
-            "the file is truncated"
+            f"{path}: tensor data ends at byte {end} but the file has {size}; the file is truncated"
         )
 
 
@@ -244,6 +244,7 @@ class MappedReader:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._touched: set[Path] = set()
 
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
@@ -251,6 +252,7 @@ class MappedReader:
             with open(path, "rb") as f:  # read-only: inputs are never modified
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[path] = m
+        self._touched.add(path)
         return m
 
     def raw(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> memoryview:
@@ -288,13 +290,23 @@ class MappedReader:
         hi = min(len(m), -(-(ref.offset + stop) // PAGE) * PAGE)
         m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
+    def release_touched(self) -> None:
+        """Drop every resident page of the files read since the last call.
+
+        Releasing exactly what was read is not enough: the kernel maps neighbouring
+        pages around each fault ("fault-around"), which may belong to tensors this merge
+        never reads, and those would accumulate over a model.
+        """
+        for path in self._touched:
+            m = self._maps[path]
+            m.madvise(mmap.MADV_DONTNEED, 0, len(m))
+        self._touched.clear()
+
     def close(self) -> None:
         for m in self._maps.values():
-            try:
+            # A view still alive somewhere keeps its map; it goes when the view does.
+            with contextlib.suppress(BufferError):
                 m.close()
-            except BufferError:
-                # A view is still alive somewhere; the map goes when it does.
-                pass
         self._maps.clear()
 
     def __enter__(self) -> MappedReader:

@@ -57,9 +57,7 @@ class LoraAdapter:
         config = _read_config(p)
         tensors = read_header(_weights_file(p))
         pairs = _pair(p, tensors)
-        terms = {
-            target: _term(p, config, target, a, b, weight) for target, (a, b) in pairs.items()
-        }
+        terms = {target: _term(p, config, target, a, b, weight) for target, (a, b) in pairs.items()}
         return cls(p, weight, terms)
 
     def check_against(self, index: CheckpointIndex) -> None:
@@ -133,7 +131,9 @@ def _pair(path: Path, tensors: dict[str, TensorRef]) -> dict[str, tuple[TensorRe
         found.setdefault((m["module"], m["adapter"]), {})[m["ab"]] = ref
     adapters = {adapter for _, adapter in found}
     if len(adapters) > 1:
-        raise InputError(f"{path}: holds several adapters {sorted(map(str, adapters))}; expected one")
+        raise InputError(
+            f"{path}: holds several adapters {sorted(map(str, adapters))}; expected one"
+        )
     pairs = {}
     for (module, _), ab in found.items():
         if set(ab) != {"A", "B"}:

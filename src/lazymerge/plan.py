@@ -95,9 +95,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
         _check_layers(recipe, base, other, n_layers)
     base_terms = _lora_terms(recipe.base, base)
     other_terms = _lora_terms(recipe.other, other) if recipe.other and other else {}
-    planned = [
-        _plan_tensor(recipe, ref, other, n_layers, base_terms, other_terms) for ref in base
-    ]
+    planned = [_plan_tensor(recipe, ref, other, n_layers, base_terms, other_terms) for ref in base]
     tensors, shards = _shard(planned, recipe.output.shard_size)
     return MergePlan(recipe, base, other, n_layers, tensors, shards)
 
@@ -142,7 +140,9 @@ def _plan_tensor(
 ) -> PlannedTensor:
     if not ref.is_float:
         # Integer/bool buffers are not blended: the base's bytes, as they are.
-        return PlannedTensor(ref.name, ref.dtype, ref.shape, 0.0, ref, None, (), (), COPY_BASE, 0, 0, ref.nbytes)
+        return PlannedTensor(
+            ref.name, ref.dtype, ref.shape, 0.0, ref, None, (), (), COPY_BASE, 0, 0, ref.nbytes
+        )
     ratio = ratio_for(ref.name, recipe.gradient, n_layers) if other is not None else 0.0
     dtype = recipe.output.dtype or ref.dtype
     other_ref = _other_ref(ref, other) if other is not None and ratio > 0 else None
@@ -156,7 +156,18 @@ def _plan_tensor(
         action = COMPUTE
     nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
     return PlannedTensor(
-        ref.name, dtype, ref.shape, ratio, ref, other_ref, base_loras, other_loras, action, 0, 0, nbytes
+        ref.name,
+        dtype,
+        ref.shape,
+        ratio,
+        ref,
+        other_ref,
+        base_loras,
+        other_loras,
+        action,
+        0,
+        0,
+        nbytes,
     )
 
 

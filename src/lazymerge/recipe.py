@@ -70,10 +70,14 @@ class Recipe:
             "base": model(self.base),
             "other": model(self.other) if self.other else None,
             "gradient": [
-                {"values": list(r.values), "layers": list(r.layers) if r.layers else None,
-                 "rest": r.rest, "filter": r.filter}
+                {
+                    "values": list(r.values),
+                    "layers": list(r.layers) if r.layers else None,
+                    "rest": r.rest,
+                    "filter": r.filter,
+                }
                 for r in self.gradient
-            ],  # fmt: skip
+            ],
             "output": {"dtype": self.output.dtype, "shard_size": self.output.shard_size},
         }
 
@@ -172,9 +176,7 @@ def _gradient(value: object, where: str) -> tuple[GradientRule, ...]:
 def _rule(value: object, where: str) -> GradientRule:
     d = _mapping(value, where, {"values", "layers", "rest", "filter", "over"})
     if d.get("over", "layers") != "layers":
-        raise RecipeError(
-            f"{where}.over: {d['over']!r} is not supported yet; only 'layers' is"
-        )
+        raise RecipeError(f"{where}.over: {d['over']!r} is not supported yet; only 'layers' is")
     values = d.get("values")
     if isinstance(values, int | float) and not isinstance(values, bool):
         values = [values]
@@ -225,7 +227,11 @@ def parse_size(value: object, where: str = "size") -> int:
     """'2GB' -> 2*10**9, '500MiB' -> 500*2**20, 1000 -> 1000 (GB = 10^9, GiB = 2^30)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+    m = (
+        re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if isinstance(value, str)
+        else None
+    )
     unit = _SIZE_UNITS.get(m.group(2).lower()) if m else None
     if m is None or unit is None or float(m.group(1)) <= 0:
         raise RecipeError(f"{where}: {value!r} is not a size; use e.g. 2GB, 500MiB, 1000000")

@@ -23,7 +23,11 @@ def ratio_table(plan: MergePlan) -> list[str]:
     for layer in sorted(k for k in ratios if k is not None):
         lines.append(f"{layer:>5}  " + ", ".join(f"{r:.4f}" for r in ratios[layer]))
     if None in ratios:
-        lines.append("other  " + ", ".join(f"{r:.4f}" for r in ratios[None]) + "  (embeddings, norm, lm_head)")
+        lines.append(
+            "other  "
+            + ", ".join(f"{r:.4f}" for r in ratios[None])
+            + "  (embeddings, norm, lm_head)"
+        )
     return lines
 
 

@@ -120,7 +120,7 @@ def _count_shards(sizes: list[int], shard_size: int) -> int:
 
 def _flush(
     out: Path, tensors: dict[str, torch.Tensor], k: int, n: int, weight_map: dict[str, str]
-) -> str:
+) -> None:
     name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
     save_file(tensors, str(out / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))
@@ -149,7 +149,9 @@ def write_lora(
             continue
         out_f, in_f = dims
         key = f"base_model.model.{module}"
-        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / in_f**0.5).to(dtype)
+        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / in_f**0.5).to(
+            dtype
+        )
         tensors[f"{key}.lora_B.weight"] = (0.01 * torch.randn(out_f, r, generator=gen)).to(dtype)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {

@@ -115,7 +115,11 @@ def prepare_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> Path:
     for name in (SAFETENSORS_INDEX, MANIFEST):
         (out / name).unlink(missing_ok=True)
     for f in existing:
-        if f.is_file() and (f.name.endswith((".safetensors", PARTIAL)) or f.name in AUX_FILES or f.name == "config.json"):
+        if f.is_file() and (
+            f.name.endswith((".safetensors", PARTIAL))
+            or f.name in AUX_FILES
+            or f.name == "config.json"
+        ):
             f.unlink()
     return out
 

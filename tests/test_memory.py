@@ -1,0 +1,66 @@
+"""Peak memory is bounded by a few tensors, not by the model (DESIGN §6).
+
+Each merge runs in a child process and reports its own peak RSS (VmHWM). A model
+with four times the layers, same tensor sizes, must not need more memory, and the
+memory the merge adds over the bare interpreter must be a small fraction of the bytes
+it streams.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lazymerge.synthetic import LlamaShape, write_llama, write_lora
+
+MiB = 2**20
+# VmHWM, not getrusage: ru_maxrss survives exec, so a child would inherit this test
+# process's own (large) peak.
+PEAK = "from lazymerge.engine import peak_rss; print(peak_rss())"
+
+
+def child_peak(code: str) -> int:
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def merge_peak(root: Path, layers: int) -> tuple[int, int]:
+    """Peak RSS of a child merging a `layers`-deep pair + LoRA; and the bytes it read."""
+    shape = LlamaShape(
+        layers=layers, hidden=768, intermediate=2048, heads=12, kv_heads=12, vocab=2000
+    )
+    d = root / f"l{layers}"
+    write_llama(d / "base", shape, seed=1, shard_size=40 * 10**6)
+    write_llama(d / "other", shape, seed=2, shard_size=40 * 10**6)
+    write_lora(d / "lora", shape, seed=3, r=16)
+    recipe = {
+        "base": "base",
+        "other": {"model": "other", "loras": [{"path": "lora", "weight": 0.25}]},
+        "gradient": {"values": [0.9, 0.1]},
+        "output": {"dtype": "float16", "shard_size": "50MB"},
+    }
+    (d / "r.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["merge", str(d / "r.yaml"), "-o", str(d / "out"), "-q"]
+    code = f"from lazymerge.cli import main; assert main({args!r}) == 0; {PEAK}"
+    peak = child_peak(code)
+    manifest = json.loads((d / "out" / "lazymerge.json").read_text())
+    assert all(t["action"] == "compute" for n, t in manifest["tensors"].items() if ".layers." in n)
+    read = sum(f.stat().st_size for f in (d / "base").glob("*.safetensors")) * 2
+    return peak, read
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
+    idle = child_peak(f"import lazymerge.cli, lazymerge.engine, torch; {PEAK}")
+    peak2, _ = merge_peak(tmp_path, 2)
+    peak8, read8 = merge_peak(tmp_path, 8)
+    report = f"idle {idle / MiB:.0f} MiB, 2 layers {peak2 / MiB:.0f} MiB, 8 layers {peak8 / MiB:.0f} MiB, 8 layers read {read8 / MiB:.0f} MiB"
+    print(report)
+    assert read8 > 200 * MiB, report  # the models are big enough for the test to mean something
+    assert peak8 - peak2 < 16 * MiB, report  # four times the layers, the same memory
+    assert peak8 - idle < read8 / 5, report  # a few tensors' worth, not the model
