@@ -26,6 +26,9 @@ DEFAULT_MAX_MEMORY = 512 * 2**20
 # Plain copies move at most this much per step, so the mapped input pages a copy makes
 # resident stay small even when the budget is large.
 COPY_CHUNK = 64 * 2**20
+# Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
+# --max-memory below ~64 rows of the widest tensor is exceeded by that much.
+LORA_ROWS = 64
 Step = Callable[[int], object]  # progress: called with the bytes just written
 
 
@@ -120,14 +123,17 @@ def _copy(
 
 
 def block_rows(t: PlannedTensor, budget: int) -> int:
-    """Rows per block so that the block's buffers and mapped input pages fit `budget`."""
-    if t.rows == 0:
-        return 1
-    row_numel = t.nbytes // itemsize(t.dtype) // t.rows
+    """Rows per block so that the block's buffers and mapped input pages fit `budget`.
+
+    Always a multiple of LORA_ROWS (or the whole tensor), so that every LoRA product is
+    computed over the same row chunks whatever the budget.
+    """
+    row_numel = t.nbytes // itemsize(t.dtype) // t.rows if t.rows else 0
     per_row = row_numel * (4 + 4 + itemsize(t.dtype)) + t.base.row_nbytes
     if t.other is not None:
         per_row += t.other.row_nbytes
-    return max(1, min(t.rows, budget // max(per_row, 1)))
+    rows = budget // max(per_row, 1) // LORA_ROWS * LORA_ROWS
+    return max(1, min(t.rows, max(rows, LORA_ROWS)))
 
 
 def _compute(
@@ -183,7 +189,10 @@ def _side(
     reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
     for term, a in zip(terms, factors_a, strict=True):
         b = reader.rows(term.b, r0, r1).to(torch.float32)
-        acc.addmm_(b, a, alpha=term.scale)  # acc += scale * (B @ A), no full delta
+        # acc += scale * (B @ A) in place, no full-size delta. A GEMM's rounding depends
+        # on its row count, so the product always runs over the same LORA_ROWS chunks.
+        for q in range(0, r1 - r0, LORA_ROWS):
+            acc[q : q + LORA_ROWS].addmm_(b[q : q + LORA_ROWS], a, alpha=term.scale)
         reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)
     return acc
 
