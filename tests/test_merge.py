@@ -120,7 +120,7 @@ def test_shards_index_config_and_manifest(models: dict[str, Path], merged: Path)
     assert not list(merged.glob("*.partial"))
 
     config = json.loads((merged / "config.json").read_text())
-    assert config.get("torch_dtype", config.get("dtype")) == "float16"
+    assert config["dtype"] == "float16"
     assert config["num_hidden_layers"] == N_LAYERS
     assert (merged / "generation_config.json").read_bytes() == (
         models["base"] / "generation_config.json"
@@ -374,3 +374,44 @@ def test_bytes_do_not_depend_on_the_memory_budget(tmp_path: Path) -> None:
         assert run_cli("merge", tmp_path / "r.yaml", "-o", out, "-q", "--max-memory", budget) == 0
         outputs.append(shard_bytes(out))
     assert all(o == outputs[0] for o in outputs[1:])
+
+
+def test_dtype_conversion_is_one_rounding(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--values", "0.5", "--layers", "0:1", "--dtype", "bfloat16", "-o", out, "-q"]
+    assert run_cli("gradient", models["base"], models["other"], *args) == 0
+    ours, base, other = load_merged(out), load_merged(models["base"]), load_merged(models["other"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config  # the base's key, updated
+    for name, t in ours.items():
+        assert t.dtype == torch.bfloat16
+        r = 0.5 if ".layers.0." in name else 0.0
+        assert torch.equal(t, ((1 - r) * base[name] + r * other[name]).to(torch.bfloat16)), name
+
+
+def test_loras_on_both_sides_equal_reference(models: dict[str, Path], tmp_path: Path) -> None:
+    from conftest import make_adapter
+
+    base_lora = make_adapter(models["base"], tmp_path / "base-lora", seed=7, r=2, lora_alpha=5)
+    recipe = {
+        "base": {"model": str(models["base"]), "loras": [{"path": str(base_lora), "weight": 0.5}]},
+        "other": {
+            "model": str(models["other"]),
+            "loras": [{"path": str(models["lora"]), "weight": 0.25}],
+        },
+        "gradient": {"values": [0.2, 1.0], "layers": [2, 7], "rest": 0.0},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert run_cli("merge", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q") == 0
+    ours = load_merged(tmp_path / "out")
+    base = peft_merge(models["base"], base_lora, 0.5)
+    other = peft_merge(models["other"], models["lora"], 0.25)
+    ratios = dict(zip(range(2, 7), np.linspace(0.2, 1.0, 5).tolist(), strict=True))
+    for name, b in base.items():
+        parts = name.split(".")
+        r = ratios.get(int(parts[2]), 0.0) if parts[1] == "layers" else 0.0
+        torch.testing.assert_close(ours[name], (1 - r) * b + r * other[name], rtol=1e-6, atol=1e-7)
+    # Layer 6 is pure other: the base's LoRA does not matter there and is not applied.
+    manifest = json.loads((tmp_path / "out" / "lazymerge.json").read_text())["tensors"]
+    assert manifest["model.layers.6.mlp.up_proj.weight"]["base_loras"] == []
+    assert manifest["model.layers.1.mlp.up_proj.weight"]["base_loras"] == [str(base_lora)]

@@ -29,7 +29,7 @@ def _output_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
         click.option("--max-memory", default=None,
                      help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
-                     "larger tensors are processed in row blocks."),
+                     "larger tensors are processed in row blocks (of at least 64 rows)."),
         click.option("--overwrite", is_flag=True, help="Replace the merge files of a non-empty output directory."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     ]  # fmt: skip

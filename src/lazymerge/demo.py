@@ -53,7 +53,28 @@ def main(workdir: str = ".demo") -> int:
         "-o", str(root / "airolima-chronos-grad"), "--overwrite",
     ]  # fmt: skip
     print("$ lazymerge " + " ".join(cmd[3:]), flush=True)
-    return subprocess.call(cmd)
+    rc = subprocess.call(cmd)
+    if rc == 0:
+        check_loads(root / "airolima-chronos-grad")
+    return rc
+
+
+def check_loads(out: Path) -> None:
+    """Load the merge with transformers when it is installed (the dev environment has it)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("(transformers not installed: skipped loading the output)")
+        return
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.arange(16).unsqueeze(0)).logits
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"transformers loads {out.name}: {type(model).__name__}, {params:,} parameters, "
+        f"{model.dtype}, logits {tuple(logits.shape)} all finite: {bool(logits.isfinite().all())}"
+    )
 
 
 if __name__ == "__main__":
