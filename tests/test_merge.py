@@ -415,3 +415,28 @@ def test_loras_on_both_sides_equal_reference(models: dict[str, Path], tmp_path: 
     manifest = json.loads((tmp_path / "out" / "lazymerge.json").read_text())["tensors"]
     assert manifest["model.layers.6.mlp.up_proj.weight"]["base_loras"] == []
     assert manifest["model.layers.1.mlp.up_proj.weight"]["base_loras"] == [str(base_lora)]
+
+
+def test_progress_on_stderr_summary_on_stdout_quiet_silences_both(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["gradient", models["base"], models["other"], "--values", "0.9,0", "--layers", "0:5"]
+    assert run_cli(*args, "-o", tmp_path / "a") == 0
+    out, err = capsys.readouterr()
+    assert "merging" in err and "B/s" in err
+    assert (
+        "    1  0.6750" in out
+        and "peak memory (RSS)" in out
+        and "model-00001-of-00001.safetensors" in out
+    )
+    assert run_cli(*args, "-o", tmp_path / "b", "--quiet") == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("merge", "lora", "gradient"):
+        assert run_cli(command, "--help") == 0
+        text = capsys.readouterr().out
+        assert "Example: lazymerge " + command in text and "--max-memory" in text
+    assert run_cli("--version") == 0
+    assert "lazymerge, version" in capsys.readouterr().out

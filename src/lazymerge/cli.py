@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from collections.abc import Callable
@@ -158,15 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(INTERRUPTED, err=True)
         return 130
-    except OSError as e:
+    except OSError as e:  # not one we anticipated and named: still one line
         if debug:
             raise
-        what = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         where = f": {e.filename}" if e.filename else ""
-        click.echo(
-            f"lazymerge: error: {what}{where}; the output is incomplete (.partial shards, no index)",
-            err=True,
-        )
+        click.echo(f"lazymerge: error: {e.strerror or e}{where}", err=True)
         return 1
     return rc if isinstance(rc, int) else 0
 

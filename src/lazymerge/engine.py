@@ -7,6 +7,7 @@ is written, and nothing is buffered beyond the block being computed.
 
 from __future__ import annotations
 
+import errno
 import resource
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lazymerge.errors import OutputError
 from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
 from lazymerge.lora import LoraTerm
 from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor
@@ -53,6 +55,25 @@ def run_merge(
     """Write the merged model described by `plan` into directory `out`."""
     start = time.monotonic()
     out = prepare_output(out, plan.recipe.inputs(), overwrite)
+    try:
+        results = _write_shards(plan, out, max_memory, progress)
+        finalize_output(out, plan, results)
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(
+            f"writing {out}: {what}; the output is incomplete (.partial shards, no index)"
+        ) from e
+    return MergeResult(
+        out,
+        tuple(results),
+        time.monotonic() - start,
+        peak_rss(),
+        plan.bytes_to_read,
+        plan.bytes_to_write,
+    )
+
+
+def _write_shards(plan: MergePlan, out: Path, max_memory: int, progress: bool) -> list[ShardResult]:
     results = []
     with (
         MappedReader() as reader,
@@ -71,15 +92,7 @@ def run_merge(
             except BaseException:
                 writer.abort()
                 raise
-    finalize_output(out, plan, results)
-    return MergeResult(
-        out,
-        tuple(results),
-        time.monotonic() - start,
-        peak_rss(),
-        plan.bytes_to_read,
-        plan.bytes_to_write,
-    )
+    return results
 
 
 def peak_rss() -> int:

@@ -77,17 +77,19 @@ class TensorRef:
 def read_header(path: Path) -> dict[str, TensorRef]:
     """Parse and validate one safetensors file's header; return its tensors in file order."""
     size = _file_size(path)
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise InputError(
-                f"{path}: header length {header_len} is larger than the file ({size} bytes); "
-                "the file is truncated or not safetensors"
-            )
-        raw = f.read(header_len)
+    if size < 8:
+        raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise InputError(
+                    f"{path}: header length {header_len} is larger than the file "
+                    f"({size} bytes); the file is truncated or not safetensors"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -249,8 +251,11 @@ class MappedReader:
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
-            with open(path, "rb") as f:  # read-only: inputs are never modified
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                with open(path, "rb") as f:  # read-only: inputs are never modified
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise InputError(f"{path}: cannot read ({e.strerror})") from None
             self._maps[path] = m
         self._touched.add(path)
         return m
