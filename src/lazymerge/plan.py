@@ -26,15 +26,15 @@ class PlannedTensor:
     name: str
     dtype: str  # output dtype code
     shape: tuple[int, ...]
+    nbytes: int  # in the output dtype
     ratio: float  # fraction of `other`
-    base: TensorRef
-    other: TensorRef | None  # None when ratio == 0
-    base_loras: tuple[LoraTerm, ...]  # only those that matter (ratio < 1)
-    other_loras: tuple[LoraTerm, ...]  # only those that matter (ratio > 0)
     action: str  # COPY_BASE, COPY_OTHER or COMPUTE
-    shard: int
-    offset: int  # within the shard's data section
-    nbytes: int
+    base: TensorRef
+    other: TensorRef | None = None  # None when ratio == 0
+    base_loras: tuple[LoraTerm, ...] = ()  # only those that matter (ratio < 1)
+    other_loras: tuple[LoraTerm, ...] = ()  # only those that matter (ratio > 0)
+    shard: int = 0  # set when the plan is split into shards
+    offset: int = 0  # within the shard's data section
 
     @property
     def rows(self) -> int:
@@ -140,9 +140,7 @@ def _plan_tensor(
 ) -> PlannedTensor:
     if not ref.is_float:
         # Integer/bool buffers are not blended: the base's bytes, as they are.
-        return PlannedTensor(
-            ref.name, ref.dtype, ref.shape, 0.0, ref, None, (), (), COPY_BASE, 0, 0, ref.nbytes
-        )
+        return PlannedTensor(ref.name, ref.dtype, ref.shape, ref.nbytes, 0.0, COPY_BASE, ref)
     ratio = ratio_for(ref.name, recipe.gradient, n_layers) if other is not None else 0.0
     dtype = recipe.output.dtype or ref.dtype
     other_ref = _other_ref(ref, other) if other is not None and ratio > 0 else None
@@ -156,19 +154,9 @@ def _plan_tensor(
         action = COMPUTE
     nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
     return PlannedTensor(
-        ref.name,
-        dtype,
-        ref.shape,
-        ratio,
-        ref,
-        other_ref,
-        base_loras,
-        other_loras,
-        action,
-        0,
-        0,
-        nbytes,
-    )
+        ref.name, dtype, ref.shape, nbytes, ratio, action,
+        base=ref, other=other_ref, base_loras=base_loras, other_loras=other_loras,
+    )  # fmt: skip
 
 
 def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
