@@ -196,8 +196,12 @@ def _side(
     r0: int,
     r1: int,
 ) -> torch.Tensor:
-    """fp32 copy of rows [r0, r1) of one model's tensor with its LoRA deltas added in place."""
-    acc = torch.empty((r1 - r0, *ref.shape[1:]), dtype=torch.float32)
+    """fp32 copy of rows [r0, r1) of one model's tensor with its LoRA deltas added in place.
+
+    (A non-float tensor, which the plan never blends, keeps its own dtype.)
+    """
+    dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
+    acc = torch.empty((r1 - r0, *ref.shape[1:]), dtype=dtype)
     acc.copy_(reader.rows(ref, r0, r1))  # a copy: the mapped view itself is read-only
     reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
     for term, a in zip(terms, factors_a, strict=True):

@@ -1,7 +1,7 @@
 """Lazy tensor index: every tensor of a checkpoint as a reference, bytes served from mmaps.
 
-Nothing here reads tensor data at open time: only the safetensors headers are parsed
-(and checked against the file sizes). Data is read later through read-only memory maps
+Nothing here reads tensor data at open time: only the safetensors headers (or a `.bin`'s
+pickled tensor records, see torchzip.py) are parsed and checked against the file sizes. Data is read later through read-only memory maps
 as zero-copy views, and its pages are released again once the engine has used them, so
 resident memory does not grow with the size of the model.
 """
@@ -9,69 +9,31 @@ resident memory does not grow with the size of the model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
 import struct
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from lazymerge.errors import InputError
+from lazymerge.tensorref import DTYPES, FLOAT_CODES, TensorRef, itemsize
+from lazymerge.torchzip import is_torch_zip, metadata_digest, read_bin
 
-# safetensors dtype code -> torch dtype. Sizes come from torch itself.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+__all__ = ["DTYPES", "FLOAT_CODES", "CheckpointIndex", "MappedReader", "TensorRef", "itemsize"]
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_FILE = "pytorch_model.bin"
 # A header is JSON describing tensors; 100 MB is far above any real model's (~1 MB for 13B)
 # and keeps a corrupt length field from making us allocate gigabytes.
 MAX_HEADER_BYTES = 100_000_000
 PAGE = mmap.PAGESIZE
-
-
-def itemsize(code: str) -> int:
-    return DTYPES[code].itemsize
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """Where one tensor's bytes live: file, dtype code, shape, absolute byte offset."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        """Leading dimension, the unit of row-block processing (1 for scalars)."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_nbytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
 
 
 def read_header(path: Path) -> dict[str, TensorRef]:
@@ -153,28 +115,57 @@ def _check_layout(path: Path, refs: list[TensorRef], data_start: int, size: int)
         )
 
 
+def read_tensor_file(path: Path) -> dict[str, TensorRef]:
+    """Tensor references of one weights file: safetensors, or a torch.save zip (.bin)."""
+    if path.suffix in (".bin", ".pt", ".pth") or is_torch_zip(path):
+        return read_bin(path)
+    return read_header(path)
+
+
+def header_digest(path: Path) -> str:
+    """sha256 of a weights file's metadata (safetensors header or .bin data.pkl)."""
+    if path.suffix in (".bin", ".pt", ".pth") or is_torch_zip(path):
+        return metadata_digest(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
 class CheckpointIndex:
     """name -> TensorRef for a whole checkpoint (one file, or shards + index json)."""
 
-    def __init__(self, path: Path, tensors: dict[str, TensorRef]) -> None:
+    def __init__(self, path: Path, tensors: dict[str, TensorRef], fmt: str, note: str = "") -> None:
         self.path = path
         self.tensors = tensors
+        self.format = fmt  # "safetensors" or "bin"
+        self.note = note  # e.g. which format was chosen when both are present
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> CheckpointIndex:
-        """Open a checkpoint directory or a single .safetensors file, headers only."""
+        """Open a checkpoint directory or a single weights file, metadata only.
+
+        A directory with both safetensors and `.bin` weights is read as safetensors.
+        """
         p = Path(path)
         if p.is_file():
-            return cls(p, read_header(p))
+            refs = read_tensor_file(p)
+            return cls(
+                p, refs, "bin" if p.suffix != ".safetensors" and is_torch_zip(p) else "safetensors"
+            )
         if not p.is_dir():
             raise InputError(f"{p}: no such checkpoint (not a file or directory)")
-        if (p / SAFETENSORS_INDEX).is_file():
-            return cls(p, _open_sharded(p, p / SAFETENSORS_INDEX))
-        if (p / SINGLE_FILE).is_file():
-            return cls(p, read_header(p / SINGLE_FILE))
+        safetensors = _open_dir(p, SAFETENSORS_INDEX, SINGLE_FILE)
+        has_bin = (p / BIN_INDEX).is_file() or (p / BIN_FILE).is_file()
+        if safetensors is not None:
+            note = "safetensors (its .bin weights are ignored)" if has_bin else ""
+            return cls(p, safetensors, "safetensors", note)
+        if has_bin:
+            bins = _open_dir(p, BIN_INDEX, BIN_FILE)
+            assert bins is not None  # has_bin says one of the two files is there
+            return cls(p, bins, "bin")
         raise InputError(
-            f"{p}: no {SINGLE_FILE} or {SAFETENSORS_INDEX} found "
-            "(lazymerge reads Hugging Face safetensors checkpoints)"
+            f"{p}: no {SINGLE_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} or {BIN_INDEX} found; "
+            "is this a Hugging Face checkpoint directory?"
         )
 
     def __contains__(self, name: object) -> bool:
@@ -183,7 +174,7 @@ class CheckpointIndex:
     def __getitem__(self, name: str) -> TensorRef:
         return self.tensors[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[TensorRef]:
         return iter(self.tensors.values())
 
     def __len__(self) -> int:
@@ -198,6 +189,14 @@ class CheckpointIndex:
         return sum(r.nbytes for r in self.tensors.values())
 
 
+def _open_dir(directory: Path, index_name: str, single: str) -> dict[str, TensorRef] | None:
+    if (directory / index_name).is_file():
+        return _open_sharded(directory, directory / index_name)
+    if (directory / single).is_file():
+        return read_tensor_file(directory / single)
+    return None
+
+
 def _open_sharded(directory: Path, index_path: Path) -> dict[str, TensorRef]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
@@ -208,7 +207,7 @@ def _open_sharded(directory: Path, index_path: Path) -> dict[str, TensorRef]:
     # The weight map is the checkpoint, as for transformers: a tensor a shard holds but
     # the map does not list is not part of the model.
     headers = {
-        shard: read_header(_shard_path(directory, index_path, shard))
+        shard: read_tensor_file(_shard_path(directory, index_path, shard))
         for shard in sorted(set(weight_map.values()), key=str)
     }
     tensors: dict[str, TensorRef] = {}
@@ -271,26 +270,28 @@ class MappedReader:
         Never modify the result in place: the map is read-only. Copy it first.
         """
         shape = (row_stop - row_start, *ref.shape[1:]) if ref.shape else ()
+        if ref.strides is not None:  # a strided .bin view: map its reach, then stride it
+            whole = self._frombuffer(ref, ref.offset, (ref.span or 0) // itemsize(ref.dtype))
+            return whole.as_strided(ref.shape, ref.strides)[row_start:row_stop]
         count = (row_stop - row_start) * (ref.row_nbytes // itemsize(ref.dtype))
+        return self._frombuffer(ref, ref.offset + row_start * ref.row_nbytes, count).view(shape)
+
+    def _frombuffer(self, ref: TensorRef, offset: int, count: int) -> torch.Tensor:
         if count == 0:
-            return torch.empty(shape, dtype=DTYPES[ref.dtype])
+            return torch.empty(0, dtype=DTYPES[ref.dtype])
         with warnings.catch_warnings():
             # torch warns that the buffer is not writable; that is the point of ACCESS_READ.
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(
-                self._map(ref.file),
-                dtype=DTYPES[ref.dtype],
-                count=count,
-                offset=ref.offset + row_start * ref.row_nbytes,
+            return torch.frombuffer(
+                self._map(ref.file), dtype=DTYPES[ref.dtype], count=count, offset=offset
             )
-        return flat.view(shape)
 
     def release(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> None:
         """Drop the resident pages of bytes [start, stop) of a tensor (data stays on disk)."""
         stop = ref.nbytes if stop is None else stop
         m = self._maps.get(ref.file)
-        if m is None or stop <= start:
-            return
+        if m is None or stop <= start or ref.strides is not None:
+            return  # strided views go with release_touched, after their tensor
         lo = (ref.offset + start) // PAGE * PAGE
         hi = min(len(m), -(-(ref.offset + stop) // PAGE) * PAGE)
         m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import InputError
-from lazymerge.index import CheckpointIndex, TensorRef, read_header
+from lazymerge.index import CheckpointIndex, TensorRef, read_tensor_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_BIN = "adapter_model.bin"
 # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", optionally with an
 # adapter-name segment ("lora_A.default.weight") as some PEFT versions save it.
 _KEY = re.compile(
@@ -55,7 +56,7 @@ class LoraAdapter:
     def open(cls, path: str | Path, weight: float = 1.0) -> LoraAdapter:
         p = Path(path)
         config = _read_config(p)
-        tensors = read_header(_weights_file(p))
+        tensors = read_tensor_file(_weights_file(p))
         pairs = _pair(p, tensors)
         terms = {target: _term(p, config, target, a, b, weight) for target, (a, b) in pairs.items()}
         return cls(p, weight, terms)
@@ -109,14 +110,11 @@ def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
 
 
 def _weights_file(path: Path) -> Path:
-    f = path / WEIGHTS
-    if f.is_file():
-        return f
-    if (path / "adapter_model.bin").is_file():
-        raise InputError(
-            f"{path}: adapter_model.bin is not supported yet; save the adapter as safetensors"
-        )
-    raise InputError(f"{path}: no {WEIGHTS}")
+    """adapter_model.safetensors, else the older adapter_model.bin (read without pickle code)."""
+    for name in (WEIGHTS, WEIGHTS_BIN):
+        if (path / name).is_file():
+            return path / name
+    raise InputError(f"{path}: no {WEIGHTS} or {WEIGHTS_BIN}")
 
 
 def _pair(path: Path, tensors: dict[str, TensorRef]) -> dict[str, tuple[TensorRef, TensorRef]]:

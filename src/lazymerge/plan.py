@@ -6,6 +6,7 @@ checked and executed, and the same inputs always give the same bytes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,11 @@ from lazymerge.lora import LoraAdapter, LoraTerm
 from lazymerge.recipe import ModelSpec, Recipe
 
 COPY_BASE, COPY_OTHER, COMPUTE = "copy-base", "copy-other", "compute"
+# 2023 Llama .bin checkpoints carry each layer's RoPE `inv_freq` buffer. It is derived
+# from the config, transformers recomputes it and no longer loads it, and a safetensors
+# partner usually lacks it: it is left out of the output, always.
+DROPPED = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
+_NUMBERS = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class MergePlan:
     n_layers: int
     tensors: tuple[PlannedTensor, ...]
     shards: tuple[Shard, ...]
+    dropped: tuple[str, ...] = ()  # base tensors deliberately left out (see DROPPED)
 
     @property
     def bytes_to_write(self) -> int:
@@ -95,9 +102,19 @@ def build_plan(recipe: Recipe) -> MergePlan:
         _check_layers(recipe, base, other, n_layers)
     base_terms = _lora_terms(recipe.base, base)
     other_terms = _lora_terms(recipe.other, other) if recipe.other and other else {}
-    planned = [_plan_tensor(recipe, ref, other, n_layers, base_terms, other_terms) for ref in base]
+    kept = sorted(
+        (r for r in base if not DROPPED.search(r.name)), key=lambda r: natural_key(r.name)
+    )
+    planned = [_plan_tensor(recipe, ref, other, n_layers, base_terms, other_terms) for ref in kept]
     tensors, shards = _shard(planned, recipe.output.shard_size)
-    return MergePlan(recipe, base, other, n_layers, tensors, shards)
+    dropped = tuple(r.name for r in base if DROPPED.search(r.name))
+    return MergePlan(recipe, base, other, n_layers, tensors, shards, dropped)
+
+
+def natural_key(name: str) -> list[str | int]:
+    """Output order: by name, numbers compared as numbers (layers 2 < 10), whatever the
+    input format's own order, so .bin and safetensors inputs give the same bytes."""
+    return [int(part) if part.isdigit() else part for part in _NUMBERS.split(name)]
 
 
 def _check_layers(
@@ -139,16 +156,17 @@ def _plan_tensor(
     other_terms: dict[str, list[LoraTerm]],
 ) -> PlannedTensor:
     if not ref.is_float:
-        # Integer/bool buffers are not blended: the base's bytes, as they are.
-        return PlannedTensor(ref.name, ref.dtype, ref.shape, ref.nbytes, 0.0, COPY_BASE, ref)
+        # Integer/bool buffers are not blended: the base's values, as they are.
+        action = COPY_BASE if ref.contiguous else COMPUTE
+        return PlannedTensor(ref.name, ref.dtype, ref.shape, ref.nbytes, 0.0, action, ref)
     ratio = ratio_for(ref.name, recipe.gradient, n_layers) if other is not None else 0.0
     dtype = recipe.output.dtype or ref.dtype
     other_ref = _other_ref(ref, other) if other is not None and ratio > 0 else None
     base_loras = tuple(base_terms.get(ref.name, ())) if ratio < 1 else ()
     other_loras = tuple(other_terms.get(ref.name, ())) if ratio > 0 else ()
-    if ratio == 0 and not base_loras and ref.dtype == dtype:
+    if ratio == 0 and not base_loras and _copyable(ref, dtype):
         action = COPY_BASE
-    elif ratio == 1 and not other_loras and other_ref is not None and other_ref.dtype == dtype:
+    elif ratio == 1 and not other_loras and other_ref is not None and _copyable(other_ref, dtype):
         action = COPY_OTHER
     else:
         action = COMPUTE
@@ -157,6 +175,11 @@ def _plan_tensor(
         ref.name, dtype, ref.shape, nbytes, ratio, action,
         base=ref, other=other_ref, base_loras=base_loras, other_loras=other_loras,
     )  # fmt: skip
+
+
+def _copyable(ref: TensorRef, dtype: str) -> bool:
+    """Its bytes are the output's bytes: same dtype, plain row-major layout."""
+    return ref.dtype == dtype and ref.contiguous
 
 
 def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:

@@ -31,10 +31,25 @@ def ratio_table(plan: MergePlan) -> list[str]:
     return lines
 
 
+def inputs(plan: MergePlan) -> list[str]:
+    """Which checkpoint format each model was read from, and what was left out."""
+    lines = []
+    for role, index in (("base", plan.base), ("other", plan.other)):
+        if index is not None:
+            lines.append(f"{role}: {index.path} ({index.note or index.format})")
+    if plan.dropped:
+        lines.append(
+            f"dropped {len(plan.dropped)} rotary_emb.inv_freq buffers of the base "
+            "(derived from the config; transformers recomputes them)"
+        )
+    return lines
+
+
 def summary(plan: MergePlan, result: MergeResult) -> str:
     actions = [t.action for t in plan.tensors]
     loras = sum(len(t.base_loras) + len(t.other_loras) for t in plan.tensors)
     lines = [
+        *inputs(plan),
         *ratio_table(plan),
         f"tensors: {len(actions)} ({actions.count(COMPUTE)} computed, "
         f"{actions.count(COPY_BASE)} copied from base, {actions.count(COPY_OTHER)} from other); "

@@ -20,7 +20,7 @@ from typing import Any
 
 from lazymerge import __version__
 from lazymerge.errors import OutputError
-from lazymerge.index import SAFETENSORS_INDEX
+from lazymerge.index import SAFETENSORS_INDEX, header_digest
 from lazymerge.plan import MergePlan, PlannedTensor, Shard, plan_inputs
 from lazymerge.recipe import DTYPE_LABELS
 
@@ -172,15 +172,8 @@ def manifest(plan: MergePlan, shards: Sequence[ShardResult]) -> dict[str, Any]:
 def fingerprint(path: Path) -> dict[str, Any]:
     """Size, mtime and header sha256: cheap (no data read) and enough to notice a file
     that was replaced or rewritten since; a full data hash would cost a second pass."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = f.read(n)
     st = path.stat()
-    return {
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "header_sha256": hashlib.sha256(header).hexdigest(),
-    }
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header_digest(path)}
 
 
 def _write_json(path: Path, data: object) -> None:
