@@ -120,6 +120,9 @@ def test_missing_shard_and_missing_checkpoint(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(
-        InputError, match=re.escape("no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json found")
+        InputError,
+        match=re.escape(
+            "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json found"
+        ),
     ):
         CheckpointIndex.open(empty)

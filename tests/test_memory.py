@@ -29,14 +29,14 @@ def child_peak(code: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def merge_peak(root: Path, layers: int) -> tuple[int, int]:
+def merge_peak(root: Path, layers: int, fmt: str = "safetensors") -> tuple[int, int]:
     """Peak RSS of a child merging a `layers`-deep pair + LoRA; and the bytes it read."""
     shape = LlamaShape(
         layers=layers, hidden=768, intermediate=2048, heads=12, kv_heads=12, vocab=2000
     )
-    d = root / f"l{layers}"
-    write_llama(d / "base", shape, seed=1, shard_size=40 * 10**6)
-    write_llama(d / "other", shape, seed=2, shard_size=40 * 10**6)
+    d = root / f"l{layers}-{fmt}"
+    write_llama(d / "base", shape, seed=1, shard_size=40 * 10**6, fmt=fmt)
+    write_llama(d / "other", shape, seed=2, shard_size=40 * 10**6, fmt=fmt)
     write_lora(d / "lora", shape, seed=3, r=16)
     recipe = {
         "base": "base",
@@ -50,7 +50,7 @@ def merge_peak(root: Path, layers: int) -> tuple[int, int]:
     peak = child_peak(code)
     manifest = json.loads((d / "out" / "lazymerge.json").read_text())
     assert all(t["action"] == "compute" for n, t in manifest["tensors"].items() if ".layers." in n)
-    read = sum(f.stat().st_size for f in (d / "base").glob("*.safetensors")) * 2
+    read = sum(f.stat().st_size for f in (d / "base").glob("*model-*")) * 2
     return peak, read
 
 
@@ -59,8 +59,13 @@ def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
     idle = child_peak(f"import lazymerge.cli, lazymerge.engine, torch; {PEAK}")
     peak2, _ = merge_peak(tmp_path, 2)
     peak8, read8 = merge_peak(tmp_path, 8)
-    report = f"idle {idle / MiB:.0f} MiB, 2 layers {peak2 / MiB:.0f} MiB, 8 layers {peak8 / MiB:.0f} MiB, 8 layers read {read8 / MiB:.0f} MiB"
+    bin8, _ = merge_peak(tmp_path, 8, "bin")
+    report = (
+        f"idle {idle / MiB:.0f} MiB, 2 layers {peak2 / MiB:.0f} MiB, 8 layers {peak8 / MiB:.0f} MiB, "
+        f"8 layers from .bin {bin8 / MiB:.0f} MiB, 8 layers read {read8 / MiB:.0f} MiB"
+    )
     print(report)
     assert read8 > 200 * MiB, report  # the models are big enough for the test to mean something
     assert peak8 - peak2 < 16 * MiB, report  # four times the layers, the same memory
     assert peak8 - idle < read8 / 5, report  # a few tensors' worth, not the model
+    assert abs(bin8 - peak8) < 16 * MiB, report  # .bin inputs stream just as lean

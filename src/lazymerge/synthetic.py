@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lazymerge.index import SAFETENSORS_INDEX
+from lazymerge.index import BIN_INDEX, SAFETENSORS_INDEX
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -77,8 +77,12 @@ def write_llama(
     seed: int,
     dtype: torch.dtype = torch.float16,
     shard_size: int = 2 * 10**9,
+    fmt: str = "safetensors",
 ) -> Path:
-    """A random Llama checkpoint: shards of at most `shard_size` + index + config.json."""
+    """A random Llama checkpoint: shards of at most `shard_size` + index + config.json.
+
+    `fmt="bin"` writes 2023-style `pytorch_model-*.bin` shards with torch.save instead.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -89,14 +93,15 @@ def write_llama(
     size = k = 0
     for name, dims, nbytes in sizes:
         if group and size + nbytes > shard_size:
-            _flush(out, group, k, n_shards, weight_map)
+            _flush(out, group, k, n_shards, weight_map, fmt)
             k, size = k + 1, 0
         group[name] = _random(dims, gen, dtype)
         size += nbytes
-    _flush(out, group, k, n_shards, weight_map)
+    _flush(out, group, k, n_shards, weight_map, fmt)
     total = sum(n for _, _, n in sizes)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    index_name = SAFETENSORS_INDEX if fmt == "safetensors" else BIN_INDEX
+    (out / index_name).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return out
@@ -119,10 +124,19 @@ def _count_shards(sizes: list[int], shard_size: int) -> int:
 
 
 def _flush(
-    out: Path, tensors: dict[str, torch.Tensor], k: int, n: int, weight_map: dict[str, str]
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    k: int,
+    n: int,
+    weight_map: dict[str, str],
+    fmt: str,
 ) -> None:
-    name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-    save_file(tensors, str(out / name), metadata={"format": "pt"})
+    if fmt == "safetensors":
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+    else:
+        name = f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin"
+        torch.save(tensors, out / name)
     weight_map.update(dict.fromkeys(tensors, name))
     tensors.clear()  # the shard is on disk: let its memory go
 
