@@ -14,8 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import load_merged, run_cli
 from lazymerge.index import CheckpointIndex, MappedReader
+
+from conftest import load_merged, run_cli
 
 SPAN = 5
 
