@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lazymerge.index import BIN_INDEX, SAFETENSORS_INDEX
+from lazymerge.index import BIN_INDEX, DTYPES, SAFETENSORS_INDEX
+from lazymerge.writer import build_header
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,10 +65,36 @@ class LlamaShape:
         }
 
 
+# Random data is generated and written in pieces of about this size, so a generator
+# never holds more than one piece, even for a 13B model's 327 MB embedding.
+CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class _Entry:  # what writer.build_header needs to know of a tensor
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _random_pieces(
+    shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """A random tensor in row chunks: weights ~ N(0, 0.02), norms ~ N(1, 0.1) as trained ones."""
+    if len(shape) == 1:
+        yield torch.empty(shape, dtype=dtype).normal_(1.0, 0.1, generator=gen)
+        return
+    rows, row_bytes = shape[0], _nbytes(shape[1:], dtype)
+    step = max(1, CHUNK // max(row_bytes, 1))
+    for r0 in range(0, rows, step):
+        piece = (min(step, rows - r0), *shape[1:])
+        yield torch.empty(piece, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+
+
 def _random(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    if len(shape) == 1:  # norms: around 1, as trained ones are
-        return (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
-    return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+    return torch.cat(list(_random_pieces(shape, gen, dtype)))
 
 
 def write_llama(
@@ -81,24 +108,24 @@ def write_llama(
 ) -> Path:
     """A random Llama checkpoint: shards of at most `shard_size` + index + config.json.
 
-    `fmt="bin"` writes 2023-style `pytorch_model-*.bin` shards with torch.save instead.
+    safetensors shards are streamed piece by piece (memory: one piece, never a shard);
+    `fmt="bin"` writes 2023-style `pytorch_model-*.bin` shards with torch.save, which
+    holds a shard in memory: meant for small test models.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    sizes = [(name, dims, _nbytes(dims, dtype)) for name, dims in shape.tensors()]
-    n_shards = _count_shards([n for _, _, n in sizes], shard_size)
+    groups = _split(list(shape.tensors()), dtype, shard_size)
     weight_map: dict[str, str] = {}
-    group: dict[str, torch.Tensor] = {}
-    size = k = 0
-    for name, dims, nbytes in sizes:
-        if group and size + nbytes > shard_size:
-            _flush(out, group, k, n_shards, weight_map, fmt)
-            k, size = k + 1, 0
-        group[name] = _random(dims, gen, dtype)
-        size += nbytes
-    _flush(out, group, k, n_shards, weight_map, fmt)
-    total = sum(n for _, _, n in sizes)
+    for k, group in enumerate(groups):
+        if fmt == "safetensors":
+            name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            _stream_safetensors(out / name, group, gen, dtype)
+        else:
+            name = f"pytorch_model-{k + 1:05d}-of-{len(groups):05d}.bin"
+            torch.save({t: _random(dims, gen, dtype) for t, dims in group}, out / name)
+        weight_map.update(dict.fromkeys((t for t, _ in group), name))
+    total = sum(_nbytes(dims, dtype) for _, dims in shape.tensors())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     index_name = SAFETENSORS_INDEX if fmt == "safetensors" else BIN_INDEX
     (out / index_name).write_text(json.dumps(index, indent=2))
@@ -114,31 +141,34 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n
 
 
-def _count_shards(sizes: list[int], shard_size: int) -> int:
-    count, size = 1, 0
-    for n in sizes:
-        if size and size + n > shard_size:
-            count, size = count + 1, 0
+def _split(
+    tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, shard_size: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dims in tensors:
+        n = _nbytes(dims, dtype)
+        if groups[-1] and size + n > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dims))
         size += n
-    return count
+    return groups
 
 
-def _flush(
-    out: Path,
-    tensors: dict[str, torch.Tensor],
-    k: int,
-    n: int,
-    weight_map: dict[str, str],
-    fmt: str,
+def _stream_safetensors(
+    path: Path, group: list[tuple[str, tuple[int, ...]]], gen: torch.Generator, dtype: torch.dtype
 ) -> None:
-    if fmt == "safetensors":
-        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-    else:
-        name = f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin"
-        torch.save(tensors, out / name)
-    weight_map.update(dict.fromkeys(tensors, name))
-    tensors.clear()  # the shard is on disk: let its memory go
+    code = next(c for c, d in DTYPES.items() if d == dtype)
+    entries, offset = [], 0
+    for name, dims in group:
+        entries.append(_Entry(name, code, dims, offset, _nbytes(dims, dtype)))
+        offset += entries[-1].nbytes
+    with open(path, "wb") as f:
+        f.write(build_header(entries))
+        for _, dims in group:
+            for piece in _random_pieces(dims, gen, dtype):
+                f.write(piece.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_lora(

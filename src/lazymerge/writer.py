@@ -16,12 +16,12 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lazymerge import __version__
 from lazymerge.errors import OutputError
 from lazymerge.index import SAFETENSORS_INDEX, header_digest
-from lazymerge.plan import MergePlan, PlannedTensor, Shard, plan_inputs
+from lazymerge.plan import MergePlan, Shard, plan_inputs
 from lazymerge.recipe import DTYPE_LABELS
 
 PARTIAL = ".partial"
@@ -34,7 +34,22 @@ AUX_FILES = (
 )  # fmt: skip
 
 
-def build_header(tensors: Sequence[PlannedTensor]) -> bytes:
+class HeaderEntry(Protocol):
+    """What a header says of a tensor (a PlannedTensor is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+def build_header(tensors: Sequence[HeaderEntry]) -> bytes:
     """8-byte length + JSON header, space-padded to a multiple of 8 like safetensors' own."""
     entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     for t in tensors:
