@@ -74,14 +74,18 @@ class MergePlan:
     @property
     def bytes_to_read(self) -> int:
         """Input bytes the merge touches: sources of each tensor plus their LoRA factors."""
-        total = 0
+        return sum(ref.nbytes for ref in self.reads())
+
+    def reads(self) -> list[TensorRef]:
+        """Every input tensor the merge reads, in execution order (A factors included)."""
+        out = []
         for t in self.tensors:
             if t.action != COPY_OTHER:
-                total += t.base.nbytes
+                out.append(t.base)
             if t.other is not None and t.action != COPY_BASE:
-                total += t.other.nbytes
-            total += sum(lo.a.nbytes + lo.b.nbytes for lo in t.base_loras + t.other_loras)
-        return total
+                out.append(t.other)
+            out += [ref for lo in t.base_loras + t.other_loras for ref in (lo.a, lo.b)]
+        return out
 
     def layer_ratios(self) -> dict[int | None, list[float]]:
         """Distinct ratios per decoder layer (None: tensors outside the layers)."""

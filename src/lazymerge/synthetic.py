@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lazymerge.index import BIN_INDEX, DTYPES, SAFETENSORS_INDEX
 from lazymerge.writer import build_header
@@ -79,22 +78,30 @@ class _Entry:  # what writer.build_header needs to know of a tensor
     nbytes: int
 
 
-def _random_pieces(
-    shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
-) -> Iterator[torch.Tensor]:
-    """A random tensor in row chunks: weights ~ N(0, 0.02), norms ~ N(1, 0.1) as trained ones."""
-    if len(shape) == 1:
-        yield torch.empty(shape, dtype=dtype).normal_(1.0, 0.1, generator=gen)
-        return
-    rows, row_bytes = shape[0], _nbytes(shape[1:], dtype)
-    step = max(1, CHUNK // max(row_bytes, 1))
+@dataclass(frozen=True)
+class _Spec:  # one random tensor to write: N(mean, std)
+    name: str
+    shape: tuple[int, ...]
+    mean: float
+    std: float
+
+
+def _llama_spec(name: str, shape: tuple[int, ...]) -> _Spec:
+    # Weights ~ N(0, 0.02); norms ~ N(1, 0.1), as trained ones are.
+    return _Spec(name, shape, 1.0, 0.1) if len(shape) == 1 else _Spec(name, shape, 0.0, 0.02)
+
+
+def _random_pieces(spec: _Spec, gen: torch.Generator, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """A random tensor in row chunks of about CHUNK bytes."""
+    rows = spec.shape[0] if spec.shape else 1
+    step = max(1, CHUNK // max(_nbytes(spec.shape[1:], dtype), 1))
     for r0 in range(0, rows, step):
-        piece = (min(step, rows - r0), *shape[1:])
-        yield torch.empty(piece, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+        piece = (min(step, rows - r0), *spec.shape[1:])
+        yield torch.empty(piece, dtype=dtype).normal_(spec.mean, spec.std, generator=gen)
 
 
-def _random(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat(list(_random_pieces(shape, gen, dtype)))
+def _random(spec: _Spec, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(list(_random_pieces(spec, gen, dtype))).reshape(spec.shape)
 
 
 def write_llama(
@@ -115,7 +122,7 @@ def write_llama(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    groups = _split(list(shape.tensors()), dtype, shard_size)
+    groups = _split([_llama_spec(*t) for t in shape.tensors()], dtype, shard_size)
     weight_map: dict[str, str] = {}
     for k, group in enumerate(groups):
         if fmt == "safetensors":
@@ -123,8 +130,8 @@ def write_llama(
             _stream_safetensors(out / name, group, gen, dtype)
         else:
             name = f"pytorch_model-{k + 1:05d}-of-{len(groups):05d}.bin"
-            torch.save({t: _random(dims, gen, dtype) for t, dims in group}, out / name)
-        weight_map.update(dict.fromkeys((t for t, _ in group), name))
+            torch.save({t.name: _random(t, gen, dtype) for t in group}, out / name)
+        weight_map.update(dict.fromkeys((t.name for t in group), name))
     total = sum(_nbytes(dims, dtype) for _, dims in shape.tensors())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     index_name = SAFETENSORS_INDEX if fmt == "safetensors" else BIN_INDEX
@@ -141,33 +148,31 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n
 
 
-def _split(
-    tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, shard_size: int
-) -> list[list[tuple[str, tuple[int, ...]]]]:
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+def _split(specs: list[_Spec], dtype: torch.dtype, shard_size: int) -> list[list[_Spec]]:
+    groups: list[list[_Spec]] = [[]]
     size = 0
-    for name, dims in tensors:
-        n = _nbytes(dims, dtype)
+    for spec in specs:
+        n = _nbytes(spec.shape, dtype)
         if groups[-1] and size + n > shard_size:
             groups.append([])
             size = 0
-        groups[-1].append((name, dims))
+        groups[-1].append(spec)
         size += n
     return groups
 
 
 def _stream_safetensors(
-    path: Path, group: list[tuple[str, tuple[int, ...]]], gen: torch.Generator, dtype: torch.dtype
+    path: Path, specs: list[_Spec], gen: torch.Generator, dtype: torch.dtype
 ) -> None:
     code = next(c for c, d in DTYPES.items() if d == dtype)
     entries, offset = [], 0
-    for name, dims in group:
-        entries.append(_Entry(name, code, dims, offset, _nbytes(dims, dtype)))
+    for spec in specs:
+        entries.append(_Entry(spec.name, code, spec.shape, offset, _nbytes(spec.shape, dtype)))
         offset += entries[-1].nbytes
     with open(path, "wb") as f:
         f.write(build_header(entries))
-        for _, dims in group:
-            for piece in _random_pieces(dims, gen, dtype):
+        for spec in specs:
+            for piece in _random_pieces(spec, gen, dtype):
                 f.write(piece.reshape(-1).view(torch.uint8).numpy().data)
 
 
@@ -186,18 +191,14 @@ def write_lora(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, dims in shape.tensors():
+    specs = []
+    for name, (out_f, in_f) in (t for t in shape.tensors() if len(t[1]) == 2):
         module = name.removesuffix(".weight")
-        if module.rsplit(".", 1)[-1] not in targets:
-            continue
-        out_f, in_f = dims
-        key = f"base_model.model.{module}"
-        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / in_f**0.5).to(
-            dtype
-        )
-        tensors[f"{key}.lora_B.weight"] = (0.01 * torch.randn(out_f, r, generator=gen)).to(dtype)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if module.rsplit(".", 1)[-1] in targets:
+            key = f"base_model.model.{module}"
+            specs.append(_Spec(f"{key}.lora_A.weight", (r, in_f), 0.0, in_f**-0.5))
+            specs.append(_Spec(f"{key}.lora_B.weight", (out_f, r), 0.0, 0.01))
+    _stream_safetensors(out / "adapter_model.safetensors", specs, gen, dtype)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
