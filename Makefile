@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# 13B-shaped merges at 2, 4 and 8 layers vs a plain copy and mergekit (~30 GB of disk
+# at 8 layers, freed after each run). BENCH_ARGS="--layers 2 --no-mergekit" to narrow it.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[bench]" "$(TORCH_PIN)"
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -1,0 +1,191 @@
+"""One benchmark run per layer count: generate, merge, copy baseline, mergekit, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks import mergekit
+
+# The founding recipe: gradient 0.9 -> 0 over the first 25 of 40 layers, LoRA weight 0.25.
+RATIOS = (0.9, 0.0)
+LORA_WEIGHT = 0.25
+FOUNDING_SPAN, FOUNDING_LAYERS = 25, 40
+BUFFER = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Child:
+    seconds: float
+    peak_rss: int  # bytes: the child's own maximum resident set (wait4)
+    stdout: str
+
+
+def run_child(cmd: list[str], what: str) -> Child:
+    """Run a command to completion, timing it and reading its peak RSS with wait4.
+
+    The orchestrator never imports torch, so the ru_maxrss a child inherits across exec
+    (Linux keeps the parent's high-water mark) is far below what a merge uses itself.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed ({proc.returncode}): {err.read().strip()[-1500:]}")
+        return Child(seconds, usage.ru_maxrss * 1024, out.read())
+
+
+def drop_caches() -> bool:
+    """Flush and drop the page cache (root on Linux); False when the machine won't."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def span_for(layers: int) -> int:
+    """The founding span [0, 25) of 40 layers, scaled (at least one layer)."""
+    return max(1, round(FOUNDING_SPAN * layers / FOUNDING_LAYERS))
+
+
+def write_recipe(work: Path, layers: int) -> Path:
+    recipe = {
+        "base": "base",
+        "other": {"model": "other", "loras": [{"path": "lora", "weight": LORA_WEIGHT}]},
+        "gradient": {"values": list(RATIOS), "layers": [0, span_for(layers)]},
+        "output": {"dtype": "float16", "shard_size": "2GB"},
+    }
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path) -> float:
+    """Seconds to read the merge's input ranges and write its output sizes, plain file I/O.
+
+    Reads go through one reusable buffer; each output file is written in full and
+    fsynced, as the merge's shards are.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    buf = bytearray(BUFFER)
+    view = memoryview(buf)
+    start = time.monotonic()
+    fds: dict[str, int] = {}
+    try:
+        for file, offset, length in reads:
+            fd = fds.setdefault(file, os.open(file, os.O_RDONLY))
+            while length > 0:
+                n = os.preadv(fd, [view[: min(length, BUFFER)]], offset)
+                if n <= 0:
+                    raise RuntimeError(f"{file}: short read at {offset}")
+                offset, length = offset + n, length - n
+        for k, size in enumerate(out_sizes):
+            with open(directory / f"copy-{k}.bin", "wb") as f:
+                while size > 0:
+                    size -= f.write(view[: min(size, BUFFER)])
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return time.monotonic() - start
+
+
+def run_layers(
+    layers: int, cache: Path, *, tiny: bool, with_mergekit: bool, keep: bool
+) -> dict[str, Any]:
+    """Everything measured for one layer count; the work directory is removed afterwards."""
+    py = sys.executable
+    work = cache / f"layers-{layers}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        gen = run_child(
+            [
+                py,
+                "-m",
+                "benchmarks.generate",
+                str(work),
+                "--layers",
+                str(layers),
+                *(["--tiny"] if tiny else []),
+            ],
+            "generate",
+        )
+        recipe = write_recipe(work, layers)
+        plan = json.loads(run_child([py, "-m", "benchmarks.reads", str(recipe)], "plan").stdout)
+        drop_caches()
+        # What a merge pays before its first byte: interpreter + torch import, cold.
+        startup = run_child([py, "-c", "import lazymerge.engine"], "import")
+        cold = drop_caches()
+        merge = run_child(
+            [py, "-m", "lazymerge", "merge", str(recipe), "-o", str(work / "out"), "-q"],
+            "lazymerge merge",
+        )
+        out_sizes = [p.stat().st_size for p in sorted((work / "out").glob("*.safetensors"))]
+        cold = drop_caches() and cold
+        copy_s = copy_baseline(plan["reads"], out_sizes, work / "copy")
+        shutil.rmtree(work / "copy")
+        result: dict[str, Any] = {
+            "layers": layers,
+            "span": span_for(layers),
+            "cache": "cold" if cold else "warm",
+            "bytes_read": plan["bytes_to_read"],
+            "bytes_written": sum(out_sizes),
+            "generator_peak_rss": gen.peak_rss,
+            "startup_seconds": startup.seconds,
+            "merge_seconds": merge.seconds,
+            "merge_peak_rss": merge.peak_rss,
+            "copy_seconds": copy_s,
+            "merge_over_copy": merge.seconds / copy_s,
+        }
+        if with_mergekit:
+            result["mergekit"] = _mergekit(work, layers, cache)
+        return result
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _mergekit(work: Path, layers: int, cache: Path) -> dict[str, Any]:
+    exe, why = mergekit.ensure_mergekit(cache)
+    if exe is None:
+        return {"error": why}
+    cfg = mergekit.config(
+        work / "base", work / "other", work / "lora",
+        layers=layers, span=span_for(layers), ratios=RATIOS, lora_weight=LORA_WEIGHT,
+    )  # fmt: skip
+    cfg_file = work / "mergekit.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    drop_caches()
+    try:
+        run = run_child(
+            mergekit.command(exe, cfg_file, work / "mk-out", work / "mk-lora-cache"), "mergekit"
+        )
+    except RuntimeError as e:
+        return {"error": str(e)}
+    diff = json.loads(
+        run_child(
+            [sys.executable, "-m", "benchmarks.compare", str(work / "out"), str(work / "mk-out")],
+            "compare",
+        ).stdout
+    )
+    return {"seconds": run.seconds, "peak_rss": run.peak_rss, "diff": diff}
