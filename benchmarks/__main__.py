@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="a few-MB model instead of 13B shapes (smoke test)"
     )
     parser.add_argument("--keep", action="store_true", help="keep each run's models and outputs")
+    parser.add_argument(
+        "--warm", action="store_true", help="never drop the page cache (figures are warm-cache)"
+    )
     args = parser.parse_args(argv)
     layer_counts = [int(x) for x in args.layers.split(",")]
     record: dict[str, Any] = {

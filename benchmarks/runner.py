@@ -50,8 +50,10 @@ def run_child(cmd: list[str], what: str) -> Child:
         return Child(seconds, usage.ru_maxrss * 1024, out.read())
 
 
-def drop_caches() -> bool:
+def drop_caches(enabled: bool = True) -> bool:
     """Flush and drop the page cache (root on Linux); False when the machine won't."""
+    if not enabled:
+        return False
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -110,7 +112,7 @@ def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path)
 
 
 def run_layers(
-    layers: int, cache: Path, *, tiny: bool, with_mergekit: bool, keep: bool
+    layers: int, cache: Path, *, tiny: bool, with_mergekit: bool, keep: bool, cold: bool = True
 ) -> dict[str, Any]:
     """Everything measured for one layer count; the work directory is removed afterwards."""
     py = sys.executable
@@ -132,22 +134,22 @@ def run_layers(
         )
         recipe = write_recipe(work, layers)
         plan = json.loads(run_child([py, "-m", "benchmarks.reads", str(recipe)], "plan").stdout)
-        drop_caches()
-        # What a merge pays before its first byte: interpreter + torch import, cold.
+        drop_caches(cold)
+        # What a merge pays before its first byte: interpreter + torch import.
         startup = run_child([py, "-c", "import lazymerge.engine"], "import")
-        cold = drop_caches()
+        dropped = drop_caches(cold)
         merge = run_child(
             [py, "-m", "lazymerge", "merge", str(recipe), "-o", str(work / "out"), "-q"],
             "lazymerge merge",
         )
         out_sizes = [p.stat().st_size for p in sorted((work / "out").glob("*.safetensors"))]
-        cold = drop_caches() and cold
+        dropped = drop_caches(cold) and dropped
         copy_s = copy_baseline(plan["reads"], out_sizes, work / "copy")
         shutil.rmtree(work / "copy")
         result: dict[str, Any] = {
             "layers": layers,
             "span": span_for(layers),
-            "cache": "cold" if cold else "warm",
+            "cache": "cold" if dropped else "warm",
             "bytes_read": plan["bytes_to_read"],
             "bytes_written": sum(out_sizes),
             "generator_peak_rss": gen.peak_rss,
@@ -158,14 +160,14 @@ def run_layers(
             "merge_over_copy": merge.seconds / copy_s,
         }
         if with_mergekit:
-            result["mergekit"] = _mergekit(work, layers, cache)
+            result["mergekit"] = _mergekit(work, layers, cache, cold)
         return result
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _mergekit(work: Path, layers: int, cache: Path) -> dict[str, Any]:
+def _mergekit(work: Path, layers: int, cache: Path, cold: bool) -> dict[str, Any]:
     exe, why = mergekit.ensure_mergekit(cache)
     if exe is None:
         return {"error": why}
@@ -175,7 +177,7 @@ def _mergekit(work: Path, layers: int, cache: Path) -> dict[str, Any]:
     )  # fmt: skip
     cfg_file = work / "mergekit.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    drop_caches()
+    drop_caches(cold)
     try:
         run = run_child(
             mergekit.command(exe, cfg_file, work / "mk-out", work / "mk-lora-cache"), "mergekit"

@@ -1,0 +1,90 @@
+"""The benchmark runner, kept from rotting: a few-MB smoke run, and the mergekit recipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import mergekit
+from benchmarks.runner import copy_baseline, span_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_records_every_figure(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "benchmarks", "--tiny", "--layers", "1,3", "--no-mergekit", "--warm",
+        "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert [r["layers"] for r in record["runs"]] == [1, 3]
+    for r in record["runs"]:
+        assert r["cache"] == "warm"
+        assert r["bytes_read"] > r["bytes_written"] > 0
+        assert 0 < r["merge_peak_rss"] < 2**31 and r["generator_peak_rss"] > 0
+        assert r["merge_seconds"] > 0 and r["copy_seconds"] > 0 and r["startup_seconds"] > 0
+        assert r["merge_over_copy"] == pytest.approx(r["merge_seconds"] / r["copy_seconds"])
+    assert "merge/copy" in done.stdout and "target peak RSS" in done.stdout
+    assert not (tmp_path / "cache" / "layers-1").exists()  # cleaned up
+
+
+def test_copy_baseline_reads_the_ranges_and_writes_the_sizes(tmp_path: Path) -> None:
+    (tmp_path / "in.bin").write_bytes(bytes(range(256)) * 100)
+    reads = [[str(tmp_path / "in.bin"), 10, 1000], [str(tmp_path / "in.bin"), 5000, 20000]]
+    assert copy_baseline(reads, [123, 45678], tmp_path / "out") > 0
+    assert sorted(p.stat().st_size for p in (tmp_path / "out").iterdir()) == [123, 45678]
+    with pytest.raises(RuntimeError, match="short read"):
+        copy_baseline([[str(tmp_path / "in.bin"), 25000, 1000]], [], tmp_path / "out2")
+
+
+def mergekit_weight(setting: list[dict[str, object]], name: str, t: float) -> float:
+    """mergekit's evaluate_setting for our settings: first matching filter; list = gradient."""
+    for cond in setting:
+        if "filter" not in cond or str(cond["filter"]) in name:
+            value = cond["value"]
+            if isinstance(value, list):
+                return value[0] + t * (value[1] - value[0])  # type: ignore[no-any-return]
+            return float(value)  # type: ignore[arg-type]
+    raise AssertionError("no rule matched")
+
+
+@pytest.mark.parametrize("layers", [2, 4, 8, 40])
+def test_mergekit_config_is_the_founding_recipe(layers: int) -> None:
+    span = span_for(layers)
+    cfg = mergekit.config(
+        Path("b"),
+        Path("o"),
+        Path("l"),
+        layers=layers,
+        span=span,
+        ratios=(0.9, 0.0),
+        lora_weight=0.25,
+    )
+    first = cfg["slices"][0]["sources"]
+    assert [s["model"] for s in first] == ["b", "o", "o+l"]
+    ratios = np.linspace(0.9, 0.0, span)
+    for i in range(span):
+        t = i / (span - 1) if span > 1 else 1.0  # mergekit's t within a slice
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        base, other, lora = (mergekit_weight(s["parameters"]["weight"], name, t) for s in first)
+        # (1 - r) base + r (other + 0.25 Δ) == (1 - r) base + 0.75 r other + 0.25 r (other + Δ)
+        assert (base, other, lora) == pytest.approx(
+            (1 - ratios[i], 0.75 * ratios[i], 0.25 * ratios[i])
+        )
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert [mergekit_weight(s["parameters"]["weight"], name, 0.0) for s in first] == [
+            1.0,
+            0.0,
+            0.0,
+        ]
+    if span < layers:
+        assert cfg["slices"][1]["sources"] == [
+            {"model": "b", "layer_range": [span, layers], "parameters": {"weight": 1.0}}
+        ]
+    assert span_for(40) == 25
