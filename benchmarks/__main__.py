@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {n} layers ...", file=sys.stderr, flush=True)
         record["runs"].append(
             run_layers(
-                n, args.cache, tiny=args.tiny, with_mergekit=not args.no_mergekit, keep=args.keep
+                n,
+                args.cache,
+                tiny=args.tiny,
+                with_mergekit=not args.no_mergekit,
+                keep=args.keep,
+                cold=not args.warm,
             )
         )
     print(table(record))
