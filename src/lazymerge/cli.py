@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,27 +15,38 @@ import click
 from lazymerge import __version__
 from lazymerge.engine import DEFAULT_MAX_MEMORY, run_merge
 from lazymerge.errors import LazyMergeError, RecipeError
-from lazymerge.plan import build_plan
+from lazymerge.plan import MergePlan, build_plan
 from lazymerge.recipe import Recipe, load_recipe, parse_dtype, parse_recipe, parse_size
-from lazymerge.report import summary
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def _output_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every writing command shares."""
-    options = [
-        click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
-                     help="Output model directory (created if missing)."),
-        click.option("--dtype", help="Output dtype: float16, bfloat16 or float32 (default: the recipe's, else the base's)."),
-        click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
-        click.option("--max-memory", default=None,
-                     help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
-                     "larger tensors are processed in row blocks (of at least 64 rows)."),
-        click.option("--overwrite", is_flag=True, help="Replace the merge files of a non-empty output directory."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        f = option(f)
-    return f
+def _apply(options: list[Decorator]) -> Decorator:
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+# What shapes the plan: every command that plans takes these.
+_plan_options = _apply([
+    click.option("--dtype", help="Output dtype: float16, bfloat16 or float32 (default: the recipe's, else the base's)."),
+    click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
+    click.option("--max-memory", default=None,
+                 help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
+                 "larger tensors are processed in row blocks (of at least 64 rows)."),
+])  # fmt: skip
+# What writing a model needs besides.
+_write_options = _apply([
+    click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+                 help="Output model directory (created if missing)."),
+    click.option("--overwrite", is_flag=True, help="Replace the merge files of a non-empty output directory."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print one JSON summary on stdout (time, peak RSS, bytes, shards, sha256s)."),
+])  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,13 +58,14 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_output_options
+@_plan_options
+@_write_options
 def merge(recipe: Path, **opts: Any) -> None:
     """Run the merge a RECIPE (YAML) describes.
 
     Example: lazymerge merge examples/airolima-chronos.yaml -o ./airolima-chronos
     """
-    _run(load_recipe(recipe), **opts)
+    _run(load_recipe(recipe), recipe.stem, **opts)
 
 
 @cli.command()
@@ -61,14 +74,15 @@ def merge(recipe: Path, **opts: Any) -> None:
 @click.option(
     "--weight", type=float, default=1.0, show_default=True, help="Multiplier of the LoRA delta."
 )
-@_output_options
+@_plan_options
+@_write_options
 def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
     """Merge one PEFT LoRA ADAPTER into BASE at --weight.
 
     Example: lazymerge lora ./airoboros-13b ./limarp-lora -o ./airolima --weight 0.25
     """
     data = {"base": {"model": str(base), "loras": [{"path": str(adapter), "weight": weight}]}}
-    _run(parse_recipe(data, Path.cwd(), "lora"), **opts)
+    _run(parse_recipe(data, Path.cwd(), "lora"), Path(opts["out"]).name, **opts)
 
 
 @cli.command()
@@ -84,7 +98,8 @@ def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
     show_default=True,
     help="Ratio of OTHER outside the span and outside the layers.",
 )
-@_output_options
+@_plan_options
+@_write_options
 def gradient(
     base: Path, other: Path, values: str, layers: str | None, rest: str, **opts: Any
 ) -> None:
@@ -99,7 +114,66 @@ def gradient(
     if layers is not None:
         rule["layers"] = layers
     data = {"base": str(base), "other": str(other), "gradient": rule}
-    _run(parse_recipe(data, Path.cwd(), "gradient"), **opts)
+    _run(parse_recipe(data, Path.cwd(), "gradient"), Path(opts["out"]).name, **opts)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_plan_options
+@click.option(
+    "--json", "as_json", is_flag=True, help="The whole plan as JSON, every tensor included."
+)
+def plan(
+    recipe: Path, dtype: str | None, shard_size: str | None, max_memory: str | None, as_json: bool
+) -> None:
+    """Show what `merge` will do, from headers alone: per-layer ratios, copied and
+    computed tensors, LoRA terms, bytes, shards, expected peak memory.
+
+    Example: lazymerge plan examples/airolima-chronos.yaml --max-memory 256MiB
+    """
+    from lazymerge.report import plan_json, plan_text
+
+    the_plan, budget = _plan(load_recipe(recipe), dtype, shard_size, max_memory)
+    click.echo(
+        json.dumps(plan_json(the_plan, budget), indent=2)
+        if as_json
+        else plan_text(the_plan, budget)
+    )
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Picture file: .png, .svg or .pdf.",
+)
+def plot(recipe: Path, out: Path) -> None:
+    """Draw the blend: per layer, the share of base and other and the LoRA's
+    effective weight (needs matplotlib: pip install 'lazymerge[plot]').
+
+    Example: lazymerge plot examples/airolima-chronos.yaml -o blend.png
+    """
+    from lazymerge.plot import plot_blend
+
+    the_plan, _ = _plan(load_recipe(recipe), None, None, None)
+    click.echo(f"wrote {plot_blend(the_plan, out, recipe.stem)}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--all", "show_all", is_flag=True, help="List every tensor.")
+def inspect(path: Path, show_all: bool) -> None:
+    """Describe a checkpoint (format, shards, dtypes, parameters, layers, tensors) or a
+    PEFT adapter (rank, alpha, rsLoRA, targets, the base tensors it touches).
+
+    Example: lazymerge inspect ./chronos-13b-v2 --all
+    """
+    from lazymerge.describe import describe
+
+    click.echo(describe(path, show_all))
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -109,8 +183,21 @@ def _floats(text: str, flag: str) -> list[float]:
         raise RecipeError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
 
 
+def _plan(
+    recipe: Recipe, dtype: str | None, shard_size: str | None, max_memory: str | None
+) -> tuple[MergePlan, int]:
+    output = recipe.output
+    if dtype is not None:
+        output = replace(output, dtype=parse_dtype(dtype, "--dtype"))
+    if shard_size is not None:
+        output = replace(output, shard_size=parse_size(shard_size, "--shard-size"))
+    budget = parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY
+    return build_plan(replace(recipe, output=output)), budget
+
+
 def _run(
     recipe: Recipe,
+    title: str,
     *,
     out: Path,
     dtype: str | None,
@@ -118,17 +205,20 @@ def _run(
     max_memory: str | None,
     overwrite: bool,
     quiet: bool,
+    as_json: bool,
 ) -> None:
-    output = recipe.output
-    if dtype is not None:
-        output = replace(output, dtype=parse_dtype(dtype, "--dtype"))
-    if shard_size is not None:
-        output = replace(output, shard_size=parse_size(shard_size, "--shard-size"))
-    budget = parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY
-    plan = build_plan(replace(recipe, output=output))
-    result = run_merge(plan, out, max_memory=budget, overwrite=overwrite, progress=not quiet)
-    if not quiet:
-        click.echo(summary(plan, result))
+    from lazymerge.card import write_card
+    from lazymerge.report import result_json, summary
+
+    the_plan, budget = _plan(recipe, dtype, shard_size, max_memory)
+    result = run_merge(
+        the_plan, out, max_memory=budget, overwrite=overwrite, progress=not quiet,
+        before_index=lambda directory: write_card(directory, the_plan, title),
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result_json(result)))
+    elif not quiet:
+        click.echo(summary(the_plan, result))
 
 
 INTERRUPTED = "lazymerge: interrupted; the output is incomplete (.partial shards, no index)"

@@ -31,6 +31,9 @@ COPY_CHUNK = 64 * 2**20
 # Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
 # --max-memory below ~64 rows of the widest tensor is exceeded by that much.
 LORA_ROWS = 64
+# VmHWM of `python -c "import lazymerge.engine"` (Python 3.11, torch 2.13 CPU, x86-64 Linux):
+# 221-233 MiB measured; what a merge costs before its first tensor.
+INTERPRETER = 240 * 2**20
 Step = Callable[[int], object]  # progress: called with the bytes just written
 
 
@@ -51,13 +54,18 @@ def run_merge(
     max_memory: int = DEFAULT_MAX_MEMORY,
     overwrite: bool = False,
     progress: bool = True,
+    before_index: Callable[[Path], None] | None = None,
 ) -> MergeResult:
-    """Write the merged model described by `plan` into directory `out`."""
+    """Write the merged model described by `plan` into directory `out`.
+
+    `before_index` may add files (the model card) once the shards are complete and
+    before the index that marks the directory as a finished model.
+    """
     start = time.monotonic()
     out = prepare_output(out, plan.recipe.inputs(), overwrite)
     try:
         results = _write_shards(plan, out, max_memory, progress)
-        finalize_output(out, plan, results)
+        finalize_output(out, plan, results, before_index)
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise OutputError(
@@ -69,7 +77,7 @@ def run_merge(
         time.monotonic() - start,
         peak_rss(),
         plan.bytes_to_read,
-        plan.bytes_to_write,
+        sum(s.size for s in results),
     )
 
 
@@ -135,18 +143,39 @@ def _copy(
         step(stop - start)
 
 
+def _per_row(t: PlannedTensor) -> int:
+    """Working bytes per row of a computed tensor: two fp32 rows, the output row, and the
+    mapped input rows."""
+    row_numel = t.nbytes // itemsize(t.dtype) // t.rows if t.rows else 0
+    per_row = row_numel * (4 + 4 + itemsize(t.dtype)) + t.base.row_nbytes
+    return per_row + (t.other.row_nbytes if t.other is not None else 0)
+
+
 def block_rows(t: PlannedTensor, budget: int) -> int:
     """Rows per block so that the block's buffers and mapped input pages fit `budget`.
 
     Always a multiple of LORA_ROWS (or the whole tensor), so that every LoRA product is
     computed over the same row chunks whatever the budget.
     """
-    row_numel = t.nbytes // itemsize(t.dtype) // t.rows if t.rows else 0
-    per_row = row_numel * (4 + 4 + itemsize(t.dtype)) + t.base.row_nbytes
-    if t.other is not None:
-        per_row += t.other.row_nbytes
-    rows = budget // max(per_row, 1) // LORA_ROWS * LORA_ROWS
+    rows = budget // max(_per_row(t), 1) // LORA_ROWS * LORA_ROWS
     return max(1, min(t.rows, max(rows, LORA_ROWS)))
+
+
+def working_memory(t: PlannedTensor, budget: int) -> int:
+    """Bytes of buffers and mapped input pages held at once while writing `t`."""
+    if t.action != COMPUTE:
+        return min(budget, COPY_CHUNK, t.nbytes)
+    rows = block_rows(t, budget)
+    terms = t.base_loras + t.other_loras
+    factors = sum(lo.a.nbytes // itemsize(lo.a.dtype) * 4 for lo in terms)  # fp32 A, whole
+    b_rows = sum(rows * lo.rank * 4 + rows * lo.b.row_nbytes for lo in terms)
+    return rows * _per_row(t) + factors + b_rows
+
+
+def estimate_peak(plan: MergePlan, budget: int) -> int:
+    """Expected peak RSS of `lazymerge merge`: interpreter and torch, plus the largest
+    working set of any one tensor."""
+    return INTERPRETER + max((working_memory(t, budget) for t in plan.tensors), default=0)
 
 
 def _compute(

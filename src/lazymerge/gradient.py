@@ -63,9 +63,12 @@ def rule_ratio(rule: GradientRule, name: str, n_layers: int) -> float:
     return anchor_ratio(rule.values, start, end, layer)
 
 
+def first_rule(name: str, rules: Sequence[GradientRule]) -> int | None:
+    """Index of the rule that decides tensor `name` (the first that matches), if any."""
+    return next((i for i, rule in enumerate(rules) if rule.matches(name)), None)
+
+
 def ratio_for(name: str, rules: Sequence[GradientRule], n_layers: int) -> float:
     """Fraction of `other` in tensor `name`: the first matching rule decides, else 0."""
-    for rule in rules:
-        if rule.matches(name):
-            return rule_ratio(rule, name, n_layers)
-    return 0.0
+    i = first_rule(name, rules)
+    return 0.0 if i is None else rule_ratio(rules[i], name, n_layers)

@@ -60,26 +60,30 @@ class Recipe:
         return [p for m in models for p in (m.path, *(lo.path for lo in m.loras))]
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data with absolute paths, for the manifest."""
+        """The recipe as plain data with absolute paths: a valid recipe again (the model
+        card prints it, the manifest records it)."""
 
         def model(m: ModelSpec) -> dict[str, Any]:
             loras = [{"path": str(lo.path), "weight": lo.weight} for lo in m.loras]
             return {"model": str(m.path), "loras": loras}
 
-        return {
-            "base": model(self.base),
-            "other": model(self.other) if self.other else None,
-            "gradient": [
-                {
-                    "values": list(r.values),
-                    "layers": list(r.layers) if r.layers else None,
-                    "rest": r.rest,
-                    "filter": r.filter,
-                }
-                for r in self.gradient
-            ],
-            "output": {"dtype": self.output.dtype, "shard_size": self.output.shard_size},
-        }
+        def rule(r: GradientRule) -> dict[str, Any]:
+            d: dict[str, Any] = {"values": list(r.values), "rest": r.rest}
+            if r.layers is not None:
+                d["layers"] = list(r.layers)
+            if r.filter is not None:
+                d["filter"] = r.filter
+            return d
+
+        data: dict[str, Any] = {"base": model(self.base)}
+        if self.other is not None:
+            data["other"] = model(self.other)
+            data["gradient"] = [rule(r) for r in self.gradient]
+        output: dict[str, Any] = {"shard_size": self.output.shard_size}
+        if self.output.dtype is not None:
+            output["dtype"] = DTYPE_LABELS[self.output.dtype]
+        data["output"] = output
+        return data
 
 
 def load_recipe(path: str | Path) -> Recipe:

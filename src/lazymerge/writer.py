@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,8 @@ from lazymerge.recipe import DTYPE_LABELS
 
 PARTIAL = ".partial"
 MANIFEST = "lazymerge.json"
+# Files a merge writes besides shards, index and manifest (--overwrite replaces them).
+OWN_FILES = ("config.json", "README.md", "blend.png")
 # Files a model directory needs besides weights; copied from the base as they are.
 AUX_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -131,22 +133,27 @@ def prepare_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> Path:
         (out / name).unlink(missing_ok=True)
     for f in existing:
         if f.is_file() and (
-            f.name.endswith((".safetensors", PARTIAL))
-            or f.name in AUX_FILES
-            or f.name == "config.json"
+            f.name.endswith((".safetensors", PARTIAL)) or f.name in AUX_FILES or f.name in OWN_FILES
         ):
             f.unlink()
     return out
 
 
-def finalize_output(out: Path, plan: MergePlan, shards: Sequence[ShardResult]) -> None:
-    """Write config, tokenizer files, manifest and, last, the index."""
+def finalize_output(
+    out: Path,
+    plan: MergePlan,
+    shards: Sequence[ShardResult],
+    before_index: Callable[[Path], None] | None = None,
+) -> None:
+    """Write config, tokenizer files, manifest, what `before_index` adds, and last the index."""
     base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
     _write_config(base_dir, out, plan.recipe.output.dtype)
     for name in AUX_FILES:
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, out / name)
     _write_json(out / MANIFEST, manifest(plan, shards))
+    if before_index is not None:
+        before_index(out)
     weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
     index = {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map}
     _write_json(out / SAFETENSORS_INDEX, index)

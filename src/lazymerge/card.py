@@ -1,0 +1,71 @@
+"""The model card (README.md) a merge writes into its output, with its blend picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lazymerge import __version__
+from lazymerge.errors import LazyMergeError
+from lazymerge.plan import MergePlan
+from lazymerge.plot import plot_blend
+from lazymerge.report import human_bytes, ratio_table
+
+PICTURE = "blend.png"
+
+
+def write_card(out: Path, plan: MergePlan, title: str) -> None:
+    """README.md with Hugging Face front matter, the recipe, the per-layer table, the
+    picture (when matplotlib is installed) and how to reproduce the merge."""
+    try:
+        plot_blend(plan, out / PICTURE, title)
+        picture = f"![per-layer blend: base in blue, other in green]({PICTURE})\n\n"
+    except LazyMergeError:  # matplotlib is optional; the card is not
+        picture = ""
+    (out / "README.md").write_text(card_text(plan, title, picture), encoding="utf-8")
+
+
+def card_text(plan: MergePlan, title: str, picture: str = "") -> str:
+    recipe = plan.recipe
+    models = [recipe.base] + ([recipe.other] if recipe.other else [])
+    loras = [lo for m in models for lo in m.loras]
+    front = {
+        "base_model": [m.path.name for m in models],
+        "tags": ["merge", "lazymerge"] + (["lora"] if loras else []),
+        "library_name": "transformers",
+    }
+    parts = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
+        f"# {title}\n",
+        _description(plan),
+        picture + "## Per-layer blend\n",
+        "```\n" + "\n".join(ratio_table(plan)) + "\n```\n" if recipe.other else "",
+        "## Recipe\n",
+        "```yaml\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False) + "```\n",
+        "## Reproduce\n",
+        "With the inputs at the paths above, save the recipe as `recipe.yaml` and run\n\n"
+        f"```sh\npip install lazymerge=={__version__}\nlazymerge merge recipe.yaml -o {title}\n```\n\n"
+        "`lazymerge.json` next to this card lists every input file's size and header hash and "
+        "every output shard's sha256; the same inputs give the same bytes.\n",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _description(plan: MergePlan) -> str:
+    recipe = plan.recipe
+    lines = [f"A merge made with [lazymerge](https://pypi.org/project/lazymerge/) {__version__}:\n"]
+    for role, model in (("base", recipe.base), ("other", recipe.other)):
+        if model is None:
+            continue
+        lines.append(f"- **{role}**: `{model.path.name}`")
+        lines += [f"  - LoRA `{lo.path.name}` at weight {lo.weight:g}" for lo in model.loras]
+    if recipe.other:
+        lines.append(
+            "\nEach tensor is `(1 - r) * base' + r * other'` (': with its LoRAs), r from the "
+            "per-layer table below, in float32 with one rounding."
+        )
+    lines.append(
+        f"\n{len(plan.tensors)} tensors, {human_bytes(plan.bytes_to_write)} in {len(plan.shards)} shard(s).\n"
+    )
+    return "\n".join(lines)
