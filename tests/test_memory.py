@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lazymerge.engine import DEFAULT_MAX_MEMORY, estimate_peak
+from lazymerge.plan import build_plan
+from lazymerge.recipe import load_recipe
 from lazymerge.synthetic import LlamaShape, write_llama, write_lora
 
 MiB = 2**20
@@ -69,3 +72,7 @@ def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
     assert peak8 - peak2 < 16 * MiB, report  # four times the layers, the same memory
     assert peak8 - idle < read8 / 5, report  # a few tensors' worth, not the model
     assert abs(bin8 - peak8) < 16 * MiB, report  # .bin inputs stream just as lean
+    # `lazymerge plan` predicted it: interpreter + the largest working set.
+    plan = build_plan(load_recipe(tmp_path / "l8-safetensors" / "r.yaml"))
+    estimate = estimate_peak(plan, DEFAULT_MAX_MEMORY)
+    assert abs(estimate - peak8) < 32 * MiB, f"{report}, estimated {estimate / MiB:.0f} MiB"

@@ -12,7 +12,6 @@ from typing import Any
 
 from lazymerge.engine import INTERPRETER, MergeResult, estimate_peak
 from lazymerge.gradient import GradientRule, first_rule, layer_of
-from lazymerge.lora import LoraTerm
 from lazymerge.plan import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor
 from lazymerge.recipe import DTYPE_LABELS
 from lazymerge.writer import build_header
@@ -47,35 +46,27 @@ def layer_rows(plan: MergePlan) -> list[LayerRow]:
 
 def _row(plan: MergePlan, layer: int | None, tensors: list[PlannedTensor]) -> LayerRow:
     rules = plan.recipe.gradient
-    weights = {
-        lo.path: lo.weight for m in (plan.recipe.base, plan.recipe.other) if m for lo in m.loras
-    }
-    ratios: dict[str, float] = {}
+    models = [m for m in (plan.recipe.base, plan.recipe.other) if m is not None]
+    weights = {lo.path: lo.weight for m in models for lo in m.loras}
+    by_rule: dict[int, float] = {}  # rule index (len(rules): no rule) -> ratio
     loras: dict[str, float] = {}
     for t in tensors:
         i = first_rule(t.name, rules)
-        label = (
-            "all"
-            if len(rules) <= 1 and i is not None
-            else (rules[i].filter or "all")
-            if i is not None
-            else "no rule"
-        )
-        ratios.setdefault(label, t.ratio)
-
-        def add(side: str, terms: Sequence[LoraTerm], share: float) -> None:
+        by_rule.setdefault(len(rules) if i is None else i, t.ratio)
+        for side, terms, share in (
+            ("base", t.base_loras, 1 - t.ratio),
+            ("other", t.other_loras, t.ratio),
+        ):
             for term in terms:
                 key = f"{side}: {term.adapter.name}"
                 loras[key] = max(loras.get(key, 0.0), weights.get(term.adapter, 1.0) * share)
-
-        add("base", t.base_loras, 1 - t.ratio)
-        add("other", t.other_loras, t.ratio)
+    ratios = {_label(rules, i): by_rule[i] for i in sorted(by_rule)}
     computed = sum(t.action == COMPUTE for t in tensors)
     return LayerRow(layer, ratios, computed, len(tensors) - computed, loras)
 
 
-def _label(rules: Sequence[GradientRule], i: int | None) -> str:
-    if i is None:
+def _label(rules: Sequence[GradientRule], i: int) -> str:
+    if i == len(rules):
         return "no rule"
     return "all" if len(rules) == 1 else rules[i].filter or f"rule {i}"
 
