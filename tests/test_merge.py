@@ -221,7 +221,10 @@ def test_output_directory_rules(
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert "is not empty; pass --overwrite" in error_of(capsys, "merge", recipe, "-o", out, "-q")
+    assert (
+        "is not empty; pass --resume to continue an interrupted merge or --overwrite"
+        in error_of(capsys, "merge", recipe, "-o", out, "-q")
+    )
     assert run_cli("merge", recipe, "-o", out, "-q", "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces merge files only
     assert "overlaps input" in error_of(

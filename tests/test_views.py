@@ -178,11 +178,14 @@ def test_python_m_lazymerge_version_and_help() -> None:
 def test_card_without_matplotlib_still_written(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert run_cli("lora", models["base"], models["lora"], "-o", tmp_path / "out", "-q") == 0
+    # The picture is drawn in a child process: hide matplotlib from it.
+    fake = tmp_path / "hide" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hide"))
+    args = ["--values", "0.5", "-o", tmp_path / "out", "-q"]
+    assert run_cli("gradient", models["base"], models["other"], *args) == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert (
-        "# out" in card
-        and "blend.png" not in card
-        and not (tmp_path / "out" / "blend.png").exists()
-    )
+    assert "# out" in card and "## Per-layer blend" in card
+    assert "blend.png" not in card and not (tmp_path / "out" / "blend.png").exists()
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()

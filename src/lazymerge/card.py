@@ -7,9 +7,8 @@ from pathlib import Path
 import yaml
 
 from lazymerge import __version__
-from lazymerge.errors import LazyMergeError
 from lazymerge.plan import MergePlan
-from lazymerge.plot import plot_blend
+from lazymerge.plot import plot_in_child
 from lazymerge.report import human_bytes, ratio_table
 
 PICTURE = "blend.png"
@@ -18,11 +17,9 @@ PICTURE = "blend.png"
 def write_card(out: Path, plan: MergePlan, title: str) -> None:
     """README.md with Hugging Face front matter, the recipe, the per-layer table, the
     picture (when matplotlib is installed) and how to reproduce the merge."""
-    try:
-        plot_blend(plan, out / PICTURE, title)
+    picture = ""  # matplotlib is optional; the card is not
+    if plan.recipe.other is not None and plot_in_child(plan, out / PICTURE, title):
         picture = f"![per-layer blend: base in blue, other in green]({PICTURE})\n\n"
-    except LazyMergeError:  # matplotlib is optional; the card is not
-        picture = ""
     (out / "README.md").write_text(card_text(plan, title, picture), encoding="utf-8")
 
 
@@ -39,8 +36,9 @@ def card_text(plan: MergePlan, title: str, picture: str = "") -> str:
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
         f"# {title}\n",
         _description(plan),
-        picture + "## Per-layer blend\n",
-        "```\n" + "\n".join(ratio_table(plan)) + "\n```\n" if recipe.other else "",
+        picture + "## Per-layer blend\n\n```\n" + "\n".join(ratio_table(plan)) + "\n```\n"
+        if recipe.other
+        else "",
         "## Recipe\n",
         "```yaml\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False) + "```\n",
         "## Reproduce\n",

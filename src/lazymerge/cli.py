@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,7 +14,7 @@ from typing import Any
 import click
 
 from lazymerge import __version__
-from lazymerge.engine import DEFAULT_MAX_MEMORY, run_merge
+from lazymerge.engine import DEFAULT_MAX_MEMORY, MergeOptions, run_merge
 from lazymerge.errors import LazyMergeError, RecipeError
 from lazymerge.plan import MergePlan, build_plan
 from lazymerge.recipe import Recipe, load_recipe, parse_dtype, parse_recipe, parse_size
@@ -43,6 +44,9 @@ _write_options = _apply([
     click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
                  help="Output model directory (created if missing)."),
     click.option("--overwrite", is_flag=True, help="Replace the merge files of a non-empty output directory."),
+    click.option("--resume", is_flag=True,
+                 help="Continue an interrupted merge: keep the shards whose sha256 matches lazymerge.json, redo the rest."),
+    click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors even if they hold NaN/Inf (default: stop, naming the tensor)."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     click.option("--json", "as_json", is_flag=True,
                  help="Print one JSON summary on stdout (time, peak RSS, bytes, shards, sha256s)."),
@@ -204,29 +208,61 @@ def _run(
     shard_size: str | None,
     max_memory: str | None,
     overwrite: bool,
+    resume: bool,
+    allow_nonfinite: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
     from lazymerge.card import write_card
     from lazymerge.report import result_json, summary
 
+    if resume and overwrite:
+        raise RecipeError(
+            "--resume keeps an earlier attempt's shards, --overwrite discards them: choose one"
+        )
     the_plan, budget = _plan(recipe, dtype, shard_size, max_memory)
-    result = run_merge(
-        the_plan, out, max_memory=budget, overwrite=overwrite, progress=not quiet,
+    options = MergeOptions(
+        max_memory=budget, overwrite=overwrite, resume=resume, progress=not quiet,
+        allow_nonfinite=allow_nonfinite,
         before_index=lambda directory: write_card(directory, the_plan, title),
     )  # fmt: skip
+    result = run_merge(the_plan, out, options)
     if as_json:
         click.echo(json.dumps(result_json(result)))
     elif not quiet:
         click.echo(summary(the_plan, result))
+    for name in result.nonfinite:
+        click.echo(f"lazymerge: warning: {name} holds NaN/Inf values (--allow-nonfinite)", err=True)
 
 
-INTERRUPTED = "lazymerge: interrupted; the output is incomplete (.partial shards, no index)"
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--deep", is_flag=True, help="Also read every tensor and check for NaN/Inf.")
+def verify(out: Path, deep: bool) -> None:
+    """Check a merged model against its lazymerge.json: every shard's sha256 and size,
+    well-formed headers, an index that matches the shards.
+
+    Example: lazymerge verify ./airolima-chronos-grad-l2-13B --deep
+    """
+    from lazymerge.verify import verify_output
+
+    click.echo(verify_output(out, deep))
+
+
+INTERRUPTED = (
+    "lazymerge: interrupted; the output is incomplete (.partial shards, no index); "
+    "run the same command with --resume to continue"
+)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: the same clean, resumable path
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and a non-zero exit."""
     debug = bool(os.environ.get("LAZYMERGE_DEBUG"))
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         rc = cli.main(args=argv, prog_name="lazymerge", standalone_mode=False)
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt (Ctrl-C)

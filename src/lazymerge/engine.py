@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lazymerge.errors import OutputError
+from lazymerge.errors import NumericsError, OutputError
 from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
 from lazymerge.lora import LoraTerm
+from lazymerge.manifest import MANIFEST, ShardResult, completed_shards, manifest
 from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor
-from lazymerge.writer import ShardResult, ShardWriter, finalize_output, prepare_output
+from lazymerge.writer import ShardWriter, finalize_output, prepare_output, write_json
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 # Plain copies move at most this much per step, so the mapped input pages a copy makes
@@ -38,6 +39,17 @@ Step = Callable[[int], object]  # progress: called with the bytes just written
 
 
 @dataclass(frozen=True)
+class MergeOptions:
+    max_memory: int = DEFAULT_MAX_MEMORY
+    overwrite: bool = False  # replace a previous merge's files
+    resume: bool = False  # keep the shards an interrupted attempt completed
+    progress: bool = True
+    allow_nonfinite: bool = False  # write NaN/Inf results instead of stopping
+    # Adds files (the model card) once the shards are complete, before the index.
+    before_index: Callable[[Path], None] | None = None
+
+
+@dataclass(frozen=True)
 class MergeResult:
     out: Path
     shards: tuple[ShardResult, ...]
@@ -45,31 +57,27 @@ class MergeResult:
     peak_rss: int  # bytes, the whole process
     bytes_read: int
     bytes_written: int
+    kept: tuple[str, ...] = ()  # shards an earlier attempt had completed
+    nonfinite: tuple[str, ...] = ()  # tensors written with NaN/Inf (allow_nonfinite)
 
 
-def run_merge(
-    plan: MergePlan,
-    out: Path,
-    *,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-    overwrite: bool = False,
-    progress: bool = True,
-    before_index: Callable[[Path], None] | None = None,
-) -> MergeResult:
-    """Write the merged model described by `plan` into directory `out`.
-
-    `before_index` may add files (the model card) once the shards are complete and
-    before the index that marks the directory as a finished model.
-    """
+def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -> MergeResult:
+    """Write the merged model described by `plan` into directory `out`."""
+    opts = options or MergeOptions()
     start = time.monotonic()
-    out = prepare_output(out, plan.recipe.inputs(), overwrite)
+    out = prepare_output(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
+    kept = completed_shards(out, plan) if opts.resume else {}
     try:
-        results = _write_shards(plan, out, max_memory, progress)
-        finalize_output(out, plan, results, before_index)
+        # The first record: fingerprints to resume against, even if shard 1 never ends.
+        write_json(out / MANIFEST, manifest(plan, list(kept.values()), complete=False))
+        results, nonfinite = _write_shards(plan, out, opts, kept)
+        extra = {"nonfinite": nonfinite} if nonfinite else {}
+        finalize_output(out, plan, results, opts.before_index, extra)
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise OutputError(
-            f"writing {out}: {what}; the output is incomplete (.partial shards, no index)"
+            f"writing {out}: {what}; the output is incomplete (.partial shards, no index); "
+            "fix that and run the same command with --resume"
         ) from e
     return MergeResult(
         out,
@@ -78,29 +86,43 @@ def run_merge(
         peak_rss(),
         plan.bytes_to_read,
         sum(s.size for s in results),
+        tuple(kept),
+        tuple(nonfinite),
     )
 
 
-def _write_shards(plan: MergePlan, out: Path, max_memory: int, progress: bool) -> list[ShardResult]:
-    results = []
+def _write_shards(
+    plan: MergePlan, out: Path, opts: MergeOptions, kept: dict[str, ShardResult]
+) -> tuple[list[ShardResult], list[str]]:
+    results: list[ShardResult] = []
+    nonfinite: list[str] = []
     with (
         MappedReader() as reader,
         tqdm(
             total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
-            desc="merging", disable=not progress, file=sys.stderr,
+            desc="merging", disable=not opts.progress, file=sys.stderr,
         ) as bar,
     ):  # fmt: skip
         for shard in plan.shards:
+            if shard.name in kept:
+                results.append(kept[shard.name])
+                bar.update(shard.data_size)
+                continue
+            (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
             writer = ShardWriter(out, shard)
             try:
                 for t in shard.tensors:
-                    write_tensor(t, reader, writer, max_memory, bar.update)
+                    if not write_tensor(
+                        t, reader, writer, opts.max_memory, bar.update, opts.allow_nonfinite
+                    ):
+                        nonfinite.append(t.name)
                     reader.release_touched()
                 results.append(writer.finish())
             except BaseException:
                 writer.abort()
                 raise
-    return results
+            write_json(out / MANIFEST, manifest(plan, results, complete=False))
+    return results, nonfinite
 
 
 def peak_rss() -> int:
@@ -120,15 +142,23 @@ def peak_rss() -> int:
 
 
 def write_tensor(
-    t: PlannedTensor, reader: MappedReader, writer: ShardWriter, budget: int, step: Step
-) -> None:
-    """Produce one output tensor's bytes into the writer, block by block."""
+    t: PlannedTensor,
+    reader: MappedReader,
+    writer: ShardWriter,
+    budget: int,
+    step: Step,
+    allow_nonfinite: bool = False,
+) -> bool:
+    """Produce one output tensor's bytes into the writer, block by block.
+
+    Returns False when a computed tensor holds NaN/Inf and `allow_nonfinite` let it through.
+    """
     if t.action == COMPUTE:
-        _compute(t, reader, writer, budget, step)
-    else:
-        src = t.base if t.action == COPY_BASE else t.other
-        assert src is not None  # the plan only copies from a side it has
-        _copy(src, t.offset, reader, writer, min(budget, COPY_CHUNK), step)
+        return _compute(t, reader, writer, budget, step, allow_nonfinite)
+    src = t.base if t.action == COPY_BASE else t.other
+    assert src is not None  # the plan only copies from a side it has
+    _copy(src, t.offset, reader, writer, min(budget, COPY_CHUNK), step)
+    return True
 
 
 def _copy(
@@ -179,18 +209,33 @@ def estimate_peak(plan: MergePlan, budget: int) -> int:
 
 
 def _compute(
-    t: PlannedTensor, reader: MappedReader, writer: ShardWriter, budget: int, step: Step
-) -> None:
+    t: PlannedTensor,
+    reader: MappedReader,
+    writer: ShardWriter,
+    budget: int,
+    step: Step,
+    allow_nonfinite: bool,
+) -> bool:
     rows = block_rows(t, budget)
     base_a = _factors(t.base_loras, reader)
     other_a = _factors(t.other_loras, reader)
     row_bytes = t.nbytes // t.rows if t.rows else 0
+    finite = True
     for r0 in range(0, t.rows, rows):
         r1 = min(r0 + rows, t.rows)
-        acc = blend_rows(t, reader, r0, r1, base_a, other_a)
-        out = acc.to(DTYPES[t.dtype]).reshape(-1).view(torch.uint8)
-        writer.write(t.offset + r0 * row_bytes, out.numpy().data)
+        out = blend_rows(t, reader, r0, r1, base_a, other_a).to(DTYPES[t.dtype])
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            finite = False
+            if not allow_nonfinite:
+                bad = int((~torch.isfinite(out)).sum())
+                raise NumericsError(
+                    f"{t.name}: {bad} NaN/Inf values in rows {r0}-{r1 - 1} of the merged tensor "
+                    f"({t.dtype}: an overflow, or non-finite inputs); --allow-nonfinite writes "
+                    "it anyway"
+                )
+        writer.write(t.offset + r0 * row_bytes, out.reshape(-1).view(torch.uint8).numpy().data)
         step((r1 - r0) * row_bytes)
+    return finite
 
 
 def blend_rows(

@@ -17,3 +17,7 @@ class InputError(LazyMergeError):
 
 class OutputError(LazyMergeError):
     """The output directory cannot be used or written."""
+
+
+class NumericsError(LazyMergeError):
+    """A merged tensor came out with NaN or Inf values."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +23,21 @@ FORMATS = (".png", ".svg", ".pdf")
 
 def plot_blend(plan: MergePlan, path: Path, title: str) -> Path:
     """Draw the per-layer composition into `path` (.png, .svg or .pdf)."""
+    return render(layer_rows(plan), path, title)
+
+
+def plot_in_child(plan: MergePlan, path: Path, title: str) -> bool:
+    """Draw the picture in a child process, so that matplotlib's memory never adds to a
+    merge's peak; False when it could not be drawn (matplotlib missing)."""
+    rows = [asdict(r) for r in layer_rows(plan)]
+    done = subprocess.run(
+        [sys.executable, "-m", "lazymerge.plot", str(path), title],
+        input=json.dumps(rows), capture_output=True, text=True,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+def render(rows: list[LayerRow], path: Path, title: str) -> Path:
     if path.suffix.lower() not in FORMATS:
         raise OutputError(f"{path}: the picture must be one of {', '.join(FORMATS)}")
     try:
@@ -28,7 +47,6 @@ def plot_blend(plan: MergePlan, path: Path, title: str) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LazyMergeError("plotting needs matplotlib: pip install 'lazymerge[plot]'") from None
-    rows = layer_rows(plan)
     labels = list(dict.fromkeys(label for r in rows for label in r.ratios))
     fig, axes = plt.subplots(
         len(labels),
@@ -83,3 +101,10 @@ def _panel(ax: Axes, rows: list[LayerRow], label: str, show_legend: bool) -> Non
     ax.set_ylabel("share")
     if show_legend:
         ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+
+
+if __name__ == "__main__":  # python -m lazymerge.plot PATH TITLE < rows.json
+    try:
+        render([LayerRow(**r) for r in json.load(sys.stdin)], Path(sys.argv[1]), sys.argv[2])
+    except LazyMergeError as e:
+        sys.exit(str(e))

@@ -14,18 +14,16 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lazymerge import __version__
 from lazymerge.errors import OutputError
-from lazymerge.index import SAFETENSORS_INDEX, header_digest
-from lazymerge.plan import MergePlan, Shard, plan_inputs
+from lazymerge.index import SAFETENSORS_INDEX
+from lazymerge.manifest import MANIFEST, ShardResult, manifest
+from lazymerge.plan import MergePlan, Shard
 from lazymerge.recipe import DTYPE_LABELS
 
 PARTIAL = ".partial"
-MANIFEST = "lazymerge.json"
 # Files a merge writes besides shards, index and manifest (--overwrite replaces them).
 OWN_FILES = ("config.json", "README.md", "blend.png")
 # Files a model directory needs besides weights; copied from the base as they are.
@@ -63,13 +61,6 @@ def build_header(tensors: Sequence[HeaderEntry]) -> bytes:
     body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     body += b" " * (-len(body) % 8)
     return struct.pack("<Q", len(body)) + body
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    name: str
-    size: int
-    sha256: str
 
 
 class ShardWriter:
@@ -114,8 +105,13 @@ class ShardWriter:
         os.close(self._fd)
 
 
-def prepare_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> Path:
-    """Check the output directory is safe to use and clear what a previous merge left."""
+def prepare_output(
+    out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool = False
+) -> Path:
+    """Check the output directory is safe to use and clear what a previous merge left.
+
+    With `resume`, a previous attempt's files stay for the resume logic to judge.
+    """
     out = out.expanduser().resolve()
     for p in inputs:
         p = p.resolve()
@@ -125,12 +121,17 @@ def prepare_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> Path:
         raise OutputError(f"output {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.iterdir())
-    if existing and not overwrite:
-        raise OutputError(f"output {out} is not empty; pass --overwrite to replace its merge files")
+    if existing and not (overwrite or resume):
+        raise OutputError(
+            f"output {out} is not empty; pass --resume to continue an interrupted merge "
+            "or --overwrite to replace its merge files"
+        )
     # The index goes first: while shards are being replaced, the directory must not
     # look like a complete model.
-    for name in (SAFETENSORS_INDEX, MANIFEST):
-        (out / name).unlink(missing_ok=True)
+    (out / SAFETENSORS_INDEX).unlink(missing_ok=True)
+    if resume:
+        return out
+    (out / MANIFEST).unlink(missing_ok=True)
     for f in existing:
         if f.is_file() and (
             f.name.endswith((".safetensors", PARTIAL)) or f.name in AUX_FILES or f.name in OWN_FILES
@@ -144,6 +145,7 @@ def finalize_output(
     plan: MergePlan,
     shards: Sequence[ShardResult],
     before_index: Callable[[Path], None] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> None:
     """Write config, tokenizer files, manifest, what `before_index` adds, and last the index."""
     base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
@@ -151,12 +153,12 @@ def finalize_output(
     for name in AUX_FILES:
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, out / name)
-    _write_json(out / MANIFEST, manifest(plan, shards))
+    write_json(out / MANIFEST, manifest(plan, shards, complete=True, **(manifest_extra or {})))
     if before_index is not None:
         before_index(out)
     weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
     index = {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map}
-    _write_json(out / SAFETENSORS_INDEX, index)
+    write_json(out / SAFETENSORS_INDEX, index)
     _fsync_dir(out)
 
 
@@ -169,36 +171,11 @@ def _write_config(base_dir: Path, out: Path, dtype: str | None) -> None:
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for k in keys:
             config[k] = DTYPE_LABELS[dtype]
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
 
 
-def manifest(plan: MergePlan, shards: Sequence[ShardResult]) -> dict[str, Any]:
-    """What was merged from what: recipe, input fingerprints, per-tensor decisions, hashes."""
-    return {
-        "lazymerge_version": __version__,
-        "recipe": plan.recipe.to_dict(),
-        "inputs": {str(p): fingerprint(p) for p in plan_inputs(plan)},
-        "tensors": {
-            t.name: {
-                "ratio": t.ratio,
-                "action": t.action,
-                "base_loras": [str(lo.adapter) for lo in t.base_loras],
-                "other_loras": [str(lo.adapter) for lo in t.other_loras],
-            }
-            for t in plan.tensors
-        },
-        "shards": {s.name: {"size": s.size, "sha256": s.sha256} for s in shards},
-    }
-
-
-def fingerprint(path: Path) -> dict[str, Any]:
-    """Size, mtime and header sha256: cheap (no data read) and enough to notice a file
-    that was replaced or rewritten since; a full data hash would cost a second pass."""
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header_digest(path)}
-
-
-def _write_json(path: Path, data: object) -> None:
+def write_json(path: Path, data: object) -> None:
+    """Atomically: a temporary file, fsynced, renamed over the target."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)

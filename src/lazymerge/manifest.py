@@ -1,0 +1,119 @@
+"""lazymerge.json: what was merged from what, and the record a resume trusts.
+
+It is written when a merge starts (recipe hash, input fingerprints, no shards), rewritten
+as each shard is completed (name, size, sha256), and a last time, `complete`, just before
+the index. `--resume` keeps a shard only if its final file still has the size and sha256
+recorded here, and only if the recipe, the inputs and lazymerge's version are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lazymerge import __version__
+from lazymerge.errors import OutputError
+from lazymerge.index import header_digest
+from lazymerge.plan import MergePlan, plan_inputs
+
+MANIFEST = "lazymerge.json"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    size: int
+    sha256: str
+
+
+def recipe_hash(plan: MergePlan) -> str:
+    """sha256 of the recipe as canonical JSON (paths absolute, output settings included)."""
+    canonical = json.dumps(plan.recipe.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Size, mtime and header sha256: cheap (no data read) and enough to notice a file
+    that was replaced or rewritten since; a full data hash would cost a second pass."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header_digest(path)}
+
+
+def manifest(
+    plan: MergePlan,
+    shards: Sequence[ShardResult],
+    *,
+    complete: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "lazymerge_version": __version__,
+        "status": "complete" if complete else "incomplete",
+        "recipe_sha256": recipe_hash(plan),
+        "recipe": plan.recipe.to_dict(),
+        "inputs": {str(p): fingerprint(p) for p in plan_inputs(plan)},
+        "tensors": {
+            t.name: {
+                "ratio": t.ratio,
+                "action": t.action,
+                "base_loras": [str(lo.adapter) for lo in t.base_loras],
+                "other_loras": [str(lo.adapter) for lo in t.other_loras],
+            }
+            for t in plan.tensors
+        },
+        "shards": {s.name: {"size": s.size, "sha256": s.sha256} for s in shards},
+        **extra,
+    }
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def completed_shards(out: Path, plan: MergePlan) -> dict[str, ShardResult]:
+    """The shards an earlier attempt finished and that are still intact on disk.
+
+    Refuses (OutputError) when the recipe, an input or lazymerge changed since then.
+    """
+    path = out / MANIFEST
+    if not path.is_file():
+        return {}  # the first attempt died before its first record: start afresh
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        recorded = old["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"{path}: unreadable ({e}); cannot resume, use --overwrite") from None
+    _check_same(path, old, plan)
+    planned = {s.name for s in plan.shards}
+    kept = {}
+    for name, rec in recorded.items():
+        f = out / name
+        if (
+            name in planned
+            and f.is_file()
+            and f.stat().st_size == rec.get("size")
+            and file_sha256(f) == rec.get("sha256")
+        ):
+            kept[name] = ShardResult(name, rec["size"], rec["sha256"])
+    return kept
+
+
+def _check_same(path: Path, old: dict[str, Any], plan: MergePlan) -> None:
+    why = "; cannot resume: start over with --overwrite"
+    if old.get("lazymerge_version") != __version__:
+        raise OutputError(
+            f"{path}: written by lazymerge {old.get('lazymerge_version')}, this is {__version__}{why}"
+        )
+    if old.get("recipe_sha256") != recipe_hash(plan):
+        raise OutputError(f"{path}: the recipe changed since the first attempt{why}")
+    now = {str(p): fingerprint(p) for p in plan_inputs(plan)}
+    for name, fp in now.items():
+        if old.get("inputs", {}).get(name) != fp:
+            raise OutputError(f"{path}: input {name} changed since the first attempt{why}")
+    if set(old.get("inputs", {})) != set(now):
+        raise OutputError(f"{path}: the set of input files changed since the first attempt{why}")
