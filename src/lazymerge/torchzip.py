@@ -183,8 +183,12 @@ def read_bin(path: Path) -> dict[str, TensorRef]:
             prefix, pkl = _pickle_bytes(path, zf)
             state = _unpickle(path, pkl)
             records = _records(path, zf, prefix)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"{path}: not a readable PyTorch zip checkpoint ({e})") from None
+    except InputError:
+        raise
+    except Exception as e:  # zipfile raises many kinds on a damaged archive
+        raise InputError(
+            f"{path}: not a readable PyTorch zip checkpoint ({type(e).__name__}: {e})"
+        ) from None
     return {name: _ref(path, name, t, records) for name, t in state.items()}
 
 
@@ -222,9 +226,13 @@ def _pickle_bytes(path: Path, zf: zipfile.ZipFile) -> tuple[str, bytes]:
 
 def _unpickle(path: Path, data: bytes) -> dict[str, _Tensor]:
     try:
-        for op, _, pos in pickletools.genops(data):
+        for op, arg, pos in pickletools.genops(data):
             if op.name not in _OPCODES:
                 raise _Refused(f"refused pickle opcode {op.name} at byte {pos}")
+            # The C unpickler sizes its memo by the largest index: a forged 2**32 would
+            # allocate gigabytes. A real pickle memoizes at most once per opcode.
+            if op.name.endswith("PUT") and not 0 <= int(arg) <= len(data):
+                raise _Refused(f"refused memo index {arg} at byte {pos}")
         state = _Unpickler(io.BytesIO(data)).load()
     except _Refused as e:
         raise InputError(f"{path}: {e}; only plain tensor state dicts are read") from None
