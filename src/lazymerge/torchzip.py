@@ -171,12 +171,16 @@ class _Unpickler(pickle.Unpickler):
 
 
 def is_torch_zip(path: Path) -> bool:
-    return zipfile.is_zipfile(path)
+    # zipfile.is_zipfile itself raises BadZipFile on some damaged end records.
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:
+        return False
 
 
 def read_bin(path: Path) -> dict[str, TensorRef]:
     """Tensor references of one `.bin` state dict, in the order the pickle lists them."""
-    if not zipfile.is_zipfile(path):
+    if not is_torch_zip(path):
         raise InputError(_not_zip_message(path))
     try:
         with zipfile.ZipFile(path) as zf:
@@ -231,7 +235,7 @@ def _unpickle(path: Path, data: bytes) -> dict[str, _Tensor]:
                 raise _Refused(f"refused pickle opcode {op.name} at byte {pos}")
             # The C unpickler sizes its memo by the largest index: a forged 2**32 would
             # allocate gigabytes. A real pickle memoizes at most once per opcode.
-            if op.name.endswith("PUT") and not 0 <= int(arg) <= len(data):
+            if op.name.endswith("PUT") and not (isinstance(arg, int) and 0 <= arg <= len(data)):
                 raise _Refused(f"refused memo index {arg} at byte {pos}")
         state = _Unpickler(io.BytesIO(data)).load()
     except _Refused as e:

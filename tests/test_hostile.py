@@ -1,0 +1,355 @@
+"""Hostile inputs: each is one clear line, a non-zero exit, nothing that looks complete,
+and inputs left exactly as they were."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli, tiny_config
+
+Build = Callable[[dict[str, Path], Path], tuple[list[Any], list[Path]]]
+
+
+def snapshot(paths: list[Path]) -> dict[str, tuple[int, int, str]]:
+    files = [
+        f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()
+    ]
+    return {
+        str(f): (f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+        for f in files
+    }
+
+
+def first_shard(model: Path) -> Path:
+    return sorted(model.glob("model-*.safetensors"))[0]
+
+
+def rewrite_header(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+
+
+def tensors_of(header: dict[str, Any]) -> list[str]:
+    names = [k for k in header if k != "__metadata__"]
+    return sorted(names, key=lambda k: header[k]["data_offsets"][0])
+
+
+def broken_base(mutate: Callable[[Path], None]) -> Build:
+    """`lazymerge gradient` with a damaged copy of the base."""
+
+    def build(models: dict[str, Path], tmp: Path) -> tuple[list[Any], list[Path]]:
+        base = tmp / "base"
+        shutil.copytree(models["base"], base)
+        mutate(base)
+        return ["gradient", base, models["other"], "--values", "0.5"], [base, models["other"]]
+
+    return build
+
+
+def truncate(base: Path) -> None:
+    f = sorted(base.glob("model-*.safetensors"))[-1]
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def huge_header_len(base: Path) -> None:
+    f = first_shard(base)
+    f.write_bytes(struct.pack("<Q", 10**12) + f.read_bytes()[8:])
+
+
+def header_bytes(junk: bytes) -> Callable[[Path], None]:
+    def mutate(base: Path) -> None:
+        f = first_shard(base)
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        f.write_bytes(raw[:8] + (junk * n)[:n] + raw[8 + n :])
+
+    return mutate
+
+
+def edit_first_shard(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    return lambda base: rewrite_header(first_shard(base), edit)
+
+
+def overlap(h: dict[str, Any]) -> None:
+    a, b = tensors_of(h)[:2]
+    h[b]["data_offsets"] = list(h[a]["data_offsets"])
+    h[b]["shape"], h[b]["dtype"] = h[a]["shape"], h[a]["dtype"]
+
+
+def past_end(h: dict[str, Any]) -> None:
+    last = tensors_of(h)[-1]
+    start, end = h[last]["data_offsets"]
+    h[last]["data_offsets"] = [start + 4096, end + 4096]
+
+
+def reversed_offsets(h: dict[str, Any]) -> None:
+    name = tensors_of(h)[0]
+    h[name]["data_offsets"] = h[name]["data_offsets"][::-1]
+
+
+def wrong_shape(h: dict[str, Any]) -> None:
+    h[tensors_of(h)[0]]["shape"][0] += 1
+
+
+def unknown_dtype(h: dict[str, Any]) -> None:
+    h[tensors_of(h)[0]]["dtype"] = "Q4_K"
+
+
+def index_edit(edit: Callable[[dict[str, str], str], None]) -> Callable[[Path], None]:
+    def mutate(base: Path) -> None:
+        path = base / "model.safetensors.index.json"
+        index = json.loads(path.read_text())
+        edit(index["weight_map"], first_shard(base).name)
+        path.write_text(json.dumps(index))
+
+    return mutate
+
+
+def ghost(weight_map: dict[str, str], shard: str) -> None:
+    weight_map["model.layers.0.ghost.weight"] = shard
+
+
+def escape(target: str) -> Callable[[dict[str, str], str], None]:
+    def edit(weight_map: dict[str, str], shard: str) -> None:
+        weight_map["model.norm.weight"] = target
+
+    return edit
+
+
+def broken_adapter(edit: Callable[[dict[str, Any]], None]) -> Build:
+    """`lazymerge lora` with a damaged copy of the adapter."""
+
+    def build(models: dict[str, Path], tmp: Path) -> tuple[list[Any], list[Path]]:
+        lora = tmp / "lora"
+        shutil.copytree(models["lora"], lora)
+        tensors = load_file(str(lora / "adapter_model.safetensors"))
+        edit(tensors)
+        save_file(tensors, str(lora / "adapter_model.safetensors"))
+        return ["lora", models["other"], lora], [lora, models["other"]]
+
+    return build
+
+
+def stray_target(t: dict[str, Any]) -> None:
+    for ab in ("A", "B"):
+        t[f"base_model.model.model.layers.99.mlp.up_proj.lora_{ab}.weight"] = t.pop(
+            f"base_model.model.model.layers.0.mlp.up_proj.lora_{ab}.weight"
+        )
+
+
+def rank_mismatch(t: dict[str, Any]) -> None:
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+    t[key] = t[key][:, :3].contiguous()
+
+
+def other_model(**changes: int) -> Build:
+    def build(models: dict[str, Path], tmp: Path) -> tuple[list[Any], list[Path]]:
+        from transformers import LlamaForCausalLM
+
+        config = tiny_config()
+        for k, v in changes.items():
+            setattr(config, k, v)
+        LlamaForCausalLM(config).save_pretrained(tmp / "odd")
+        return ["gradient", models["base"], tmp / "odd", "--values", "0.5"], [
+            models["base"],
+            tmp / "odd",
+        ]
+
+    return build
+
+
+def recipe(edit: Callable[[dict[str, Any]], None]) -> Build:
+    def build(models: dict[str, Path], tmp: Path) -> tuple[list[Any], list[Path]]:
+        data: dict[str, Any] = {
+            "base": str(models["base"]),
+            "other": {
+                "model": str(models["other"]),
+                "loras": [{"path": str(models["lora"]), "weight": 0.25}],
+            },
+            "gradient": {"values": [0.9, 0.0], "layers": [0, 5]},
+        }
+        edit(data)
+        (tmp / "r.yaml").write_text(yaml.safe_dump(data))
+        return ["merge", tmp / "r.yaml"], [models["base"], models["other"], models["lora"]]
+
+    return build
+
+
+def setter(*path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return edit
+
+
+CASES: dict[str, tuple[Build, str]] = {
+    "truncated shard": (broken_base(truncate), "the file is truncated"),
+    "header length past the file": (
+        broken_base(huge_header_len),
+        "header length 1000000000000 is larger than the file",
+    ),
+    "header not JSON": (broken_base(header_bytes(b"x")), "header is not valid UTF-8 JSON"),
+    "header not UTF-8": (broken_base(header_bytes(b"\xff\xfe")), "header is not valid UTF-8 JSON"),
+    "overlapping offsets": (
+        broken_base(edit_first_shard(overlap)),
+        "overlaps the tensor before it",
+    ),
+    "offsets past the end": (broken_base(edit_first_shard(past_end)), "but the file has"),
+    "offsets out of order": (
+        broken_base(edit_first_shard(reversed_offsets)),
+        "malformed data_offsets",
+    ),
+    "offsets not dtype x shape": (broken_base(edit_first_shard(wrong_shape)), "needs"),
+    "unknown dtype": (broken_base(edit_first_shard(unknown_dtype)), "unknown dtype 'Q4_K'"),
+    "index lists a tensor its shard lacks": (
+        broken_base(index_edit(ghost)),
+        "'model.layers.0.ghost.weight' is listed in",
+    ),
+    "index escapes with ../": (
+        broken_base(index_edit(escape("../other/model-00001-of-00006.safetensors"))),
+        "must be a file name inside",
+    ),
+    "index with an absolute path": (
+        broken_base(index_edit(escape("/etc/passwd"))),
+        "must be a file name inside",
+    ),
+    "adapter targets a missing module": (
+        broken_adapter(stray_target),
+        "targets model.layers.99.mlp.up_proj.weight, which",
+    ),
+    "adapter rank mismatch": (
+        broken_adapter(rank_mismatch),
+        "rank mismatch for model.layers.0.mlp.up_proj",
+    ),
+    "base/other shape mismatch": (
+        other_model(intermediate_size=96),
+        "has shape [64, 160] but other",
+    ),
+    "base/other layer counts differ": (other_model(num_hidden_layers=5), "has 8 layers but other"),
+    "recipe unknown key": (recipe(setter("gradient", "ratio", value=1)), "unknown key 'ratio'"),
+    "recipe negative layer": (
+        recipe(setter("gradient", "layers", value=[-2, 4])),
+        "[-2, 4] is not a span",
+    ),
+    "recipe span past the last layer": (
+        recipe(setter("gradient", "layers", value=[0, 9])),
+        "span [0, 9) goes past the last layer",
+    ),
+    "recipe non-numeric value": (
+        recipe(setter("gradient", "values", value=[0.9, "lots"])),
+        "expected a number, got 'lots'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_is_refused(
+    case: str, models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build, message = CASES[case]
+    args, inputs = build(models, tmp_path)
+    out = tmp_path / "out"
+    refused(capsys, [*args, "-o", out, "-q"], inputs, out, message)
+
+
+def refused(
+    capsys: pytest.CaptureFixture[str],
+    args: list[Any],
+    inputs: list[Path],
+    out: Path | None,
+    message: str,
+) -> None:
+    before = snapshot(inputs)
+    capsys.readouterr()
+    rc = run_cli(*args)
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert (
+        err.startswith("lazymerge: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    ), err
+    assert message in err, err
+    if out is not None:  # (when the output is an input, the snapshot is the check)
+        assert not (out / "model.safetensors.index.json").exists()
+    assert snapshot(inputs) == before
+
+
+@pytest.mark.parametrize("where", ["equal", "inside"])
+def test_output_in_an_input(
+    where: str, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = models["other"] if where == "equal" else models["other"] / "merged"
+    args = [
+        "gradient",
+        models["base"],
+        models["other"],
+        "--values",
+        "0.5",
+        "-o",
+        out,
+        "--overwrite",
+    ]
+    refused(
+        capsys,
+        args,
+        [models["base"], models["other"]],
+        None if where == "equal" else out,
+        "overlaps input",
+    )
+    assert not (models["other"] / "merged").exists()
+
+
+def test_full_disk(
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = os.pwrite
+    written = {"bytes": 0}
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:  # the disk fills up mid-merge
+        if written["bytes"] > 300_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["bytes"] += len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "out"
+    args = [
+        "gradient",
+        models["base"],
+        models["other"],
+        "--values",
+        "0.5",
+        "--shard-size",
+        "200KB",
+        "-o",
+        out,
+        "-q",
+    ]
+    refused(
+        capsys, args, [models["base"], models["other"]], out, "disk full; the output is incomplete"
+    )
+    assert list(out.glob("*.partial")) and list(out.glob("model-00001-*.safetensors"))
+    monkeypatch.undo()  # space freed: the finished shards are kept
+    assert run_cli(*args, "--resume") == 0
+    assert run_cli("verify", out) == 0
