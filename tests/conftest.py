@@ -7,6 +7,7 @@ the merge is checked against checkpoints and adapters lazymerge did not write.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from lazymerge.cli import main
+
+# Drawing each merge's card picture costs a child process with matplotlib (~1 s); the
+# tests that look at the picture turn it back on.
+os.environ.setdefault("LAZYMERGE_NO_PICTURE", "1")
 
 N_LAYERS = 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

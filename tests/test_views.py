@@ -123,7 +123,8 @@ def test_inspect_checkpoint_and_adapter(
     assert "model.layers.0.self_attn.q_proj.weight  [64, 64]  scale 2" in text
 
 
-def test_model_card(recipe: Path, tmp_path: Path) -> None:
+def test_model_card(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAZYMERGE_NO_PICTURE")
     out = tmp_path / "out"
     assert run_cli("merge", recipe, "-o", out, "-q") == 0
     card = (out / "README.md").read_text()
@@ -183,6 +184,7 @@ def test_card_without_matplotlib_still_written(
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hide"))
+    monkeypatch.delenv("LAZYMERGE_NO_PICTURE")
     args = ["--values", "0.5", "-o", tmp_path / "out", "-q"]
     assert run_cli("gradient", models["base"], models["other"], *args) == 0
     card = (tmp_path / "out" / "README.md").read_text()

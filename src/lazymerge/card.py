@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
 from lazymerge import __version__
 from lazymerge.plan import MergePlan
-from lazymerge.plot import plot_in_child
+from lazymerge.plot import PictureJob
 from lazymerge.report import human_bytes, ratio_table
 
 PICTURE = "blend.png"
 
 
-def write_card(out: Path, plan: MergePlan, title: str) -> None:
+def start_picture(plan: MergePlan, title: str) -> PictureJob | None:
+    """Start drawing the card's picture (a blend needs one; LAZYMERGE_NO_PICTURE=1 skips it)."""
+    if plan.recipe.other is None or os.environ.get("LAZYMERGE_NO_PICTURE"):
+        return None
+    return PictureJob(plan, title)
+
+
+def write_card(out: Path, plan: MergePlan, title: str, picture_job: PictureJob | None) -> None:
     """README.md with Hugging Face front matter, the recipe, the per-layer table, the
     picture (when matplotlib is installed) and how to reproduce the merge."""
     picture = ""  # matplotlib is optional; the card is not
-    if plan.recipe.other is not None and plot_in_child(plan, out / PICTURE, title):
+    if picture_job is not None and picture_job.collect(out / PICTURE):
         picture = f"![per-layer blend: base in blue, other in green]({PICTURE})\n\n"
     (out / "README.md").write_text(card_text(plan, title, picture), encoding="utf-8")
 

@@ -213,7 +213,7 @@ def _run(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    from lazymerge.card import write_card
+    from lazymerge.card import start_picture, write_card
     from lazymerge.report import result_json, summary
 
     if resume and overwrite:
@@ -221,12 +221,17 @@ def _run(
             "--resume keeps an earlier attempt's shards, --overwrite discards them: choose one"
         )
     the_plan, budget = _plan(recipe, dtype, shard_size, max_memory)
+    picture = start_picture(the_plan, title)
     options = MergeOptions(
         max_memory=budget, overwrite=overwrite, resume=resume, progress=not quiet,
         allow_nonfinite=allow_nonfinite,
-        before_index=lambda directory: write_card(directory, the_plan, title),
+        before_index=lambda directory: write_card(directory, the_plan, title, picture),
     )  # fmt: skip
-    result = run_merge(the_plan, out, options)
+    try:
+        result = run_merge(the_plan, out, options)
+    finally:
+        if picture is not None:
+            picture.discard()
     if as_json:
         click.echo(json.dumps(result_json(result)))
     elif not quiet:

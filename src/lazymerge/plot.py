@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,15 +29,36 @@ def plot_blend(plan: MergePlan, path: Path, title: str) -> Path:
     return render(layer_rows(plan), path, title)
 
 
-def plot_in_child(plan: MergePlan, path: Path, title: str) -> bool:
-    """Draw the picture in a child process, so that matplotlib's memory never adds to a
-    merge's peak; False when it could not be drawn (matplotlib missing)."""
-    rows = [asdict(r) for r in layer_rows(plan)]
-    done = subprocess.run(
-        [sys.executable, "-m", "lazymerge.plot", str(path), title],
-        input=json.dumps(rows), capture_output=True, text=True,
-    )  # fmt: skip
-    return done.returncode == 0
+class PictureJob:
+    """The blend picture drawn by a child process while the merge runs, so matplotlib's
+    memory never adds to the merge's peak and its start-up costs no wall time."""
+
+    def __init__(self, plan: MergePlan, title: str) -> None:
+        fd, name = tempfile.mkstemp(suffix=".png", prefix="lazymerge-blend-")
+        os.close(fd)
+        self.path = Path(name)
+        rows = json.dumps([asdict(r) for r in layer_rows(plan)])
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "lazymerge.plot", str(self.path), title],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self._proc.stdin is not None
+        with self._proc.stdin as stdin:
+            stdin.write(rows)
+
+    def collect(self, dest: Path) -> bool:
+        """Wait for the picture and move it to `dest`; False when it could not be drawn."""
+        ok = self._proc.wait() == 0 and self.path.stat().st_size > 0
+        if ok:
+            shutil.move(self.path, dest)
+        self.discard()
+        return ok
+
+    def discard(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.path.unlink(missing_ok=True)
 
 
 def render(rows: list[LayerRow], path: Path, title: str) -> Path:
