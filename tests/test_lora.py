@@ -119,8 +119,8 @@ def test_several_loras_add(tmp_path: Path, small: dict) -> None:  # type: ignore
          "is [8, 5] but model.layers.0.self_attn.q_proj.weight in"),
         (lambda d: adapter(d, {Q: (torch.randn(2, 6), torch.randn(8, 3))}),
          "rank mismatch for model.layers.0.self_attn.q_proj: lora_A is [2, 6], lora_B is [8, 3]"),
-        (lambda d: adapter(d, {Q: factors(8, 6, 2)}, use_dora=True), "DoRA adapters are not supported yet"),
-        (lambda d: adapter(d, {Q: factors(8, 6, 2)}, fan_in_fan_out=True), "fan_in_fan_out"),
+        (lambda d: adapter(d, {Q: factors(8, 6, 2)}, use_dora=True), "use_dora is set but model.layers.0.self_attn.q_proj.weight has no lora_magnitude_vector"),
+        (lambda d: adapter(d, {Q: factors(8, 6, 2)}, fan_in_fan_out=True), "is [6, 8] but model.layers.0.self_attn.q_proj.weight"),
         (lambda d: adapter(d, {Q: factors(8, 6, 2)}, init_lora_weights="pissa_niter_4"),
          "changes the base model during training"),
         (lambda d: adapter(d, {Q: factors(8, 6, 2)}, peft_type="IA3"), "is not a LoRA adapter"),
@@ -146,10 +146,10 @@ def test_adapter_with_unsupported_tensor_kind(
 ) -> None:  # type: ignore[type-arg]
     ad = adapter(tmp_path / "ad", {Q: factors(8, 6, 2)})
     t = load_file(str(ad / "adapter_model.safetensors"))
-    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(2, 3)
+    t["base_model.model.model.layers.0.self_attn.q_proj.scaling"] = torch.zeros(2, 3)
     save_file(t, str(ad / "adapter_model.safetensors"))
     assert run_cli("lora", tmp_path / "base", ad, "-o", tmp_path / "out", "-q") == 1
-    assert "lora_embedding_A' is not a lora_A/lora_B weight" in capsys.readouterr().err
+    assert "q_proj.scaling' is not a LoRA, DoRA or saved-module weight" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.25])

@@ -120,7 +120,7 @@ def test_inspect_checkpoint_and_adapter(
         "targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (56 base tensors"
         in text
     )
-    assert "model.layers.0.self_attn.q_proj.weight  [64, 64]  scale 2" in text
+    assert "model.layers.0.self_attn.q_proj.weight  [64, 64]  lora  scale 2" in text
 
 
 def test_model_card(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

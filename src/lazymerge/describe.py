@@ -62,9 +62,9 @@ def _adapter(path: Path, show_all: bool) -> str:
     adapter = LoraAdapter.open(path)
     config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     terms = sorted(adapter.terms.values(), key=lambda t: natural_key(t.target))
-    ranks = Counter(t.rank for t in terms)
+    ranks = Counter(t.rank for t in terms if t.rank)
     modules = sorted({t.target.removesuffix(".weight").rsplit(".", 1)[-1] for t in terms})
-    refs = [ref for t in terms for ref in (t.a, t.b)]
+    refs = [ref for t in terms for ref in t.refs()]
     lines = [
         f"adapter: {path} ({next(iter(refs)).file.name if refs else 'no tensors'})",
         f"LoRA: r {', '.join(f'{r} (x{n})' for r, n in ranks.most_common())}; "
@@ -74,7 +74,10 @@ def _adapter(path: Path, show_all: bool) -> str:
         "touches:",
     ]
     shown = terms if show_all else terms[:SHORT_LISTING]
-    lines += [f"  {t.target}  [{t.b.shape[0]}, {t.a.shape[1]}]  scale {t.scale:g}" for t in shown]
+    lines += [
+        f"  {t.target}  {list(t.shape)}  {t.kind}{' + DoRA' if t.magnitude else ''}  scale {t.scale:g}"
+        for t in shown
+    ]
     if len(shown) < len(terms):
         lines.append(f"  ... {len(terms) - len(shown)} more (--all lists every tensor)")
     return "\n".join(lines)

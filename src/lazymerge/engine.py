@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lazymerge.errors import NumericsError, OutputError
 from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
-from lazymerge.lora import LoraTerm
+from lazymerge.lora import LORA, LORA_T, REPLACE, LoraTerm
 from lazymerge.manifest import MANIFEST, ShardResult, completed_shards, manifest
 from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor
 from lazymerge.writer import ShardWriter, finalize_output, prepare_output, write_json
@@ -38,6 +38,8 @@ LORA_ROWS = 64
 # 221-233 MiB measured; what a merge costs before its first tensor.
 INTERPRETER = 240 * 2**20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# What a term needs whole, read once per tensor: (A, B.T) in fp32; None for REPLACE.
+Factor = tuple[torch.Tensor, torch.Tensor] | None
 Step = Callable[[int], object]  # progress: called with the bytes just written
 
 
@@ -208,10 +210,14 @@ def working_memory(t: PlannedTensor, budget: int) -> int:
     if t.action != COMPUTE:
         return min(budget, COPY_CHUNK, t.nbytes)
     rows = block_rows(t, budget)
-    terms = t.base_loras + t.other_loras
-    factors = sum(lo.a.nbytes // itemsize(lo.a.dtype) * 4 for lo in terms)  # fp32 A, whole
-    b_rows = sum(rows * lo.rank * 4 + rows * lo.b.row_nbytes for lo in terms)
-    return rows * _per_row(t) + factors + b_rows
+    total = rows * _per_row(t)
+    for lo in t.base_loras + t.other_loras:
+        if lo.kind == REPLACE:
+            total += rows * lo.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most
+        else:  # the whole factors in fp32, and this block's B rows (mapped and fp32)
+            total += sum(r.nbytes // itemsize(r.dtype) * 4 for r in lo.refs())
+            total += rows * lo.rank * 4 * 2
+    return total
 
 
 def estimate_peak(plan: MergePlan, budget: int) -> int:
@@ -255,8 +261,8 @@ def blend_rows(
     reader: MappedReader,
     r0: int,
     r1: int,
-    base_a: Sequence[torch.Tensor],
-    other_a: Sequence[torch.Tensor],
+    base_a: Sequence[Factor],
+    other_a: Sequence[Factor],
 ) -> torch.Tensor:
     """fp32 rows [r0, r1) of `(1 - r) * base' + r * other'` (' = with its LoRAs)."""
     acc = None
@@ -277,12 +283,12 @@ def blend_rows(
 def _side(
     ref: TensorRef,
     terms: Sequence[LoraTerm],
-    factors_a: Sequence[torch.Tensor],
+    factors: Sequence[Factor],
     reader: MappedReader,
     r0: int,
     r1: int,
 ) -> torch.Tensor:
-    """fp32 copy of rows [r0, r1) of one model's tensor with its LoRA deltas added in place.
+    """fp32 copy of rows [r0, r1) of one model's tensor with its adapters applied in place.
 
     (A non-float tensor, which the plan never blends, keeps its own dtype.)
     """
@@ -290,20 +296,65 @@ def _side(
     acc = torch.empty((r1 - r0, *ref.shape[1:]), dtype=dtype)
     acc.copy_(reader.rows(ref, r0, r1))  # a copy: the mapped view itself is read-only
     reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
-    for term, a in zip(terms, factors_a, strict=True):
-        b = reader.rows(term.b, r0, r1).to(torch.float32)
-        # acc += scale * (B @ A) in place, no full-size delta. A GEMM's rounding depends
-        # on its row count, so the product always runs over the same LORA_ROWS chunks.
-        for q in range(0, r1 - r0, LORA_ROWS):
-            acc[q : q + LORA_ROWS].addmm_(b[q : q + LORA_ROWS], a, alpha=term.scale)
-        reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)
+    for term, factor in zip(terms, factors, strict=True):
+        if factor is None:
+            _replace(acc, term, reader, r0, r1)
+        else:
+            _add_delta(acc, term, factor, reader, r0, r1)
+        if term.magnitude is not None:  # DoRA: rescale each row to its magnitude
+            m = reader.rows(term.magnitude, r0, r1).to(torch.float32)
+            acc.mul_((m / acc.norm(dim=1)).unsqueeze(1))
     return acc
 
 
-def _factors(terms: Sequence[LoraTerm], reader: MappedReader) -> list[torch.Tensor]:
-    """The A factors ([r, in], small) as fp32, read once per tensor."""
-    out = []
+def _replace(acc: torch.Tensor, term: LoraTerm, reader: MappedReader, r0: int, r1: int) -> None:
+    """W <- W + weight * (S - W): S itself at weight 1."""
+    new = reader.rows(term.a, r0, r1)
+    if term.scale == 1:
+        acc.copy_(new)
+    else:
+        acc.mul_(1 - term.scale).add_(new.to(torch.float32, copy=True).mul_(term.scale))
+    reader.release(term.a, r0 * term.a.row_nbytes, r1 * term.a.row_nbytes)
+
+
+def _add_delta(
+    acc: torch.Tensor,
+    term: LoraTerm,
+    factor: tuple[torch.Tensor, torch.Tensor],
+    reader: MappedReader,
+    r0: int,
+    r1: int,
+) -> None:
+    """acc += scale * (B @ A)[r0:r1] (or its transpose), in place, no full-size delta.
+
+    A GEMM's rounding depends on its row count, so the product always runs over the
+    same LORA_ROWS chunks whatever the block size.
+    """
+    if term.kind == LORA:
+        assert term.b is not None
+        lhs = reader.rows(term.b, r0, r1).to(torch.float32)  # B rows [n, r]
+        rhs = factor[0]  # A [r, in]
+    else:  # (B @ A).T rows r0:r1 = A[:, r0:r1].T @ B.T
+        lhs, rhs = factor[0][:, r0:r1].T, factor[1]
+    for q in range(0, r1 - r0, LORA_ROWS):
+        acc[q : q + LORA_ROWS].addmm_(lhs[q : q + LORA_ROWS], rhs, alpha=term.scale)
+    if term.kind == LORA and term.b is not None:
+        reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)
+
+
+def _factors(terms: Sequence[LoraTerm], reader: MappedReader) -> list[Factor]:
+    """Per term, what is read once per tensor in fp32: A (LORA), A and B.T (LORA_T)."""
+    out: list[Factor] = []
     for term in terms:
-        out.append(reader.rows(term.a, 0, term.a.rows).to(torch.float32, copy=True))
+        if term.kind == REPLACE or term.b is None:
+            out.append(None)
+            continue
+        a = reader.rows(term.a, 0, term.a.rows).to(torch.float32, copy=True)
+        bt = (
+            reader.rows(term.b, 0, term.b.rows).to(torch.float32, copy=True).T
+            if term.kind == LORA_T
+            else a
+        )
+        out.append((a, bt))
         reader.release(term.a)
     return out

@@ -1,7 +1,14 @@
-"""PEFT LoRA adapters: pair lora_A/lora_B by the base tensor they modify, know the scale.
+"""PEFT adapters: every change an adapter makes to a base tensor, as a term.
 
-A term contributes `weight * scale * (B @ A)` to its base tensor, with `scale = alpha / r`
-(or `alpha / sqrt(r)` for rsLoRA). Only references are kept; the engine reads the bytes.
+Kinds of term, in the order the engine applies them to one tensor:
+- REPLACE: `modules_to_save` weights, trained biases, saved embedding layers
+  (`<module>.base_layer.weight`): `W <- W + weight * (S - W)`, i.e. S itself at weight 1;
+- LORA: `weight * scale * (B @ A)`, `scale = alpha / r` (rsLoRA: `alpha / sqrt(r)`);
+- LORA_T: the same, transposed: embedding LoRA (`lora_embedding_A/B`) and
+  `fan_in_fan_out` (GPT-2 Conv1D) adapters;
+- and for DoRA a LORA term carries the magnitude vector m: after the delta,
+  `W' = m / ||W + ΔW||_row * (W + ΔW)` (exact at weight 1; other weights are refused).
+Only references are kept; the engine reads the bytes.
 """
 
 from __future__ import annotations
@@ -19,11 +26,21 @@ from lazymerge.index import CheckpointIndex, TensorRef, read_tensor_file
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
-# "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", optionally with an
-# adapter-name segment ("lora_A.default.weight") as some PEFT versions save it.
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
-)
+REPLACE, LORA, LORA_T = "replace", "lora", "lora_t"
+_PREFIX = r"^(?:base_model\.model\.)?(?P<module>.+?)"
+_NAME = r"(?:\.(?P<adapter>[^.]+))?"  # "lora_A.default.weight": an adapter-name segment
+_KEYS = [
+    ("pair", re.compile(_PREFIX + r"\.lora_(?P<ab>[AB])" + _NAME + r"\.weight$")),
+    ("embedding", re.compile(_PREFIX + r"\.lora_embedding_(?P<ab>[AB])" + _NAME + r"$")),
+    ("magnitude", re.compile(_PREFIX + r"\.lora_magnitude_vector" + _NAME + r"(?:\.weight)?$")),
+    (
+        "replace",
+        re.compile(
+            _PREFIX + r"\.(?:base_layer|modules_to_save" + _NAME + r")\.(?P<param>weight|bias)$"
+        ),
+    ),
+    ("replace", re.compile(_PREFIX + r"\.(?P<param>weight|bias)$")),  # modules_to_save, newer PEFT
+]
 # These initialisations rewrite the base weights during training; their adapter alone
 # does not describe the change, so merging it onto the original base would be wrong.
 _MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -31,17 +48,31 @@ _MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
 @dataclass(frozen=True)
 class LoraTerm:
-    """One low-rank update of one base tensor: `scale * (b @ a)`, weight included."""
+    """One change of one base tensor by one adapter (see the module docstring)."""
 
     target: str
-    a: TensorRef  # [r, in]
-    b: TensorRef  # [out, r]
-    scale: float
+    kind: str  # REPLACE, LORA or LORA_T
+    a: TensorRef  # LORA: A [r, in]; LORA_T: A [r, rows]; REPLACE: the new tensor
+    b: TensorRef | None  # LORA: B [out, r]; LORA_T: B [cols, r]; REPLACE: None
+    scale: float  # weight * alpha / r for deltas; the weight for REPLACE
     adapter: Path
+    magnitude: TensorRef | None = None  # DoRA's m [out]
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0]
+        return self.a.shape[0] if self.kind != REPLACE else 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the base tensor this term fits."""
+        if self.kind == REPLACE or self.b is None:
+            return self.a.shape
+        if self.kind == LORA:
+            return (self.b.shape[0], self.a.shape[1])
+        return (self.a.shape[1], self.b.shape[0])
+
+    def refs(self) -> list[TensorRef]:
+        return [r for r in (self.a, self.b, self.magnitude) if r is not None]
 
 
 class LoraAdapter:
@@ -54,15 +85,14 @@ class LoraAdapter:
 
     @classmethod
     def open(cls, path: str | Path, weight: float = 1.0) -> LoraAdapter:
-        p = Path(path)
+        p = _adapter_dir(Path(path))
         config = _read_config(p)
         tensors = read_tensor_file(_weights_file(p))
-        pairs = _pair(p, tensors)
-        terms = {target: _term(p, config, target, a, b, weight) for target, (a, b) in pairs.items()}
+        terms = _terms(p, config, tensors, weight)
         return cls(p, weight, terms)
 
     def check_against(self, index: CheckpointIndex) -> None:
-        """Every term must target a tensor of `index` whose shape is [out, in] of B @ A."""
+        """Every term must target a tensor of `index` that has the shape it fits."""
         for term in self.terms.values():
             if term.target not in index:
                 raise InputError(
@@ -70,12 +100,30 @@ class LoraAdapter:
                     f"which {index.path} does not have"
                 )
             base = index[term.target]
-            want = (term.b.shape[0], term.a.shape[1])
-            if base.shape != want:
+            if base.shape != term.shape:
+                what = " @ ".join(r.name for r in (term.b, term.a) if r is not None)
                 raise InputError(
-                    f"{self.path}: {term.b.name} @ {term.a.name} is {list(want)} but "
+                    f"{self.path}: {what} is {list(term.shape)} but "
                     f"{term.target} in {index.path} is {list(base.shape)}"
                 )
+            if term.magnitude is not None and term.magnitude.shape != (base.shape[0],):
+                raise InputError(
+                    f"{self.path}: {term.magnitude.name} is {list(term.magnitude.shape)}, "
+                    f"{term.target} has {base.shape[0]} rows"
+                )
+
+
+def _adapter_dir(path: Path) -> Path:
+    """PEFT saves a non-default adapter name into a subdirectory of that name."""
+    if not path.is_dir() or (path / CONFIG).is_file():
+        return path
+    inner = sorted(p for p in path.iterdir() if (p / CONFIG).is_file())
+    if len(inner) == 1:
+        return inner[0]
+    if inner:
+        names = ", ".join(p.name for p in inner)
+        raise InputError(f"{path}: holds several adapters ({names}); name one of them")
+    return path
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -89,24 +137,16 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise InputError(f"{path / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise InputError(f"{path / CONFIG}: not a JSON object")
-    _refuse_unsupported(path, config)
-    return config
-
-
-def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise InputError(f"{path}: peft_type {kind!r} is not a LoRA adapter")
-    if config.get("fan_in_fan_out"):
-        raise InputError(f"{path}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported yet")
-    if config.get("use_dora"):
-        raise InputError(f"{path}: DoRA adapters are not supported yet")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
         raise InputError(
             f"{path}: init_lora_weights={init!r} changes the base model during training; "
             "convert the adapter to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
         )
+    return config
 
 
 def _weights_file(path: Path) -> Path:
@@ -117,36 +157,84 @@ def _weights_file(path: Path) -> Path:
     raise InputError(f"{path}: no {WEIGHTS} or {WEIGHTS_BIN}")
 
 
-def _pair(path: Path, tensors: dict[str, TensorRef]) -> dict[str, tuple[TensorRef, TensorRef]]:
-    found: dict[tuple[str, str | None], dict[str, TensorRef]] = {}
+def _classify(path: Path, tensors: dict[str, TensorRef]) -> dict[str, dict[str, TensorRef]]:
+    """target tensor name -> {"A"/"B"/"m"/"S": ref}; one adapter name at most."""
+    found: dict[str, dict[str, TensorRef]] = {}
+    adapters = set()
     for name, ref in tensors.items():
-        m = _KEY.match(name)
-        if m is None:
+        match = next(((k, m) for k, p in _KEYS if (m := p.match(name)) is not None), None)
+        if match is None:
             raise InputError(
-                f"{path}: adapter tensor {name!r} is not a lora_A/lora_B weight; "
-                "embedding LoRA, modules_to_save, biases and DoRA are not supported yet"
+                f"{path}: adapter tensor {name!r} is not a LoRA, DoRA or saved-module weight"
             )
-        found.setdefault((m["module"], m["adapter"]), {})[m["ab"]] = ref
-    adapters = {adapter for _, adapter in found}
+        kind, m = match
+        adapters.add(m.groupdict().get("adapter"))
+        module = m["module"]
+        if kind == "replace":
+            found.setdefault(f"{module}.{m['param']}", {})["S"] = ref
+        else:
+            slot = {
+                "pair": m.groupdict().get("ab"),
+                "embedding": "E" + (m.groupdict().get("ab") or ""),
+                "magnitude": "m",
+            }[kind]
+            found.setdefault(f"{module}.weight", {})[str(slot)] = ref
     if len(adapters) > 1:
         raise InputError(
             f"{path}: holds several adapters {sorted(map(str, adapters))}; expected one"
         )
-    pairs = {}
-    for (module, _), ab in found.items():
-        if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise InputError(f"{path}: {module} has no {missing} weight")
-        a, b = ab["A"], ab["B"]
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+    for ref in tensors.values():
+        if not ref.is_float:
+            raise InputError(f"{path}: {ref.name} is {ref.dtype}, not a float tensor")
+    return found
+
+
+def _terms(
+    path: Path, config: dict[str, Any], tensors: dict[str, TensorRef], weight: float
+) -> dict[str, LoraTerm]:
+    terms: dict[str, LoraTerm] = {}
+    for target, parts in _classify(path, tensors).items():
+        if "S" in parts:
+            terms[target] = LoraTerm(target, REPLACE, parts["S"], None, weight, path)
+            continue
+        a, b, kind = _factors(path, target, parts, config)
+        magnitude = parts.get("m")
+        if config.get("use_dora") and magnitude is None:
+            raise InputError(f"{path}: use_dora is set but {target} has no lora_magnitude_vector")
+        if magnitude is not None and weight != 1:
             raise InputError(
-                f"{path}: rank mismatch for {module}: lora_A is {list(a.shape)}, "
-                f"lora_B is {list(b.shape)} (need [r, in] and [out, r])"
+                f"{path}: a DoRA adapter is exact only at weight 1 (got {weight}); its "
+                "magnitude vector does not scale with the delta"
             )
-        if not (a.is_float and b.is_float):
-            raise InputError(f"{path}: {module} has non-float LoRA weights ({a.dtype})")
-        pairs[f"{module}.weight"] = (a, b)
-    return pairs
+        scale = weight * _scale(path, config, target, a.shape[0])
+        terms[target] = LoraTerm(target, kind, a, b, scale, path, magnitude)
+    return terms
+
+
+def _factors(
+    path: Path, target: str, parts: dict[str, TensorRef], config: dict[str, Any]
+) -> tuple[TensorRef, TensorRef, str]:
+    module = target.removesuffix(".weight")
+    if "EA" in parts or "EB" in parts:
+        a, b, kind, names = (
+            parts.get("EA"),
+            parts.get("EB"),
+            LORA_T,
+            ("lora_embedding_A", "lora_embedding_B"),
+        )
+    else:
+        a, b, names = parts.get("A"), parts.get("B"), ("lora_A", "lora_B")
+        kind = LORA_T if config.get("fan_in_fan_out") else LORA
+    if a is None or b is None:
+        raise InputError(
+            f"{path}: {module} has no {names[1] if a is not None else names[0]} weight"
+        )
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        raise InputError(
+            f"{path}: rank mismatch for {module}: {names[0]} is {list(a.shape)}, "
+            f"{names[1]} is {list(b.shape)} (need [r, ...] and [..., r])"
+        )
+    return a, b, kind
 
 
 def _pattern(patterns: object, module: str) -> object:
@@ -159,15 +247,11 @@ def _pattern(patterns: object, module: str) -> object:
     return None
 
 
-def _term(
-    path: Path, config: dict[str, Any], target: str, a: TensorRef, b: TensorRef, weight: float
-) -> LoraTerm:
+def _scale(path: Path, config: dict[str, Any], target: str, r: int) -> float:
     module = target.removesuffix(".weight")
-    r = a.shape[0]  # the tensors are the truth; rank_pattern only repeats it
     alpha = _pattern(config.get("alpha_pattern"), module)
     if alpha is None:
         alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or r == 0:
         raise InputError(f"{path}: lora_alpha for {module} is {alpha!r}, expected a number")
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return LoraTerm(target, a, b, weight * scale, path)
+    return float(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)

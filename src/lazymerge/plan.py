@@ -84,7 +84,7 @@ class MergePlan:
                 out.append(t.base)
             if t.other is not None and t.action != COPY_BASE:
                 out.append(t.other)
-            out += [ref for lo in t.base_loras + t.other_loras for ref in (lo.a, lo.b)]
+            out += [ref for lo in t.base_loras + t.other_loras for ref in lo.refs()]
         return out
 
     def layer_ratios(self) -> dict[int | None, list[float]]:
