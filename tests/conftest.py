@@ -84,6 +84,9 @@ def run_cli(*args: str | Path) -> int:
 
 
 def load_merged(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (via the safetensors library)."""
+    if not (out / "model.safetensors.index.json").exists():
+        return load_file(str(out / "model.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index["weight_map"].values())):
@@ -96,11 +99,12 @@ def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, t
     """PEFT's own merge of an adapter at `weight` (set_scale), in fp32."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(model, adapter_dir)
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
-            module.set_scale("default", weight)
+            for name in module.scaling:
+                module.set_scale(name, weight)
     return {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}

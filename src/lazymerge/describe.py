@@ -61,7 +61,7 @@ def _checkpoint(path: Path, show_all: bool) -> str:
 def _adapter(path: Path, show_all: bool) -> str:
     adapter = LoraAdapter.open(path)
     config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    terms = sorted(adapter.terms.values(), key=lambda t: natural_key(t.target))
+    terms = sorted(adapter.terms, key=lambda t: natural_key(t.target))
     ranks = Counter(t.rank for t in terms if t.rank)
     modules = sorted({t.target.removesuffix(".weight").rsplit(".", 1)[-1] for t in terms})
     refs = [ref for t in terms for ref in t.refs()]

@@ -78,7 +78,7 @@ class LoraTerm:
 class LoraAdapter:
     """A PEFT adapter directory, opened lazily: config + tensor references."""
 
-    def __init__(self, path: Path, weight: float, terms: dict[str, LoraTerm]) -> None:
+    def __init__(self, path: Path, weight: float, terms: list[LoraTerm]) -> None:
         self.path = path
         self.weight = weight
         self.terms = terms
@@ -93,7 +93,7 @@ class LoraAdapter:
 
     def check_against(self, index: CheckpointIndex) -> None:
         """Every term must target a tensor of `index` that has the shape it fits."""
-        for term in self.terms.values():
+        for term in self.terms:
             if term.target not in index:
                 raise InputError(
                     f"{self.path}: adapter tensor {term.a.name} targets {term.target}, "
@@ -191,12 +191,13 @@ def _classify(path: Path, tensors: dict[str, TensorRef]) -> dict[str, dict[str, 
 
 def _terms(
     path: Path, config: dict[str, Any], tensors: dict[str, TensorRef], weight: float
-) -> dict[str, LoraTerm]:
-    terms: dict[str, LoraTerm] = {}
+) -> list[LoraTerm]:
+    terms: list[LoraTerm] = []
     for target, parts in _classify(path, tensors).items():
-        if "S" in parts:
-            terms[target] = LoraTerm(target, REPLACE, parts["S"], None, weight, path)
-            continue
+        if "S" in parts:  # replaced first (a saved embedding), then any delta on top
+            terms.append(LoraTerm(target, REPLACE, parts["S"], None, weight, path))
+            if set(parts) == {"S"}:
+                continue
         a, b, kind = _factors(path, target, parts, config)
         magnitude = parts.get("m")
         if config.get("use_dora") and magnitude is None:
@@ -207,7 +208,7 @@ def _terms(
                 "magnitude vector does not scale with the delta"
             )
         scale = weight * _scale(path, config, target, a.shape[0])
-        terms[target] = LoraTerm(target, kind, a, b, scale, path, magnitude)
+        terms.append(LoraTerm(target, kind, a, b, scale, path, magnitude))
     return terms
 
 

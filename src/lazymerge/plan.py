@@ -14,7 +14,7 @@ from pathlib import Path
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.gradient import layer_count, layer_of, ratio_for
 from lazymerge.index import CheckpointIndex, TensorRef, itemsize
-from lazymerge.lora import LoraAdapter, LoraTerm
+from lazymerge.lora import REPLACE, LoraAdapter, LoraTerm
 from lazymerge.recipe import ModelSpec, Recipe
 
 COPY_BASE, COPY_OTHER, COMPUTE = "copy-base", "copy-other", "compute"
@@ -144,10 +144,19 @@ def _lora_terms(spec: ModelSpec, index: CheckpointIndex) -> dict[str, list[LoraT
     for lo in spec.loras:
         adapter = LoraAdapter.open(lo.path, lo.weight)
         adapter.check_against(index)
-        for target, term in adapter.terms.items():
-            if not index[target].is_float:
-                raise InputError(f"{lo.path}: targets {target}, which is not a float tensor")
-            terms.setdefault(target, []).append(term)
+        for term in adapter.terms:
+            if not index[term.target].is_float:
+                raise InputError(f"{lo.path}: targets {term.target}, which is not a float tensor")
+            terms.setdefault(term.target, []).append(term)
+    for target, ts in terms.items():
+        # Replacements first, then the deltas, DoRA's renormalisation last.
+        ts.sort(key=lambda t: (t.kind != REPLACE, t.magnitude is not None))
+        deltas = [t for t in ts if t.kind != REPLACE]
+        if any(t.magnitude is not None for t in deltas) and len(deltas) > 1:
+            raise InputError(
+                f"{target}: a DoRA adapter and another adapter both change it; DoRA's "
+                "magnitude is defined for its own delta only, so merge them one at a time"
+            )
     return terms
 
 
