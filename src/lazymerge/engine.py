@@ -264,18 +264,27 @@ def blend_rows(
     base_a: Sequence[Factor],
     other_a: Sequence[Factor],
 ) -> torch.Tensor:
-    """fp32 rows [r0, r1) of `(1 - r) * base' + r * other'` (' = with its LoRAs)."""
+    """fp32 rows [r0, r1) of `(1 - r) * base' + r * other'` (' = with its LoRAs).
+
+    Rows the other model lacks (a smaller vocabulary) are the base's alone.
+    """
+    shared = max(0, min(r1, t.shared_rows) - r0) if t.other is not None else 0
     acc = None
-    if t.ratio < 1:
+    if t.ratio < 1 or shared < r1 - r0:
         acc = _side(t.base, t.base_loras, base_a, reader, r0, r1)
-        if t.ratio != 0:
-            acc.mul_(1 - t.ratio)
-    if t.ratio > 0:
+        if t.ratio != 0 and shared:
+            acc[:shared].mul_(1 - t.ratio)
+    if t.ratio > 0 and shared:
         assert t.other is not None  # the plan resolves `other` whenever ratio > 0
-        theirs = _side(t.other, t.other_loras, other_a, reader, r0, r1)
+        theirs = _side(t.other, t.other_loras, other_a, reader, r0, r0 + shared)
         if t.ratio != 1:
             theirs.mul_(t.ratio)
-        acc = theirs if acc is None else acc.add_(theirs)
+        if acc is None:
+            acc = theirs
+        elif t.ratio == 1:
+            acc[:shared].copy_(theirs)
+        else:
+            acc[:shared].add_(theirs)
     assert acc is not None
     return acc
 

@@ -10,6 +10,13 @@ import numpy as np
 
 # Hugging Face decoder layers: "model.layers.12.mlp.up_proj.weight" (Llama, Mistral, Qwen...).
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# A Llama-family decoder layer's modules in the order the architecture (and so
+# `state_dict()`) lists them; modules not named here follow, by name.
+MODULE_ORDER = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "input_layernorm", "post_attention_layernorm",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -17,13 +24,16 @@ class GradientRule:
     """One gradient: anchors over a span of decoder layers, `rest` everywhere else.
 
     `layers` is the half-open span [start, end); None means every layer of the model.
-    `filter`, when set, limits the rule to tensors whose name contains it.
+    `filter`, when set, limits the rule to tensors whose name contains it. With
+    `over="tensors"` the anchors are spread over the tensors themselves (layers and rest
+    do not apply), as BlockMerge_Gradient_Tensors does.
     """
 
     values: tuple[float, ...]
     layers: tuple[int, int] | None = None
     rest: float = 0.0
     filter: str | None = None
+    over: str = "layers"  # or "tensors": anchors spread over the tensors the rule decides
 
     def matches(self, name: str) -> bool:
         return self.filter is None or self.filter in name
@@ -66,6 +76,49 @@ def rule_ratio(rule: GradientRule, name: str, n_layers: int) -> float:
 def first_rule(name: str, rules: Sequence[GradientRule]) -> int | None:
     """Index of the rule that decides tensor `name` (the first that matches), if any."""
     return next((i for i, rule in enumerate(rules) if rule.matches(name)), None)
+
+
+def natural_key(name: str) -> tuple[int, int, int, str]:
+    """The model's natural order: embeddings, each layer in number order with its modules
+    in architecture order (weight before bias), the final norm, lm_head."""
+    layer = layer_of(name)
+    if layer is not None:
+        module = _LAYER.split(name, maxsplit=1)[-1]
+        rank = next(
+            (i for i, m in enumerate(MODULE_ORDER) if module.startswith(m + ".")), len(MODULE_ORDER)
+        )
+        return (1, layer, rank, module.replace(".weight", ".0").replace(".bias", ".1"))
+    if "embed" in name or ".wte." in name:
+        return (0, 0, 0, name)
+    return (3, 0, 0, name) if "lm_head" in name else (2, 0, 0, name)
+
+
+def tensor_ratios(values: Sequence[float], n: int) -> list[float]:
+    """BlockMerge_Gradient_Tensors' arithmetic: n // sections tensors per section, each
+    section a `linspace` between its two anchors, the remainder at the last anchor."""
+    if len(values) == 1:
+        return [float(values[0])] * n
+    sections = len(values) - 1
+    per = n // sections
+    out = [float(v) for i in range(sections) for v in np.linspace(values[i], values[i + 1], per)]
+    return out + [float(values[-1])] * (n - len(out))
+
+
+def all_ratios(
+    names: Sequence[str], rules: Sequence[GradientRule], n_layers: int
+) -> dict[str, float]:
+    """Every tensor's ratio. A tensor-mode rule needs them all: its anchors are spread
+    over the tensors it decides, in natural order."""
+    owner = {name: first_rule(name, rules) for name in names}
+    out = {name: 0.0 for name in names}
+    for i, rule in enumerate(rules):
+        mine = [n for n in names if owner[n] == i]
+        if rule.over == "tensors":
+            mine.sort(key=natural_key)
+            out.update(zip(mine, tensor_ratios(rule.values, len(mine)), strict=True))
+        else:
+            out.update((n, rule_ratio(rule, n, n_layers)) for n in mine)
+    return out
 
 
 def ratio_for(name: str, rules: Sequence[GradientRule], n_layers: int) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lazymerge.errors import InputError, RecipeError
-from lazymerge.gradient import layer_count, layer_of, ratio_for
+from lazymerge.gradient import all_ratios, layer_count, layer_of
 from lazymerge.index import CheckpointIndex, TensorRef, itemsize
 from lazymerge.lora import REPLACE, LoraAdapter, LoraTerm
 from lazymerge.recipe import ModelSpec, Recipe
@@ -41,6 +41,11 @@ class PlannedTensor:
     other_loras: tuple[LoraTerm, ...] = ()  # only those that matter (ratio > 0)
     shard: int = 0  # set when the plan is split into shards
     offset: int = 0  # within the shard's data section
+    shared_rows: int = -1  # rows `other` has too (vocab mismatch); -1: all of them
+
+    def __post_init__(self) -> None:
+        if self.shared_rows < 0:
+            object.__setattr__(self, "shared_rows", self.rows)
 
     @property
     def rows(self) -> int:
@@ -66,6 +71,7 @@ class MergePlan:
     tensors: tuple[PlannedTensor, ...]
     shards: tuple[Shard, ...]
     dropped: tuple[str, ...] = ()  # base tensors deliberately left out (see DROPPED)
+    notes: tuple[str, ...] = ()  # what the user should know (vocabulary mismatches)
 
     @property
     def bytes_to_write(self) -> int:
@@ -109,10 +115,14 @@ def build_plan(recipe: Recipe) -> MergePlan:
     kept = sorted(
         (r for r in base if not DROPPED.search(r.name)), key=lambda r: natural_key(r.name)
     )
-    planned = [_plan_tensor(recipe, ref, other, n_layers, base_terms, other_terms) for ref in kept]
+    ratios = all_ratios([r.name for r in kept], recipe.gradient, n_layers) if other else {}
+    planned = [
+        _plan_tensor(recipe, ref, other, ratios.get(ref.name, 0.0), base_terms, other_terms)
+        for ref in kept
+    ]
     tensors, shards = _shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
-    return MergePlan(recipe, base, other, n_layers, tensors, shards, dropped)
+    return MergePlan(recipe, base, other, n_layers, tensors, shards, dropped, vocab_notes(tensors))
 
 
 def natural_key(name: str) -> list[str | int]:
@@ -164,7 +174,7 @@ def _plan_tensor(
     recipe: Recipe,
     ref: TensorRef,
     other: CheckpointIndex | None,
-    n_layers: int,
+    ratio: float,
     base_terms: dict[str, list[LoraTerm]],
     other_terms: dict[str, list[LoraTerm]],
 ) -> PlannedTensor:
@@ -172,21 +182,28 @@ def _plan_tensor(
         # Integer/bool buffers are not blended: the base's values, as they are.
         action = COPY_BASE if ref.contiguous else COMPUTE
         return PlannedTensor(ref.name, ref.dtype, ref.shape, ref.nbytes, 0.0, action, ref)
-    ratio = ratio_for(ref.name, recipe.gradient, n_layers) if other is not None else 0.0
     dtype = recipe.output.dtype or ref.dtype
     other_ref = _other_ref(ref, other) if other is not None and ratio > 0 else None
-    base_loras = tuple(base_terms.get(ref.name, ())) if ratio < 1 else ()
+    shared = min(ref.rows, other_ref.rows) if other_ref is not None else ref.rows
+    # The base's own rows matter where it has rows the other lacks, whatever the ratio.
+    base_loras = tuple(base_terms.get(ref.name, ())) if ratio < 1 or shared < ref.rows else ()
     other_loras = tuple(other_terms.get(ref.name, ())) if ratio > 0 else ()
     if ratio == 0 and not base_loras and _copyable(ref, dtype):
         action = COPY_BASE
-    elif ratio == 1 and not other_loras and other_ref is not None and _copyable(other_ref, dtype):
+    elif (
+        ratio == 1
+        and not other_loras
+        and other_ref is not None
+        and _copyable(other_ref, dtype)
+        and other_ref.shape == ref.shape
+    ):
         action = COPY_OTHER
     else:
         action = COMPUTE
     nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
     return PlannedTensor(
         ref.name, dtype, ref.shape, nbytes, ratio, action,
-        base=ref, other=other_ref, base_loras=base_loras, other_loras=other_loras,
+        base=ref, other=other_ref, base_loras=base_loras, other_loras=other_loras, shared_rows=shared,
     )  # fmt: skip
 
 
@@ -195,11 +212,18 @@ def _copyable(ref: TensorRef, dtype: str) -> bool:
     return ref.dtype == dtype and ref.contiguous
 
 
+# Token embeddings and output heads: their rows are the vocabulary, which fine-tunes grow.
+_VOCAB = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte)\.weight$")
+
+
 def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
     if ref.name not in other:
         raise InputError(f"{other.path} has no tensor {ref.name}, which the gradient blends")
     o = other[ref.name]
-    if o.shape != ref.shape:
+    vocab_only = (
+        _VOCAB.search(ref.name) is not None and o.shape[1:] == ref.shape[1:] and len(ref.shape) == 2
+    )
+    if o.shape != ref.shape and not vocab_only:
         raise InputError(
             f"{ref.name}: base {ref.file} has shape {list(ref.shape)} but other {o.file} "
             f"has {list(o.shape)}"
@@ -207,6 +231,22 @@ def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
     if not o.is_float:
         raise InputError(f"{ref.name}: other {o.file} stores it as {o.dtype}, not a float")
     return o
+
+
+def vocab_notes(tensors: Sequence[PlannedTensor]) -> tuple[str, ...]:
+    """What a vocabulary mismatch did, tensor by tensor (BlockMerge's behaviour)."""
+    notes = []
+    for t in tensors:
+        if t.other is not None and t.other.rows != t.rows:
+            extra = (
+                f"the base's {t.rows - t.shared_rows} extra rows are kept"
+                if t.rows > t.shared_rows
+                else f"the other's {t.other.rows - t.rows} extra rows are dropped"
+            )
+            notes.append(
+                f"{t.name}: vocabularies differ ({t.rows} vs {t.other.rows} rows); blending the {t.shared_rows} shared rows, {extra}"
+            )
+    return tuple(notes)
 
 
 def _shard(

@@ -68,7 +68,10 @@ class Recipe:
             return {"model": str(m.path), "loras": loras}
 
         def rule(r: GradientRule) -> dict[str, Any]:
-            d: dict[str, Any] = {"values": list(r.values), "rest": r.rest}
+            if r.over == "tensors":
+                d: dict[str, Any] = {"values": list(r.values), "over": "tensors"}
+                return d | ({"filter": r.filter} if r.filter is not None else {})
+            d = {"values": list(r.values), "rest": r.rest}
             if r.layers is not None:
                 d["layers"] = list(r.layers)
             if r.filter is not None:
@@ -179,8 +182,14 @@ def _gradient(value: object, where: str) -> tuple[GradientRule, ...]:
 
 def _rule(value: object, where: str) -> GradientRule:
     d = _mapping(value, where, {"values", "layers", "rest", "filter", "over"})
-    if d.get("over", "layers") != "layers":
-        raise RecipeError(f"{where}.over: {d['over']!r} is not supported yet; only 'layers' is")
+    over = d.get("over", "layers")
+    if over not in ("layers", "tensors"):
+        raise RecipeError(f"{where}.over: {over!r}; use 'layers' or 'tensors'")
+    if over == "tensors" and ("layers" in d or "rest" in d):
+        key = "layers" if "layers" in d else "rest"
+        raise RecipeError(
+            f"{where}.{key}: not used with over: tensors (the anchors cover every tensor the rule decides)"
+        )
     values = d.get("values")
     if isinstance(values, int | float) and not isinstance(values, bool):
         values = [values]
@@ -192,7 +201,7 @@ def _rule(value: object, where: str) -> GradientRule:
     filt = d.get("filter")
     if filt is not None and (not isinstance(filt, str) or not filt):
         raise RecipeError(f"{where}.filter: expected a non-empty string, got {filt!r}")
-    return GradientRule(anchors, layers, rest, filt)
+    return GradientRule(anchors, layers, rest, filt, over)
 
 
 def _span(value: object, where: str) -> tuple[int, int]:

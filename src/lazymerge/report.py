@@ -98,6 +98,7 @@ def inputs(plan: MergePlan) -> list[str]:
     for role, index in (("base", plan.base), ("other", plan.other)):
         if index is not None:
             lines.append(f"{role}: {index.path} ({index.note or index.format})")
+    lines += list(plan.notes)
     if plan.dropped:
         lines.append(
             f"dropped {len(plan.dropped)} rotary_emb.inv_freq buffers of the base "
@@ -159,6 +160,7 @@ def plan_json(plan: MergePlan, budget: int) -> dict[str, Any]:
         ],
         "tensors": [_tensor_json(plan, t) for t in plan.tensors],
         "dropped": list(plan.dropped),
+        "notes": list(plan.notes),
         "shards": [
             {"name": s.name, "size": n, "tensors": len(s.tensors)}
             for s, n in zip(plan.shards, sizes, strict=True)
