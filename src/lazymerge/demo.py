@@ -1,4 +1,5 @@
-"""`make demo`: build a small Llama pair + LoRA, then run the founding recipe on them.
+"""`make demo`: build a small Llama pair + LoRA, then run the founding recipe and its
+sister on them.
 
 The founding recipe (examples/airolima-chronos.yaml) is scaled to the demo's depth:
 its span [0, 25) of 40 layers becomes [0, 5) of 8. The merge runs as a separate
@@ -16,7 +17,9 @@ import yaml
 
 from lazymerge.synthetic import LlamaShape, write_llama, write_lora
 
-FOUNDING = Path(__file__).resolve().parents[2] / "examples" / "airolima-chronos.yaml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+FOUNDING = EXAMPLES / "airolima-chronos.yaml"
+SISTER = EXAMPLES / "chronolima-airo.yaml"  # LimaRP on the base instead
 FOUNDING_LAYERS = 40  # Llama 2 13B
 
 
@@ -41,21 +44,36 @@ def main(workdir: str = ".demo") -> int:
     write_llama(root / "chronos-13b-v2", shape, seed=1, shard_size=4 * 10**6)
     write_llama(root / "airoboros-l2-13b-gpt4-2.0", shape, seed=2, shard_size=4 * 10**6)
     write_lora(root / "limarp-llama2", shape, seed=3, r=16, alpha=16)
-    recipe = scaled_recipe(yaml.safe_load(FOUNDING.read_text()), shape.layers, "5MB")
-    recipe_path = root / "airolima-chronos.yaml"
+    for source, out in ((FOUNDING, "airolima-chronos-grad"), (SISTER, "chronolima-airo-grad")):
+        rc = run_recipe(root, source, out, shape.layers)
+        if rc != 0:
+            return rc
+    return 0
+
+
+def run_recipe(root: Path, source: Path, out: str, layers: int) -> int:
+    """Scale a shipped recipe to the demo's depth, merge with it, load the result."""
+    recipe = scaled_recipe(yaml.safe_load(source.read_text()), layers, "5MB")
+    recipe_path = root / source.name
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     print(
-        f"recipe {recipe_path} (from {FOUNDING.name}, span scaled to {recipe['gradient']['layers']}):"
+        f"\nrecipe {recipe_path} (from examples/{source.name}, span scaled to {recipe['gradient']['layers']}):"
     )
     print(recipe_path.read_text())
     cmd = [
-        sys.executable, "-m", "lazymerge", "merge", str(recipe_path),
-        "-o", str(root / "airolima-chronos-grad"), "--overwrite",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lazymerge",
+        "merge",
+        str(recipe_path),
+        "-o",
+        str(root / out),
+        "--overwrite",
+    ]
     print("$ lazymerge " + " ".join(cmd[3:]), flush=True)
     rc = subprocess.call(cmd)
     if rc == 0:
-        check_loads(root / "airolima-chronos-grad")
+        check_loads(root / out)
     return rc
 
 
