@@ -108,3 +108,18 @@ def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, t
             for name in module.scaling:
                 module.set_scale(name, weight)
     return {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Make the n-th tensor's write raise KeyboardInterrupt, as a Ctrl-C would."""
+    import lazymerge.engine as engine
+
+    real, calls = engine.write_tensor, {"n": 0}
+
+    def write_tensor(*args: object, **kwargs: object) -> bool:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "write_tensor", write_tensor)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import N_LAYERS, load_merged, peft_merge, run_cli, tiny_config
+from conftest import N_LAYERS, interrupt_after, load_merged, peft_merge, run_cli, tiny_config
 
 SPAN = 5  # the founding [0, 25) of 40 layers, scaled to 8
 
@@ -323,38 +321,18 @@ def test_cli_flag_errors(
     assert "Missing argument 'RECIPE'" in capsys.readouterr().err
 
 
-def test_interrupt_and_full_disk_leave_visibly_incomplete_output(
+def test_interrupt_leaves_visibly_incomplete_output(
     models: dict[str, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import lazymerge.engine as engine
-
-    real = engine.write_tensor
-    calls = {"n": 0}
-
-    def interrupt_later(*args: object, **kwargs: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 40:
-            raise KeyboardInterrupt
-        real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine, "write_tensor", interrupt_later)
-    recipe = founding_recipe(models, tmp_path)
+    # (resume, SIGTERM, SIGKILL and a full disk: tests/test_resume.py, tests/test_hostile.py)
+    interrupt_after(monkeypatch, 40)
     out = tmp_path / "out"
-    assert run_cli("merge", recipe, "-o", out, "-q") == 130
+    assert run_cli("merge", founding_recipe(models, tmp_path), "-o", out, "-q") == 130
     assert "interrupted; the output is incomplete" in capsys.readouterr().err
     assert list(out.glob("*.partial")) and not (out / "model.safetensors.index.json").exists()
-    monkeypatch.setattr(engine, "write_tensor", real)
-
-    def full(*args: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwrite", full)
-    err = error_of(capsys, "merge", recipe, "-o", out, "-q", "--overwrite")
-    assert "disk full" in err and "incomplete" in err
-    assert not (out / "model.safetensors.index.json").exists()
 
 
 def test_bytes_do_not_depend_on_the_memory_budget(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lazymerge.synthetic import LlamaShape, write_llama, write_lora
 
-from conftest import run_cli
+from conftest import interrupt_after, run_cli
 
 SHAPE = LlamaShape(layers=6, hidden=512, intermediate=1536, heads=8, kv_heads=8, vocab=300)
 
@@ -48,20 +48,6 @@ def assert_same_as_reference(job: Path, out: Path) -> None:
     for name in ("model.safetensors.index.json", "config.json"):
         assert (out / name).read_bytes() == (job / "reference" / name).read_bytes()
     assert not list(out.glob("*.partial"))
-
-
-def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    import lazymerge.engine as engine
-
-    real, calls = engine.write_tensor, {"n": 0}
-
-    def write_tensor(*args: object, **kwargs: object) -> bool:
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine, "write_tensor", write_tensor)
 
 
 def test_resume_after_ctrl_c_keeps_finished_shards_and_matches(
