@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import resource
 import sys
 import time
@@ -31,6 +32,9 @@ DEFAULT_MAX_MEMORY = 512 * 2**20
 # Plain copies move at most this much per step, so the mapped input pages a copy makes
 # resident stay small even when the budget is large.
 COPY_CHUNK = 64 * 2**20
+# Bytes queued for the writer's thread (hash + pwrite) while the next block is computed;
+# a block larger than this still goes, alone.
+WRITE_QUEUE = 64 * 2**20
 # Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
 # --max-memory below ~64 rows of the widest tensor is exceeded by that much.
 LORA_ROWS = 64
@@ -123,7 +127,7 @@ def _write_shards(
                 bar.update(shard.data_size)
                 continue
             (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
-            writer = ShardWriter(out, shard)
+            writer = ShardWriter(out, shard, inflight=WRITE_QUEUE)
             try:
                 for t in shard.tensors:
                     if not write_tensor(
@@ -181,9 +185,9 @@ def _copy(
     chunk = max(chunk, 1)
     for start in range(0, src.nbytes, chunk):
         stop = min(start + chunk, src.nbytes)
-        with reader.raw(src, start, stop) as view:
-            writer.write(offset + start, view)
-        reader.release(src, start, stop)
+        # The writer's thread reads the mapped bytes, then drops their pages.
+        release = functools.partial(reader.release, src, start, stop)
+        writer.write(offset + start, reader.raw(src, start, stop), after=release)
         step(stop - start)
 
 
@@ -208,9 +212,12 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
 def working_memory(t: PlannedTensor, budget: int) -> int:
     """Bytes of buffers and mapped input pages held at once while writing `t`."""
     if t.action != COMPUTE:
-        return min(budget, COPY_CHUNK, t.nbytes)
+        return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
     rows = block_rows(t, budget)
-    total = rows * _per_row(t)
+    # + the previous block's output, still queued for the writer while this one is computed
+    total = rows * _per_row(t) + min(
+        rows * (t.nbytes // max(t.rows, 1)), max(WRITE_QUEUE, t.nbytes)
+    )
     for lo in t.base_loras + t.other_loras:
         if lo.kind == REPLACE:
             total += rows * lo.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most

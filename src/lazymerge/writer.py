@@ -8,11 +8,13 @@ a directory a loadable model, is written last: an interrupted merge never has on
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,9 +66,15 @@ def build_header(tensors: Sequence[HeaderEntry]) -> bytes:
 
 
 class ShardWriter:
-    """Writes one shard: header first, then each tensor's bytes in plan order."""
+    """Writes one shard: header first, then each tensor's bytes in plan order.
 
-    def __init__(self, directory: Path, shard: Shard) -> None:
+    Hashing and `pwrite` run on a thread of their own, so they overlap the computation of
+    the next block; the bytes queued at once are bounded by `inflight`. A queued buffer
+    must stay untouched until written (the engine hands over fresh tensors and read-only
+    maps); `after` callbacks run once their bytes are on their way to disk.
+    """
+
+    def __init__(self, directory: Path, shard: Shard, inflight: int = 64 * 2**20) -> None:
         self.final = directory / shard.name
         self.partial = directory / (shard.name + PARTIAL)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -76,13 +84,57 @@ class ShardWriter:
         self._end = self._data_start + shard.data_size
         self._pos = 0
         self._pwrite(header, 0)
+        self._limit = max(inflight, 1)
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._items: collections.deque[
+            tuple[int, memoryview, Callable[[], object] | None] | None
+        ] = collections.deque()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"write {shard.name}", daemon=True)
+        self._thread.start()
 
-    def write(self, offset: int, data: memoryview | bytes) -> None:
-        """Write bytes at `offset` of the data section; offsets must arrive in order."""
+    def write(
+        self, offset: int, data: memoryview | bytes, after: Callable[[], object] | None = None
+    ) -> None:
+        """Queue bytes for `offset` of the data section; offsets must arrive in order."""
         if offset != self._pos:
             raise RuntimeError(f"{self.partial}: write at {offset}, expected {self._pos}")
-        self._pwrite(data, self._data_start + offset)
-        self._pos += len(data)
+        view = memoryview(data).cast("B")
+        with self._cond:
+            # Wait for room, but never forever: one item larger than the limit goes alone.
+            self._cond.wait_for(
+                lambda: (
+                    self._error is not None
+                    or self._queued == 0
+                    or self._queued + len(view) <= self._limit
+                )
+            )
+            if self._error is not None:
+                raise self._error
+            self._queued += len(view)
+            self._items.append((self._data_start + offset, view, after))
+            self._cond.notify_all()
+        self._pos += len(view)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._items))
+                item = self._items.popleft()
+            if item is None:
+                return
+            at, view, after = item
+            try:
+                if self._error is None:
+                    self._pwrite(view, at)
+                    if after is not None:
+                        after()
+            except BaseException as e:  # handed to the engine's thread at its next call
+                self._error = e
+            with self._cond:
+                self._queued -= len(view)
+                self._cond.notify_all()
 
     def _pwrite(self, data: memoryview | bytes, at: int) -> None:
         view = memoryview(data).cast("B")
@@ -91,8 +143,17 @@ class ShardWriter:
             n = os.pwrite(self._fd, view, at)
             view, at = view[n:], at + n
 
+    def _stop(self) -> None:
+        with self._cond:
+            self._items.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+
     def finish(self) -> ShardResult:
-        """fsync, close and give the shard its final name."""
+        """Wait for the queue, fsync, close and give the shard its final name."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
         if self._data_start + self._pos != self._end:
             raise RuntimeError(f"{self.partial}: {self._pos} data bytes written, plan says more")
         os.fsync(self._fd)
@@ -102,6 +163,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close without renaming: the `.partial` file stays, visibly incomplete."""
+        self._stop()
         os.close(self._fd)
 
 
