@@ -51,6 +51,13 @@ class PlannedTensor:
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
 
+    def reads(self) -> list[TensorRef]:
+        """The input tensors producing this one reads (LoRA factors included)."""
+        out = [] if self.action == COPY_OTHER else [self.base]
+        if self.other is not None and self.action != COPY_BASE:
+            out.append(self.other)
+        return out + [ref for lo in self.base_loras + self.other_loras for ref in lo.refs()]
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -84,14 +91,7 @@ class MergePlan:
 
     def reads(self) -> list[TensorRef]:
         """Every input tensor the merge reads, in execution order (A factors included)."""
-        out = []
-        for t in self.tensors:
-            if t.action != COPY_OTHER:
-                out.append(t.base)
-            if t.other is not None and t.action != COPY_BASE:
-                out.append(t.other)
-            out += [ref for lo in t.base_loras + t.other_loras for ref in lo.refs()]
-        return out
+        return [ref for t in self.tensors for ref in t.reads()]
 
     def layer_ratios(self) -> dict[int | None, list[float]]:
         """Distinct ratios per decoder layer (None: tensors outside the layers)."""
