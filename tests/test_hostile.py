@@ -242,7 +242,7 @@ CASES: dict[str, tuple[Build, str]] = {
     ),
     "base/other shape mismatch": (
         other_model(intermediate_size=96),
-        "has shape [64, 160] but other",
+        "model.layers.0.mlp.gate_proj.weight: base",
     ),
     "base/other layer counts differ": (other_model(num_hidden_layers=5), "has 8 layers but other"),
     "recipe unknown key": (recipe(setter("gradient", "ratio", value=1)), "unknown key 'ratio'"),

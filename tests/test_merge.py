@@ -286,7 +286,8 @@ def test_mismatched_models(
         capsys, "gradient", models["base"], narrow, "--values", "0.5", "-o", tmp_path / "o"
     )
     # Embeddings have ratio 0 here, so the first blended tensor is the one refused.
-    assert "model.layers." in err and "has shape [64] but other" in err and "has [32]" in err
+    assert "model.layers.0.self_attn.q_proj.weight: base" in err
+    assert "has shape [64, 64] but other" in err and "has [64, 32]" in err
     assert not (tmp_path / "o").exists()
 
 

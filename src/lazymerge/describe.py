@@ -6,10 +6,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from lazymerge.gradient import layer_count
+from lazymerge.gradient import layer_count, natural_key
 from lazymerge.index import CheckpointIndex, TensorRef, itemsize
 from lazymerge.lora import CONFIG, LoraAdapter
-from lazymerge.plan import natural_key
 from lazymerge.report import human_bytes
 
 SHORT_LISTING = 12

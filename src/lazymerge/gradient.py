@@ -78,19 +78,24 @@ def first_rule(name: str, rules: Sequence[GradientRule]) -> int | None:
     return next((i for i, rule in enumerate(rules) if rule.matches(name)), None)
 
 
-def natural_key(name: str) -> tuple[int, int, int, str]:
-    """The model's natural order: embeddings, each layer in number order with its modules
-    in architecture order (weight before bias), the final norm, lm_head."""
+def natural_key(name: str) -> tuple[int, int, int, list[str | int]]:
+    """The model's natural order, also the output's: embeddings, each layer in number
+    order with its modules in architecture order (weight before bias), the final norm,
+    lm_head. Names are compared with their numbers as numbers (h.2 before h.10), so the
+    order never depends on the input format's."""
     layer = layer_of(name)
     if layer is not None:
         module = _LAYER.split(name, maxsplit=1)[-1]
         rank = next(
             (i for i, m in enumerate(MODULE_ORDER) if module.startswith(m + ".")), len(MODULE_ORDER)
         )
-        return (1, layer, rank, module.replace(".weight", ".0").replace(".bias", ".1"))
-    if "embed" in name or ".wte." in name:
-        return (0, 0, 0, name)
-    return (3, 0, 0, name) if "lm_head" in name else (2, 0, 0, name)
+        return (1, layer, rank, _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
+    section = 0 if "embed" in name or ".wte." in name else 3 if "lm_head" in name else 2
+    return (section, 0, 0, _digits(name))
+
+
+def _digits(text: str) -> list[str | int]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def tensor_ratios(values: Sequence[float], n: int) -> list[float]:

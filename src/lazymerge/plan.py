@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lazymerge.errors import InputError, RecipeError
-from lazymerge.gradient import all_ratios, layer_count, layer_of
+from lazymerge.gradient import all_ratios, layer_count, layer_of, natural_key
 from lazymerge.index import CheckpointIndex, TensorRef, itemsize
 from lazymerge.lora import REPLACE, LoraAdapter, LoraTerm
 from lazymerge.recipe import ModelSpec, Recipe
@@ -22,7 +22,6 @@ COPY_BASE, COPY_OTHER, COMPUTE = "copy-base", "copy-other", "compute"
 # from the config, transformers recomputes it and no longer loads it, and a safetensors
 # partner usually lacks it: it is left out of the output, always.
 DROPPED = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
-_NUMBERS = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
@@ -123,12 +122,6 @@ def build_plan(recipe: Recipe) -> MergePlan:
     tensors, shards = _shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
     return MergePlan(recipe, base, other, n_layers, tensors, shards, dropped, vocab_notes(tensors))
-
-
-def natural_key(name: str) -> list[str | int]:
-    """Output order: by name, numbers compared as numbers (layers 2 < 10), whatever the
-    input format's own order, so .bin and safetensors inputs give the same bytes."""
-    return [int(part) if part.isdigit() else part for part in _NUMBERS.split(name)]
 
 
 def _check_layers(
