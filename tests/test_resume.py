@@ -87,8 +87,9 @@ def test_resume_redoes_a_damaged_shard(
     assert_same_as_reference(job, out)
 
 
-def run_merge_child(job: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    cmd = [
+def merge_command(job: Path, out: Path) -> list[str]:
+    """`lazymerge merge` of the job's recipe, as a child process runs it."""
+    return [
         sys.executable,
         "-m",
         "lazymerge",
@@ -97,9 +98,13 @@ def run_merge_child(job: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
         "-o",
         str(out),
         "-q",
-        *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_merge_child(job: Path, out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        merge_command(job, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_first_shard(out: Path, proc: subprocess.Popen[str]) -> None:
@@ -232,15 +237,5 @@ def test_nonfinite_is_refused_unless_allowed(
 def test_bytes_do_not_depend_on_thread_count(job: Path, tmp_path: Path) -> None:
     for threads in ("1", "2"):
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        cmd = [
-            sys.executable,
-            "-m",
-            "lazymerge",
-            "merge",
-            str(job / "recipe.yaml"),
-            "-o",
-            str(tmp_path / threads),
-            "-q",
-        ]
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(merge_command(job, tmp_path / threads), env=env, check=True)
         assert shards(tmp_path / threads) == shards(job / "reference"), threads
