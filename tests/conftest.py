@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lazymerge.cli import main
@@ -123,3 +125,31 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine, "write_tensor", write_tensor)
+
+
+def synthetic_job(
+    root: Path,
+    shape: Any,
+    gradient: dict[str, Any],
+    *,
+    r: int = 64,
+    output: dict[str, Any] | None = None,
+    shard_size: int = 2 * 10**9,
+    fmt: str = "safetensors",
+) -> Path:
+    """Random base + other (lazymerge.synthetic) + a LoRA at 0.25 on the other, and a
+    recipe over them at root/recipe.yaml; returns the recipe's path."""
+    from lazymerge.synthetic import write_llama, write_lora
+
+    write_llama(root / "base", shape, seed=1, shard_size=shard_size, fmt=fmt)
+    write_llama(root / "other", shape, seed=2, shard_size=shard_size, fmt=fmt)
+    write_lora(root / "lora", shape, seed=3, r=r)
+    recipe: dict[str, Any] = {
+        "base": "base",
+        "other": {"model": "other", "loras": [{"path": "lora", "weight": 0.25}]},
+        "gradient": gradient,
+    }
+    if output is not None:
+        recipe["output"] = output
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "recipe.yaml"

@@ -5,11 +5,16 @@ import pytest
 
 from lazymerge.gradient import (
     GradientRule,
+    all_ratios,
     anchor_ratio,
     layer_count,
     layer_of,
-    ratio_for,
 )
+
+
+def ratio_for(name: str, rules: list[GradientRule], n_layers: int) -> float:
+    """One tensor's ratio through the function the planner uses."""
+    return all_ratios([name], rules, n_layers)[name]
 
 
 def test_two_anchors_are_linspace() -> None:

@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lazymerge.engine import DEFAULT_MAX_MEMORY, estimate_peak
 from lazymerge.plan import build_plan
 from lazymerge.recipe import load_recipe
-from lazymerge.synthetic import LlamaShape, write_llama, write_lora
+from lazymerge.synthetic import LlamaShape
+
+from conftest import synthetic_job
 
 MiB = 2**20
 # VmHWM, not getrusage: ru_maxrss survives exec, so a child would inherit this test
@@ -38,17 +39,12 @@ def merge_peak(root: Path, layers: int, fmt: str = "safetensors") -> tuple[int, 
         layers=layers, hidden=768, intermediate=2048, heads=12, kv_heads=12, vocab=2000
     )
     d = root / f"l{layers}-{fmt}"
-    write_llama(d / "base", shape, seed=1, shard_size=40 * 10**6, fmt=fmt)
-    write_llama(d / "other", shape, seed=2, shard_size=40 * 10**6, fmt=fmt)
-    write_lora(d / "lora", shape, seed=3, r=16)
-    recipe = {
-        "base": "base",
-        "other": {"model": "other", "loras": [{"path": "lora", "weight": 0.25}]},
-        "gradient": {"values": [0.9, 0.1]},
-        "output": {"dtype": "float16", "shard_size": "50MB"},
-    }
-    (d / "r.yaml").write_text(yaml.safe_dump(recipe))
-    args = ["merge", str(d / "r.yaml"), "-o", str(d / "out"), "-q"]
+    d.mkdir()
+    recipe = synthetic_job(
+        d, shape, {"values": [0.9, 0.1]}, r=16, shard_size=40 * 10**6, fmt=fmt,
+        output={"dtype": "float16", "shard_size": "50MB"},
+    )  # fmt: skip
+    args = ["merge", str(recipe), "-o", str(d / "out"), "-q"]
     code = f"from lazymerge.cli import main; assert main({args!r}) == 0; {PEAK}"
     peak = child_peak(code)
     manifest = json.loads((d / "out" / "lazymerge.json").read_text())
@@ -73,6 +69,6 @@ def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
     assert peak8 - idle < read8 / 5, report  # a few tensors' worth, not the model
     assert abs(bin8 - peak8) < 16 * MiB, report  # .bin inputs stream just as lean
     # `lazymerge plan` predicted it: interpreter + the largest working set.
-    plan = build_plan(load_recipe(tmp_path / "l8-safetensors" / "r.yaml"))
+    plan = build_plan(load_recipe(tmp_path / "l8-safetensors" / "recipe.yaml"))
     estimate = estimate_peak(plan, DEFAULT_MAX_MEMORY)
     assert abs(estimate - peak8) < 32 * MiB, f"{report}, estimated {estimate / MiB:.0f} MiB"

@@ -12,7 +12,15 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import N_LAYERS, interrupt_after, load_merged, peft_merge, run_cli, tiny_config
+from conftest import (
+    N_LAYERS,
+    interrupt_after,
+    load_merged,
+    peft_merge,
+    run_cli,
+    synthetic_job,
+    tiny_config,
+)
 
 SPAN = 5  # the founding [0, 25) of 40 layers, scaled to 8
 
@@ -338,22 +346,14 @@ def test_interrupt_leaves_visibly_incomplete_output(
 
 def test_bytes_do_not_depend_on_the_memory_budget(tmp_path: Path) -> None:
     """Row blocks of different sizes must not change a LoRA product's rounding."""
-    from lazymerge.synthetic import LlamaShape, write_llama, write_lora
+    from lazymerge.synthetic import LlamaShape
 
     shape = LlamaShape(layers=1, hidden=512, intermediate=1536, heads=8, kv_heads=8, vocab=300)
-    write_llama(tmp_path / "base", shape, seed=1)
-    write_llama(tmp_path / "other", shape, seed=2)
-    write_lora(tmp_path / "lora", shape, seed=3, r=64)
-    recipe = {
-        "base": "base",
-        "other": {"model": "other", "loras": [{"path": "lora", "weight": 0.25}]},
-        "gradient": {"values": [0.6]},
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    recipe = synthetic_job(tmp_path, shape, {"values": [0.6]})
     outputs = []
     for budget in ("512MiB", "3MiB", "1MiB", "1KiB"):
         out = tmp_path / f"out-{budget}"
-        assert run_cli("merge", tmp_path / "r.yaml", "-o", out, "-q", "--max-memory", budget) == 0
+        assert run_cli("merge", recipe, "-o", out, "-q", "--max-memory", budget) == 0
         outputs.append(shard_bytes(out))
     assert all(o == outputs[0] for o in outputs[1:])
 

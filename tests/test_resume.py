@@ -14,9 +14,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lazymerge.synthetic import LlamaShape, write_llama, write_lora
+from lazymerge.synthetic import LlamaShape
 
-from conftest import interrupt_after, run_cli
+from conftest import interrupt_after, run_cli, synthetic_job
 
 SHAPE = LlamaShape(layers=6, hidden=512, intermediate=1536, heads=8, kv_heads=8, vocab=300)
 
@@ -25,22 +25,23 @@ SHAPE = LlamaShape(layers=6, hidden=512, intermediate=1536, heads=8, kv_heads=8,
 def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A recipe over ~40 MB models whose output spans several shards."""
     root = tmp_path_factory.mktemp("resume")
-    write_llama(root / "base", SHAPE, seed=1)
-    write_llama(root / "other", SHAPE, seed=2)
-    write_lora(root / "lora", SHAPE, seed=3, r=64)
-    recipe = {
-        "base": "base",
-        "other": {"model": "other", "loras": [{"path": "lora", "weight": 0.25}]},
-        "gradient": {"values": [0.9, 0.0], "layers": [0, 4]},
-        "output": {"dtype": "float16", "shard_size": "4MB"},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    synthetic_job(
+        root, SHAPE, {"values": [0.9, 0.0], "layers": [0, 4]},
+        output={"dtype": "float16", "shard_size": "4MB"},
+    )  # fmt: skip
     assert run_cli("merge", root / "recipe.yaml", "-o", root / "reference", "-q") == 0
     return root
 
 
 def shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def interrupted(job: Path, out: Path, monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+    """A merge of the job stopped by Ctrl-C at its `after`-th tensor."""
+    interrupt_after(monkeypatch, after)
+    assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q") == 130
+    monkeypatch.undo()
 
 
 def assert_same_as_reference(job: Path, out: Path) -> None:
@@ -54,14 +55,12 @@ def test_resume_after_ctrl_c_keeps_finished_shards_and_matches(
     job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    interrupt_after(monkeypatch, 40)
-    assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q") == 130
+    interrupted(job, out, monkeypatch, after=40)
     assert "run the same command with --resume" in capsys.readouterr().err
     assert not (out / "model.safetensors.index.json").exists() and list(out.glob("*.partial"))
     done = json.loads((out / "lazymerge.json").read_text())
     assert done["status"] == "incomplete" and done["shards"]
     finished = {name: (out / name).stat().st_mtime_ns for name in done["shards"]}
-    monkeypatch.undo()
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q") == 1  # not without --resume
     assert "pass --resume" in capsys.readouterr().err
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "--resume", "--json") == 0
@@ -76,9 +75,7 @@ def test_resume_redoes_a_damaged_shard(
     job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
-    interrupt_after(monkeypatch, 50)
-    assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q") == 130
-    monkeypatch.undo()
+    interrupted(job, out, monkeypatch, after=50)
     first = sorted(json.loads((out / "lazymerge.json").read_text())["shards"])[0]
     data = bytearray((out / first).read_bytes())
     data[-1] ^= 0xFF  # a bit flipped on disk
@@ -135,9 +132,7 @@ def test_resume_refuses_changed_recipe_or_inputs(
     job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    interrupt_after(monkeypatch, 40)
-    assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q") == 130
-    monkeypatch.undo()
+    interrupted(job, out, monkeypatch, after=40)
     changed = yaml.safe_load((job / "recipe.yaml").read_text())
     changed["gradient"]["values"] = [0.8, 0.0]
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
@@ -197,8 +192,7 @@ def test_verify(
     assert run_cli("verify", out) == 1
     assert f"{name} is mapped to" in capsys.readouterr().err
     # An interrupted merge is reported as such.
-    interrupt_after(monkeypatch, 40)
-    assert run_cli("merge", job / "recipe.yaml", "-o", tmp_path / "cut", "-q") == 130
+    interrupted(job, tmp_path / "cut", monkeypatch, after=40)
     capsys.readouterr()
     assert run_cli("verify", tmp_path / "cut") == 1
     assert "the merge is incomplete" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lazymerge.errors import NumericsError, OutputError
 from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
 from lazymerge.lora import LORA, LORA_T, REPLACE, LoraTerm
-from lazymerge.manifest import MANIFEST, ShardResult, completed_shards, manifest
+from lazymerge.manifest import MANIFEST, Record, ShardResult, completed_shards
 from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor
 from lazymerge.writer import ShardWriter, finalize_output, prepare_output, write_json
 
@@ -76,13 +76,14 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
     start = time.monotonic()
     _return_freed_memory()
     out = prepare_output(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
-    kept = completed_shards(out, plan) if opts.resume else {}
+    record = Record(plan)
+    kept = completed_shards(out, plan, record) if opts.resume else {}
     try:
         # The first record: fingerprints to resume against, even if shard 1 never ends.
-        write_json(out / MANIFEST, manifest(plan, list(kept.values()), complete=False))
-        results, nonfinite = _write_shards(plan, out, opts, kept)
+        write_json(out / MANIFEST, record.data(list(kept.values()), complete=False))
+        results, nonfinite = _write_shards(plan, out, opts, kept, record)
         extra = {"nonfinite": nonfinite} if nonfinite else {}
-        finalize_output(out, plan, results, opts.before_index, extra)
+        finalize_output(out, plan, record.data(results, complete=True, **extra), opts.before_index)
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise OutputError(
@@ -110,7 +111,7 @@ def _return_freed_memory() -> None:
 
 
 def _write_shards(
-    plan: MergePlan, out: Path, opts: MergeOptions, kept: dict[str, ShardResult]
+    plan: MergePlan, out: Path, opts: MergeOptions, kept: dict[str, ShardResult], record: Record
 ) -> tuple[list[ShardResult], list[str]]:
     results: list[ShardResult] = []
     nonfinite: list[str] = []
@@ -139,7 +140,7 @@ def _write_shards(
             except BaseException:
                 writer.abort()
                 raise
-            write_json(out / MANIFEST, manifest(plan, results, complete=False))
+            write_json(out / MANIFEST, record.data(results, complete=False))
     return results, nonfinite
 
 
@@ -215,9 +216,7 @@ def working_memory(t: PlannedTensor, budget: int) -> int:
         return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
     rows = block_rows(t, budget)
     # + the previous block's output, still queued for the writer while this one is computed
-    total = rows * _per_row(t) + min(
-        rows * (t.nbytes // max(t.rows, 1)), max(WRITE_QUEUE, t.nbytes)
-    )
+    total = rows * _per_row(t) + rows * (t.nbytes // max(t.rows, 1))
     for lo in t.base_loras + t.other_loras:
         if lo.kind == REPLACE:
             total += rows * lo.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most

@@ -124,9 +124,3 @@ def all_ratios(
         else:
             out.update((n, rule_ratio(rule, n, n_layers)) for n in mine)
     return out
-
-
-def ratio_for(name: str, rules: Sequence[GradientRule], n_layers: int) -> float:
-    """Fraction of `other` in tensor `name`: the first matching rule decides, else 0."""
-    i = first_rule(name, rules)
-    return 0.0 if i is None else rule_ratio(rules[i], name, n_layers)

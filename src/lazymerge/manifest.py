@@ -43,31 +43,37 @@ def fingerprint(path: Path) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header_digest(path)}
 
 
-def manifest(
-    plan: MergePlan,
-    shards: Sequence[ShardResult],
-    *,
-    complete: bool,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "lazymerge_version": __version__,
-        "status": "complete" if complete else "incomplete",
-        "recipe_sha256": recipe_hash(plan),
-        "recipe": plan.recipe.to_dict(),
-        "inputs": {str(p): fingerprint(p) for p in plan_inputs(plan)},
-        "tensors": {
-            t.name: {
-                "ratio": t.ratio,
-                "action": t.action,
-                "base_loras": [str(lo.adapter) for lo in t.base_loras],
-                "other_loras": [str(lo.adapter) for lo in t.other_loras],
-            }
-            for t in plan.tensors
-        },
-        "shards": {s.name: {"size": s.size, "sha256": s.sha256} for s in shards},
-        **extra,
-    }
+class Record:
+    """A merge's manifest. Its fixed part (recipe hash, input fingerprints, per-tensor
+    decisions) is taken once, when the merge starts: those are the inputs this run read."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.fixed: dict[str, Any] = {
+            "lazymerge_version": __version__,
+            "recipe_sha256": recipe_hash(plan),
+            "recipe": plan.recipe.to_dict(),
+            "inputs": {str(p): fingerprint(p) for p in plan_inputs(plan)},
+            "tensors": {
+                t.name: {
+                    "ratio": t.ratio,
+                    "action": t.action,
+                    "base_loras": [str(lo.adapter) for lo in t.base_loras],
+                    "other_loras": [str(lo.adapter) for lo in t.other_loras],
+                }
+                for t in plan.tensors
+            },
+        }
+
+    def data(
+        self, shards: Sequence[ShardResult], *, complete: bool, **extra: Any
+    ) -> dict[str, Any]:
+        """The manifest as written now: status, the fixed part, the shards done so far."""
+        return {
+            "status": "complete" if complete else "incomplete",
+            **self.fixed,
+            "shards": {s.name: {"size": s.size, "sha256": s.sha256} for s in shards},
+            **extra,
+        }
 
 
 def file_sha256(path: Path) -> str:
@@ -75,7 +81,7 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def completed_shards(out: Path, plan: MergePlan) -> dict[str, ShardResult]:
+def completed_shards(out: Path, plan: MergePlan, record: Record) -> dict[str, ShardResult]:
     """The shards an earlier attempt finished and that are still intact on disk.
 
     Refuses (OutputError) when the recipe, an input or lazymerge changed since then.
@@ -88,7 +94,7 @@ def completed_shards(out: Path, plan: MergePlan) -> dict[str, ShardResult]:
         recorded = old["shards"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise OutputError(f"{path}: unreadable ({e}); cannot resume, use --overwrite") from None
-    _check_same(path, old, plan)
+    _check_same(path, old, record)
     planned = {s.name for s in plan.shards}
     kept = {}
     for name, rec in recorded.items():
@@ -103,15 +109,15 @@ def completed_shards(out: Path, plan: MergePlan) -> dict[str, ShardResult]:
     return kept
 
 
-def _check_same(path: Path, old: dict[str, Any], plan: MergePlan) -> None:
+def _check_same(path: Path, old: dict[str, Any], record: Record) -> None:
     why = "; cannot resume: start over with --overwrite"
     if old.get("lazymerge_version") != __version__:
         raise OutputError(
             f"{path}: written by lazymerge {old.get('lazymerge_version')}, this is {__version__}{why}"
         )
-    if old.get("recipe_sha256") != recipe_hash(plan):
+    if old.get("recipe_sha256") != record.fixed["recipe_sha256"]:
         raise OutputError(f"{path}: the recipe changed since the first attempt{why}")
-    now = {str(p): fingerprint(p) for p in plan_inputs(plan)}
+    now: dict[str, Any] = record.fixed["inputs"]
     for name, fp in now.items():
         if old.get("inputs", {}).get(name) != fp:
             raise OutputError(f"{path}: input {name} changed since the first attempt{why}")

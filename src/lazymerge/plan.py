@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lazymerge.errors import InputError, RecipeError
-from lazymerge.gradient import all_ratios, layer_count, layer_of, natural_key
+from lazymerge.gradient import all_ratios, layer_count, natural_key
 from lazymerge.index import CheckpointIndex, TensorRef, itemsize
 from lazymerge.lora import REPLACE, LoraAdapter, LoraTerm
 from lazymerge.recipe import ModelSpec, Recipe
@@ -91,15 +91,6 @@ class MergePlan:
     def reads(self) -> list[TensorRef]:
         """Every input tensor the merge reads, in execution order (A factors included)."""
         return [ref for t in self.tensors for ref in t.reads()]
-
-    def layer_ratios(self) -> dict[int | None, list[float]]:
-        """Distinct ratios per decoder layer (None: tensors outside the layers)."""
-        out: dict[int | None, list[float]] = {}
-        for t in self.tensors:
-            ratios = out.setdefault(layer_of(t.name), [])
-            if t.ratio not in ratios:
-                ratios.append(t.ratio)
-        return out
 
 
 def build_plan(recipe: Recipe) -> MergePlan:

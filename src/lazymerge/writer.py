@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from lazymerge.errors import OutputError
 from lazymerge.index import SAFETENSORS_INDEX
-from lazymerge.manifest import MANIFEST, ShardResult, manifest
+from lazymerge.manifest import MANIFEST, ShardResult
 from lazymerge.plan import MergePlan, Shard
 from lazymerge.recipe import DTYPE_LABELS
 
@@ -205,9 +205,8 @@ def prepare_output(
 def finalize_output(
     out: Path,
     plan: MergePlan,
-    shards: Sequence[ShardResult],
+    manifest: dict[str, Any],
     before_index: Callable[[Path], None] | None = None,
-    manifest_extra: dict[str, Any] | None = None,
 ) -> None:
     """Write config, tokenizer files, manifest, what `before_index` adds, and last the index."""
     base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
@@ -215,7 +214,7 @@ def finalize_output(
     for name in AUX_FILES:
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, out / name)
-    write_json(out / MANIFEST, manifest(plan, shards, complete=True, **(manifest_extra or {})))
+    write_json(out / MANIFEST, manifest)
     if before_index is not None:
         before_index(out)
     weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
