@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -238,6 +239,86 @@ def _run(
         click.echo(summary(the_plan, result))
     for name in result.nonfinite:
         click.echo(f"lazymerge: warning: {name} holds NaN/Inf values (--allow-nonfinite)", err=True)
+
+
+_batch_options = _apply([
+    click.option("--out-root", required=True, type=click.Path(path_type=Path),
+                 help="Each merge goes to OUT_ROOT/<recipe file name without extension>/."),
+    click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="local: worker processes here; ray: tasks on a Ray cluster (pip install 'lazymerge[ray]')."),
+    click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Shards written at once (local), or CPUs of the Ray instance started here."),
+    click.option("--address", help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start one here)."),
+    click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+                 help="Times a shard is redone after its worker dies."),
+    click.option("--overwrite", is_flag=True, help="Redo every merge, even complete ones (default: keep complete merges and shards)."),
+    click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors even if they hold NaN/Inf."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table."),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+])  # fmt: skip
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_batch_options
+@_plan_options
+def batch(
+    recipes: tuple[Path, ...],
+    out_root: Path,
+    executor: str,
+    jobs: int,
+    address: str | None,
+    retries: int,
+    dtype: str | None,
+    shard_size: str | None,
+    max_memory: str | None,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    quiet: bool,
+    as_json: bool,
+) -> int:
+    """Run many RECIPES, one task per output shard, on local processes or Ray; bytes are
+    those of `lazymerge merge`. A failed merge does not stop the others; a re-run keeps
+    complete merges and shards. Inputs and OUT_ROOT must be at the same paths on every
+    worker (shared storage).
+
+    Example: lazymerge batch sweep/*.yaml --out-root /nfs/merges --executor ray --address auto
+    """
+    from lazymerge.batch import (
+        FAILED,
+        BatchSettings,
+        Executor,
+        LocalExecutor,
+        RayExecutor,
+        batch_json,
+        batch_table,
+        run_batch,
+    )
+
+    if address is not None and executor != "ray":
+        raise RecipeError("--address is for --executor ray")
+    settings = BatchSettings(
+        dtype=parse_dtype(dtype, "--dtype") if dtype else None,
+        shard_size=parse_size(shard_size, "--shard-size") if shard_size else None,
+        max_memory=parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        progress=not quiet,
+    )
+    runner: Executor = (
+        RayExecutor(address, jobs, retries) if executor == "ray" else LocalExecutor(jobs, retries)
+    )
+    start = time.monotonic()
+    merges = run_batch(recipes, out_root, settings, runner)
+    seconds = time.monotonic() - start
+    if as_json:
+        click.echo(json.dumps(batch_json(merges, seconds)))
+    elif not quiet:
+        click.echo(batch_table(merges, seconds))
+    failed = [m for m in merges if m.status == FAILED]
+    for m in failed:
+        click.echo(f"lazymerge: error: {m.recipe_path}: {m.error}", err=True)
+    return 1 if failed else 0
 
 
 @cli.command()

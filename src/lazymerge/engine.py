@@ -14,7 +14,7 @@ import functools
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from lazymerge.errors import NumericsError, OutputError
 from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
 from lazymerge.lora import LORA, LORA_T, REPLACE, LoraTerm
 from lazymerge.manifest import MANIFEST, Record, ShardResult, completed_shards
-from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor
+from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor, Shard
 from lazymerge.writer import ShardWriter, finalize_output, prepare_output, write_json
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
@@ -76,20 +76,11 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
     start = time.monotonic()
     _return_freed_memory()
     out = prepare_output(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
-    record = Record(plan)
-    kept = completed_shards(out, plan, record) if opts.resume else {}
-    try:
-        # The first record: fingerprints to resume against, even if shard 1 never ends.
-        write_json(out / MANIFEST, record.data(list(kept.values()), complete=False))
+    with output_errors(out):
+        record, kept = open_record(plan, out, opts.resume)
         results, nonfinite = _write_shards(plan, out, opts, kept, record)
         extra = {"nonfinite": nonfinite} if nonfinite else {}
         finalize_output(out, plan, record.data(results, complete=True, **extra), opts.before_index)
-    except OSError as e:
-        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise OutputError(
-            f"writing {out}: {what}; the output is incomplete (.partial shards, no index); "
-            "fix that and run the same command with --resume"
-        ) from e
     return MergeResult(
         out,
         tuple(results),
@@ -100,6 +91,33 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
         tuple(kept),
         tuple(nonfinite),
     )
+
+
+def open_record(
+    plan: MergePlan, out: Path, resume: bool, record: Record | None = None
+) -> tuple[Record, dict[str, ShardResult]]:
+    """Write the first, incomplete manifest into the prepared `out`.
+
+    Returns the merge's record and the shards an earlier attempt completed (`resume`).
+    """
+    record = record or Record(plan)
+    kept = completed_shards(out, plan, record) if resume else {}
+    # The first record: fingerprints to resume against, even if shard 1 never ends.
+    write_json(out / MANIFEST, record.data(list(kept.values()), complete=False))
+    return record, kept
+
+
+@contextlib.contextmanager
+def output_errors(out: Path, again: str = "run the same command with --resume") -> Iterator[None]:
+    """An OSError while writing becomes one OutputError line that says what to do."""
+    try:
+        yield
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(
+            f"writing {out}: {what}; the output is incomplete (.partial shards, no index); "
+            f"fix that and {again}"
+        ) from e
 
 
 def _return_freed_memory() -> None:
@@ -127,21 +145,33 @@ def _write_shards(
                 results.append(kept[shard.name])
                 bar.update(shard.data_size)
                 continue
-            (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
-            writer = ShardWriter(out, shard, inflight=WRITE_QUEUE)
-            try:
-                for t in shard.tensors:
-                    if not write_tensor(
-                        t, reader, writer, opts.max_memory, bar.update, opts.allow_nonfinite
-                    ):
-                        nonfinite.append(t.name)
-                    reader.release_touched()
-                results.append(writer.finish())
-            except BaseException:
-                writer.abort()
-                raise
+            result, bad = write_shard(shard, out, reader, opts, bar.update)
+            results.append(result)
+            nonfinite += bad
             write_json(out / MANIFEST, record.data(results, complete=False))
     return results, nonfinite
+
+
+def write_shard(
+    shard: Shard, out: Path, reader: MappedReader, opts: MergeOptions, step: Step
+) -> tuple[ShardResult, list[str]]:
+    """Write one output shard, complete and renamed, from the plan alone: its bytes do not
+    depend on which shards were written before it, or where (see lazymerge.batch).
+
+    Returns its record and the tensors written with NaN/Inf (allow_nonfinite).
+    """
+    nonfinite: list[str] = []
+    (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
+    writer = ShardWriter(out, shard, inflight=WRITE_QUEUE)
+    try:
+        for t in shard.tensors:
+            if not write_tensor(t, reader, writer, opts.max_memory, step, opts.allow_nonfinite):
+                nonfinite.append(t.name)
+            reader.release_touched()
+        return writer.finish(), nonfinite
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def peak_rss() -> int:

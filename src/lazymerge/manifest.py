@@ -17,7 +17,7 @@ from typing import Any
 
 from lazymerge import __version__
 from lazymerge.errors import OutputError
-from lazymerge.index import header_digest
+from lazymerge.index import SAFETENSORS_INDEX, header_digest
 from lazymerge.plan import MergePlan, plan_inputs
 
 MANIFEST = "lazymerge.json"
@@ -89,11 +89,8 @@ def completed_shards(out: Path, plan: MergePlan, record: Record) -> dict[str, Sh
     path = out / MANIFEST
     if not path.is_file():
         return {}  # the first attempt died before its first record: start afresh
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        recorded = old["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise OutputError(f"{path}: unreadable ({e}); cannot resume, use --overwrite") from None
+    old = _read(path)
+    recorded = old["shards"]
     _check_same(path, old, record)
     planned = {s.name for s in plan.shards}
     kept = {}
@@ -107,6 +104,39 @@ def completed_shards(out: Path, plan: MergePlan, record: Record) -> dict[str, Sh
         ):
             kept[name] = ShardResult(name, rec["size"], rec["sha256"])
     return kept
+
+
+def is_complete(out: Path, plan: MergePlan, record: Record) -> bool:
+    """Whether `out` holds this very merge, finished: index present, manifest complete and
+    made from the same recipe, inputs and lazymerge, every shard there at its size.
+
+    Cheap (no shard is read); `lazymerge verify` rehashes. Refuses (OutputError) when a
+    finished merge there came from another recipe or other inputs.
+    """
+    path = out / MANIFEST
+    if not (path.is_file() and (out / SAFETENSORS_INDEX).is_file()):
+        return False
+    old = _read(path)
+    if old.get("status") != "complete":
+        return False
+    _check_same(path, old, record)
+    recorded = old["shards"]
+    return all(
+        (out / s.name).is_file()
+        and s.name in recorded
+        and (out / s.name).stat().st_size == recorded[s.name].get("size")
+        for s in plan.shards
+    )
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict) or not isinstance(old["shards"], dict):
+            raise TypeError("not a lazymerge manifest")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"{path}: unreadable ({e}); cannot resume, use --overwrite") from None
+    return old
 
 
 def _check_same(path: Path, old: dict[str, Any], record: Record) -> None:

@@ -1,0 +1,514 @@
+"""`lazymerge batch`: many recipes, one task per output shard, on local processes or Ray.
+
+A plan fixes every output shard's tensors, offsets and header from the input headers
+alone, so any worker that sees the same files (shared storage) can write any shard, in
+any order, and the bytes are those of a serial `lazymerge merge`. Workers write shards
+only; the driver alone writes each merge's manifest and, once all of its shards are in
+and checked, its card and index. A worker that dies leaves a `.partial` file, which the
+retried task overwrites; a re-run keeps what the `--resume` rules keep.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from lazymerge.engine import (
+    MergeOptions,
+    _return_freed_memory,
+    open_record,
+    output_errors,
+    peak_rss,
+    write_shard,
+)
+from lazymerge.errors import InputError, LazyMergeError, OutputError, RecipeError
+from lazymerge.index import SAFETENSORS_INDEX, MappedReader
+from lazymerge.manifest import MANIFEST, Record, ShardResult, file_sha256, is_complete
+from lazymerge.plan import MergePlan, build_plan
+from lazymerge.recipe import Recipe, load_recipe
+from lazymerge.writer import build_header, finalize_output, prepare_output, write_json
+
+MERGED, SKIPPED, FAILED = "merged", "skipped", "failed"
+# Adds files (the model card) to a merge's output before its index: (out, plan, title).
+Card = Callable[[Path, MergePlan, str], None]
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What a worker needs to write one shard: the recipe (output settings applied, paths
+    absolute), where, and what the driver saw of the inputs, to refuse other files."""
+
+    merge: int  # the merge's position in the batch
+    shard: int  # its index in plan.shards
+    name: str
+    recipe: Recipe
+    out: Path
+    expect: dict[str, Any]  # Record.fixed's version, recipe hash and input fingerprints
+    max_memory: int
+    allow_nonfinite: bool
+    nbytes: int  # the shard's data bytes
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.merge, self.shard
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    result: ShardResult
+    nonfinite: tuple[str, ...]
+    redone: bool  # an earlier attempt's .partial was there: a died task, done again
+    seconds: float
+    peak_rss: int  # the worker process's, bytes
+    host: str
+
+
+# What an executor yields per task: its result, or the one line saying why it failed.
+Outcome = ShardDone | str
+
+
+class Executor(Protocol):
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[ShardTask, Outcome]]:
+        """Run every task, retrying those whose worker died; yield each once, as it ends."""
+        ...
+
+
+# --- the worker side -------------------------------------------------------------------
+
+_plans: dict[str, MergePlan] = {}  # per worker process: re-planning reads every header
+
+
+def make_shard(task: ShardTask) -> ShardDone:
+    """Write one output shard (runs on a worker)."""
+    start = time.monotonic()
+    host = socket.gethostname()
+    plan = _worker_plan(task, host)
+    if not task.out.is_dir():
+        raise OutputError(
+            f"on worker {host}: output {task.out} is not there; batch workers must see "
+            "the driver's paths (shared storage)"
+        )
+    shard = plan.shards[task.shard]
+    redone = (task.out / (shard.name + ".partial")).exists()
+    opts = MergeOptions(
+        max_memory=task.max_memory, progress=False, allow_nonfinite=task.allow_nonfinite
+    )
+    with output_errors(task.out, "re-run the batch"), MappedReader() as reader:
+        result, nonfinite = write_shard(shard, task.out, reader, opts, lambda n: None)
+    return ShardDone(result, tuple(nonfinite), redone, time.monotonic() - start, peak_rss(), host)
+
+
+def _worker_plan(task: ShardTask, host: str) -> MergePlan:
+    key = task.expect["recipe_sha256"]
+    if key in _plans:
+        return _plans[key]
+    try:
+        plan = build_plan(task.recipe)
+    except InputError as e:
+        raise InputError(
+            f"on worker {host}: {e} (batch workers must see the driver's paths: shared storage)"
+        ) from None
+    seen = Record(plan).fixed
+    for what in ("lazymerge_version", "recipe_sha256"):
+        if seen[what] != task.expect[what]:
+            raise OutputError(
+                f"on worker {host}: {what} {seen[what]} differs from the driver's "
+                f"{task.expect[what]}; install the same lazymerge on every worker"
+            )
+    for path, fp in task.expect["inputs"].items():
+        if seen["inputs"].get(path) != fp:
+            raise InputError(
+                f"on worker {host}: {path} is not the file the driver planned with (size, "
+                "mtime or header differ); batch workers must see the same files"
+            )
+    if len(_plans) >= 8:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _return_freed_memory()
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, LazyMergeError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return f"{type(e).__name__}: {e}"  # not one we anticipated: still one line
+
+
+# --- executors -------------------------------------------------------------------------
+
+
+class LocalExecutor:
+    """`jobs` worker processes on this machine (spawned: no state shared with the driver).
+
+    A worker that dies breaks the pool; the tasks it held are run again, in a new pool,
+    up to `retries` times each.
+    """
+
+    def __init__(self, jobs: int, retries: int) -> None:
+        self.jobs = jobs
+        self.retries = retries
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        return cf.ProcessPoolExecutor(
+            self.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(threads,),
+        )
+
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[ShardTask, Outcome]]:
+        queue = collections.deque(tasks)
+        deaths: collections.Counter[tuple[int, int]] = collections.Counter()
+        running: dict[cf.Future[ShardDone], ShardTask] = {}
+        pool: cf.ProcessPoolExecutor | None = None
+        broken, stillborn = False, 0
+        try:
+            while queue or running:
+                if pool is None:
+                    pool, broken = self._pool(), False
+                # No more in flight than workers: a pool that breaks takes only tasks
+                # that had started with it.
+                while queue and not broken and len(running) < self.jobs:
+                    try:
+                        running[pool.submit(make_shard, queue[0])] = queue[0]
+                        queue.popleft()
+                    except cf.process.BrokenProcessPool:  # broke since the last check
+                        broken = True
+                if not running:  # the pool broke before taking a task
+                    pool.shutdown(wait=True)
+                    pool, stillborn = None, stillborn + 1
+                    if stillborn > self.retries:
+                        while queue:
+                            yield queue.popleft(), "worker processes die as they start"
+                    continue
+                stillborn = 0
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        yield task, future.result()
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+                        deaths[task.key] += 1
+                        if deaths[task.key] > self.retries:
+                            yield task, _died(deaths[task.key])
+                        else:
+                            queue.appendleft(task)
+                    except Exception as e:
+                        yield task, _one_line(e)
+                if broken and not running:
+                    pool.shutdown(wait=True)
+                    pool = None
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _died(times: int) -> str:
+    return f"its worker died {times} time(s) (killed, preempted or out of memory); re-run the batch"
+
+
+class RayExecutor:
+    """One Ray task per shard, on the cluster at `address`, else on a Ray instance started
+    here with `jobs` CPUs. Ray reruns a task whose worker or node died (`retries` times);
+    errors of the merge itself (bad input, NaN) are not retried."""
+
+    def __init__(self, address: str | None, jobs: int, retries: int) -> None:
+        self.address = address
+        self.jobs = jobs
+        self.retries = retries
+
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[ShardTask, Outcome]]:
+        try:
+            import ray
+            from ray.exceptions import RayError, RayTaskError
+        except ImportError:
+            raise RecipeError("--executor ray needs Ray: pip install 'lazymerge[ray]'") from None
+        started = not ray.is_initialized()
+        if started:
+            try:
+                ray.init(
+                    address=self.address,
+                    num_cpus=self.jobs if self.address is None else None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise RecipeError(f"cannot reach Ray at {self.address}: {e}") from None
+        try:
+            remote = ray.remote(make_shard).options(
+                num_cpus=1, max_retries=self.retries, retry_exceptions=False
+            )
+            refs = {remote.remote(task): task for task in tasks}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    task = refs.pop(ref)
+                    try:
+                        yield task, ray.get(ref)
+                    except RayTaskError as e:
+                        yield task, _one_line(e.cause if e.cause is not None else e)
+                    except RayError:
+                        yield task, _died(self.retries + 1)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+# --- the driver ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    dtype: str | None = None
+    shard_size: int | None = None
+    max_memory: int = MergeOptions.max_memory
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Merge:
+    """One recipe's merge in a batch, as the driver follows it."""
+
+    recipe_path: Path
+    out: Path
+    status: str = "pending"
+    error: str = ""
+    plan: MergePlan | None = None
+    record: Record | None = None
+    shards: dict[str, ShardResult] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)
+    kept: int = 0  # shards an earlier run completed
+    redone: int = 0  # shards whose worker died and were written again
+    seconds: float = 0.0  # worker time spent on its shards
+    peak_rss: int = 0  # the largest worker's
+    index_sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.recipe_path.stem
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards.values())
+
+    def fail(self, why: str) -> None:
+        if self.status != FAILED:  # the first reason is the one to fix
+            self.status, self.error = FAILED, why
+
+
+def run_batch(
+    recipes: Sequence[Path],
+    out_root: Path,
+    settings: BatchSettings,
+    executor: Executor,
+    card: Card | None = None,
+) -> list[Merge]:
+    """Run every recipe's merge into out_root/<recipe stem>/; one failing does not stop
+    the others. `card(out, plan, title)` adds files before the index; by default the
+    model card `lazymerge merge` writes."""
+    card = card or _model_card
+    _refuse_same_names(recipes)
+    out_root = out_root.expanduser().resolve()
+    merges = [Merge(Path(r), out_root / Path(r).stem) for r in recipes]
+    tasks: list[ShardTask] = []
+    for i, m in enumerate(merges):
+        try:
+            tasks += _open(i, m, settings)
+        except LazyMergeError as e:
+            m.fail(str(e))
+        except OSError as e:
+            m.fail(_one_line(e))
+    waiting = collections.Counter(t.merge for t in tasks)
+    for i, m in enumerate(merges):
+        if m.status == "running" and not waiting[i]:  # every shard kept; the index was missing
+            _settle(m, card)
+    with tqdm(
+        total=sum(t.nbytes for t in tasks), unit="B", unit_scale=True, unit_divisor=1024,
+        desc="batch", disable=not settings.progress, file=sys.stderr,
+    ) as bar:  # fmt: skip
+        for task, outcome in executor.run(tasks):
+            m = merges[task.merge]
+            bar.update(task.nbytes)
+            waiting[task.merge] -= 1
+            if isinstance(outcome, str):
+                m.fail(f"{task.name}: {outcome}")
+            else:
+                _take(m, outcome)
+            if not waiting[task.merge]:
+                _settle(m, card)
+    return merges
+
+
+def _model_card(out: Path, plan: MergePlan, title: str) -> None:
+    from lazymerge.card import start_picture, write_card
+
+    write_card(out, plan, title, start_picture(plan, title))
+
+
+def _settle(m: Merge, card: Card) -> None:
+    """All of a merge's tasks have ended: finish it, unless one of them failed."""
+    if m.status == FAILED:
+        return
+    try:
+        _finish(m, card)
+    except LazyMergeError as e:
+        m.fail(str(e))
+    except OSError as e:
+        m.fail(_one_line(e))
+
+
+def _refuse_same_names(recipes: Sequence[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for r in map(Path, recipes):
+        if r.stem in seen:
+            raise RecipeError(
+                f"{seen[r.stem]} and {r} would both write to <out-root>/{r.stem}; rename one"
+            )
+        seen[r.stem] = r
+
+
+def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
+    """Plan one merge and prepare its output; the tasks of the shards it still needs."""
+    recipe = load_recipe(m.recipe_path)
+    output = recipe.output
+    if settings.dtype is not None:
+        output = replace(output, dtype=settings.dtype)
+    if settings.shard_size is not None:
+        output = replace(output, shard_size=settings.shard_size)
+    recipe = replace(recipe, output=output)
+    m.plan = plan = build_plan(recipe)
+    m.record = Record(plan)
+    if not settings.overwrite and is_complete(m.out, plan, m.record):
+        m.status, m.index_sha256 = SKIPPED, file_sha256(m.out / SAFETENSORS_INDEX)
+        return []
+    m.out = prepare_output(
+        m.out, recipe.inputs(), settings.overwrite, resume=not settings.overwrite
+    )
+    with output_errors(m.out, "re-run the batch"):
+        _, kept = open_record(plan, m.out, resume=not settings.overwrite, record=m.record)
+    m.shards, m.kept, m.status = dict(kept), len(kept), "running"
+    expect = _expect(m.record)
+    return [
+        ShardTask(
+            i,
+            n,
+            s.name,
+            recipe,
+            m.out,
+            expect,
+            settings.max_memory,
+            settings.allow_nonfinite,
+            s.data_size,
+        )
+        for n, s in enumerate(plan.shards)
+        if s.name not in kept
+    ]
+
+
+def _expect(record: Record) -> dict[str, Any]:
+    return {k: record.fixed[k] for k in ("lazymerge_version", "recipe_sha256", "inputs")}
+
+
+def _take(m: Merge, done: ShardDone) -> None:
+    assert m.plan is not None and m.record is not None
+    m.shards[done.result.name] = done.result
+    m.nonfinite += done.nonfinite
+    m.redone += done.redone
+    m.seconds += done.seconds
+    m.peak_rss = max(m.peak_rss, done.peak_rss)
+    if m.status != FAILED:
+        write_json(m.out / MANIFEST, m.record.data(_in_order(m), complete=False))
+
+
+def _in_order(m: Merge) -> list[ShardResult]:
+    assert m.plan is not None
+    return [m.shards[s.name] for s in m.plan.shards if s.name in m.shards]
+
+
+def _finish(m: Merge, card: Card) -> None:
+    """Check every shard the workers wrote, then write the card, manifest and index."""
+    plan = m.plan
+    assert plan is not None and m.record is not None
+    for s in plan.shards:
+        path = m.out / s.name
+        result = m.shards.get(s.name)
+        header = build_header(s.tensors)
+        if result is None or not path.is_file() or path.stat().st_size != result.size:
+            raise OutputError(f"{path}: missing or not the size its worker reported")
+        with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                raise OutputError(f"{path}: its header is not the plan's")
+    extra = {"nonfinite": m.nonfinite} if m.nonfinite else {}
+    manifest = m.record.data(_in_order(m), complete=True, **extra)
+    with output_errors(m.out, "re-run the batch"):
+        finalize_output(m.out, plan, manifest, lambda out: card(out, plan, m.name))
+    m.status, m.index_sha256 = MERGED, file_sha256(m.out / SAFETENSORS_INDEX)
+
+
+def batch_json(merges: Sequence[Merge], seconds: float) -> dict[str, Any]:
+    return {
+        "ok": all(m.status != FAILED for m in merges),
+        "seconds": round(seconds, 3),
+        "merges": [
+            {
+                "recipe": str(m.recipe_path),
+                "out": str(m.out),
+                "status": m.status,
+                "error": m.error or None,
+                "seconds": round(m.seconds, 3),
+                "bytes_written": m.bytes_written,
+                "shards": len(m.shards),
+                "kept": m.kept,
+                "redone": m.redone,
+                "peak_rss": m.peak_rss,
+                "index_sha256": m.index_sha256 or None,
+            }
+            for m in merges
+        ],
+    }
+
+
+def batch_table(merges: Sequence[Merge], seconds: float) -> str:
+    from lazymerge.report import human_bytes
+
+    width = max([len(m.name) for m in merges] + [6])
+    lines = [f"{'recipe':<{width}}  status   work s     bytes  shards  index sha256"]
+    for m in merges:
+        shards = f"{len(m.shards)}" + (f" ({m.redone} redone)" if m.redone else "")
+        lines.append(
+            f"{m.name:<{width}}  {m.status:<7} {m.seconds:7.1f} {human_bytes(m.bytes_written):>9}"
+            f"  {shards:<6}  {m.index_sha256[:16] or '-'}"
+        )
+        if m.error:
+            lines.append(f"{'':<{width}}  {m.error}")
+    failed = sum(m.status == FAILED for m in merges)
+    lines.append(
+        f"{len(merges) - failed} of {len(merges)} merge(s) complete in {seconds:.1f} s"
+        + (f"; {failed} failed: fix and re-run, completed shards are kept" if failed else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""`lazymerge batch`: many recipes, one task per shard, on local processes and on a real
+local Ray cluster; bytes equal to serial merges, workers killed mid-shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+
+from lazymerge.batch import (
+    BatchSettings,
+    LocalExecutor,
+    Merge,
+    RayExecutor,
+    ShardTask,
+    make_shard,
+    run_batch,
+)
+from lazymerge.errors import InputError
+from lazymerge.synthetic import LlamaShape
+
+from conftest import run_cli, synthetic_job
+
+SMALL = LlamaShape(layers=4, hidden=256, intermediate=768, heads=8, kv_heads=8, vocab=300)
+# One shard of ~100 MB with a LoRA: a second or so of work, long enough to be killed in.
+SLOW = LlamaShape(layers=4, hidden=1024, intermediate=3072, heads=8, kv_heads=8, vocab=1000)
+VALUES = ([0.9, 0.0], [0.5, 0.5], [0.0, 1.0])
+
+
+def family(root: Path, shape: LlamaShape, shard_size: str) -> list[Path]:
+    """Three recipes over the same inputs, gradients apart; their serial merges in
+    root/serial/<name>."""
+    synthetic_job(root, shape, {"values": [0.9, 0.0]}, output={"shard_size": shard_size})
+    base = yaml.safe_load((root / "recipe.yaml").read_text())
+    recipes = []
+    for n, values in enumerate(VALUES):
+        base["gradient"]["values"] = values
+        recipes.append(root / f"sweep-{n}.yaml")
+        recipes[-1].write_text(yaml.safe_dump(base))
+        assert run_cli("merge", recipes[-1], "-o", root / "serial" / recipes[-1].stem, "-q") == 0
+    return recipes
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return family(tmp_path_factory.mktemp("small"), SMALL, "2MB")
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return family(tmp_path_factory.mktemp("slow"), SLOW, "2GB")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray instance with 2 CPUs, shared by this module's Ray tests."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def assert_serial(recipes: list[Path], out_root: Path) -> None:
+    """Every file of every merge equals the serial `lazymerge merge` output."""
+    for r in recipes:
+        assert files(out_root / r.stem) == files(r.parent / "serial" / r.stem), r.stem
+
+
+def batch(*args: object, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    rc = run_cli("batch", *map(str, args), "-q", "--json")
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_local_batch_writes_serial_bytes_and_a_rerun_skips(
+    small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, report = batch(*small, "--out-root", tmp_path, "-j", "2", capsys=capsys)
+    assert rc == 0 and report["ok"]
+    assert [m["status"] for m in report["merges"]] == ["merged"] * 3
+    assert all(m["shards"] > 3 for m in report["merges"])  # several tasks per merge
+    assert_serial(small, tmp_path)
+    index = tmp_path / small[1].stem / "model.safetensors.index.json"
+    assert report["merges"][1]["index_sha256"] == hashlib.sha256(index.read_bytes()).hexdigest()
+
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
+    rc, again = batch(*small, "--out-root", tmp_path, capsys=capsys)
+    assert rc == 0 and [m["status"] for m in again["merges"]] == ["skipped"] * 3
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == stamp
+
+    lost = sorted((tmp_path / small[2].stem).glob("model-*.safetensors"))[1]
+    lost.unlink()
+    rc, third = batch(*small, "--out-root", tmp_path, capsys=capsys)
+    redo = third["merges"][2]
+    assert rc == 0 and redo["status"] == "merged"
+    assert redo["kept"] == redo["shards"] - 1  # only the lost shard was written again
+    assert_serial(small, tmp_path)
+
+
+def test_one_failed_recipe_does_not_stop_the_others(
+    small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = small[0].parent / "broken.yaml"
+    recipe = yaml.safe_load(small[0].read_text())
+    recipe["other"]["model"] = str(small[0].parent / "no-such-model")
+    broken.write_text(yaml.safe_dump(recipe))
+    rc = run_cli("batch", small[0], broken, small[1], "--out-root", tmp_path, "-q")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken.yaml" in err and "no-such-model" in err and "Traceback" not in err
+    assert not (tmp_path / "broken" / "model.safetensors.index.json").exists()
+    assert_serial(small[:2], tmp_path)
+
+
+def test_recipes_that_would_share_an_output_are_refused(
+    small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    twin = tmp_path / "elsewhere" / small[0].name
+    twin.parent.mkdir()
+    twin.write_text(small[0].read_text())
+    assert run_cli("batch", small[0], twin, "--out-root", tmp_path / "out", "-q") == 1
+    assert "would both write to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_refuses_inputs_it_cannot_see_or_that_differ(
+    small: list[Path], tmp_path: Path
+) -> None:
+    merges = run_batch(small[:1], tmp_path, BatchSettings(progress=False), Recorder())
+    assert merges[0].status == "running"  # planned, output prepared, nothing run
+    task = Recorder.tasks[0]
+    gone = ShardTask(**{**task.__dict__, "recipe": _with_other(task, tmp_path / "not-mounted")})
+    with pytest.raises(InputError, match="shared storage"):
+        make_shard(gone)
+    changed = dict(task.expect["inputs"])
+    first = next(iter(changed))
+    changed[first] = {**changed[first], "size": changed[first]["size"] + 1}
+    other = ShardTask(**{**task.__dict__, "expect": {**task.expect, "inputs": changed}})
+    with pytest.raises(InputError, match="not the file the driver planned with"):
+        make_shard(other)
+
+
+class Recorder:
+    """An executor that runs nothing: it keeps the tasks it was given."""
+
+    tasks: ClassVar[list[ShardTask]] = []
+
+    def run(self, tasks: Any) -> Iterator[tuple[ShardTask, str]]:
+        Recorder.tasks = list(tasks)
+        return iter(())
+
+
+def _with_other(task: ShardTask, path: Path) -> Any:
+    from dataclasses import replace
+
+    assert task.recipe.other is not None
+    return replace(task.recipe, other=replace(task.recipe.other, path=path))
+
+
+def holder(path: Path) -> int | None:
+    """The process that has `path` open, from /proc."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def kill_first_writer(out_root: Path, stop: threading.Event) -> list[int]:
+    """SIGKILL the first process seen writing a .partial shard under out_root."""
+    killed: list[int] = []
+    deadline = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < deadline:
+        for partial in out_root.glob("*/*.partial"):
+            pid = holder(partial)
+            if pid is not None and pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return killed
+        time.sleep(0.002)
+    return killed
+
+
+def batch_with_a_kill(recipes: list[Path], out_root: Path, executor: Any) -> list[Merge]:
+    stop = threading.Event()
+    killed: list[int] = []
+    watcher = threading.Thread(target=lambda: killed.extend(kill_first_writer(out_root, stop)))
+    watcher.start()
+    try:
+        merges = run_batch(recipes, out_root, BatchSettings(progress=False), executor)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "no worker was caught writing a shard"
+    return merges
+
+
+@pytest.mark.slow
+def test_local_worker_killed_mid_shard_is_retried(slow: list[Path], tmp_path: Path) -> None:
+    merges = batch_with_a_kill(slow, tmp_path, LocalExecutor(jobs=2, retries=2))
+    assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
+    assert sum(m.redone for m in merges) >= 1
+    assert_serial(slow, tmp_path)
+
+
+def test_ray_batch_of_three_writes_serial_bytes(
+    ray_cluster: None, small: list[Path], tmp_path: Path
+) -> None:
+    merges = run_batch(
+        small, tmp_path, BatchSettings(progress=False), RayExecutor(None, 2, retries=1)
+    )
+    assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
+    assert_serial(small, tmp_path)
+    assert all(m.peak_rss > 0 for m in merges)  # measured in the workers
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_shard_is_retried(
+    ray_cluster: None, slow: list[Path], tmp_path: Path
+) -> None:
+    merges = batch_with_a_kill(slow, tmp_path, RayExecutor(None, 2, retries=2))
+    assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
+    assert sum(m.redone for m in merges) >= 1
+    assert_serial(slow, tmp_path)
+
+
+def test_ray_task_errors_are_one_line_and_not_retried(
+    ray_cluster: None, small: list[Path], tmp_path: Path
+) -> None:
+    run_batch(small[:1], tmp_path / "plan", BatchSettings(progress=False), Recorder())
+    task = Recorder.tasks[0]
+    gone = ShardTask(**{**task.__dict__, "recipe": _with_other(task, tmp_path / "not-mounted")})
+    ((_, outcome),) = RayExecutor(None, 2, retries=3).run([gone])
+    assert isinstance(outcome, str)
+    assert "shared storage" in outcome and "\n" not in outcome
