@@ -88,3 +88,17 @@ def test_mergekit_config_is_the_founding_recipe(layers: int) -> None:
             {"model": "b", "layer_range": [span, layers], "parameters": {"weight": 1.0}}
         ]
     assert span_for(40) == 25
+
+
+def test_batch_benchmark_compares_ways_on_the_same_bytes(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "benchmarks.batch", "--tiny", "--layers", "2", "--recipes", "2",
+        "--ways", "local -j 1,local -j 2", "--warm", "--cache", str(tmp_path / "cache"),
+        "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["identical_bytes"] is True
+    assert [r["way"] for r in record["runs"]] == ["local -j 1", "local -j 2"]
+    assert all(r["seconds"] > 0 and r["worker_peak_rss"] > 0 for r in record["runs"])
+    assert not (tmp_path / "cache" / "batch").exists()  # cleaned up

@@ -365,9 +365,9 @@ def run_batch(
 
 
 def _model_card(out: Path, plan: MergePlan, title: str) -> None:
-    from lazymerge.card import start_picture, write_card
+    from lazymerge.card import DrawHere, wants_picture, write_card
 
-    write_card(out, plan, title, start_picture(plan, title))
+    write_card(out, plan, title, DrawHere(plan, title) if wants_picture(plan) else None)
 
 
 def _settle(m: Merge, card: Card) -> None:

@@ -4,25 +4,51 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
 from lazymerge import __version__
+from lazymerge.errors import LazyMergeError
 from lazymerge.plan import MergePlan
-from lazymerge.plot import PictureJob
+from lazymerge.plot import PictureJob, plot_blend
 from lazymerge.report import human_bytes, ratio_table
 
 PICTURE = "blend.png"
 
 
+class Picture(Protocol):
+    def collect(self, dest: Path) -> bool:
+        """Put the picture at `dest`; False when it could not be drawn."""
+        ...
+
+
+class DrawHere:
+    """The picture drawn in this process when collected (the batch driver's way: it
+    merges nothing itself, so matplotlib's memory costs it nothing)."""
+
+    def __init__(self, plan: MergePlan, title: str) -> None:
+        self.plan, self.title = plan, title
+
+    def collect(self, dest: Path) -> bool:
+        try:
+            plot_blend(self.plan, dest, self.title)
+        except LazyMergeError:  # matplotlib is optional; the card is not
+            return False
+        return True
+
+
+def wants_picture(plan: MergePlan) -> bool:
+    """A blend gets a picture; LAZYMERGE_NO_PICTURE=1 skips it."""
+    return plan.recipe.other is not None and not os.environ.get("LAZYMERGE_NO_PICTURE")
+
+
 def start_picture(plan: MergePlan, title: str) -> PictureJob | None:
-    """Start drawing the card's picture (a blend needs one; LAZYMERGE_NO_PICTURE=1 skips it)."""
-    if plan.recipe.other is None or os.environ.get("LAZYMERGE_NO_PICTURE"):
-        return None
-    return PictureJob(plan, title)
+    """Start drawing the card's picture in a child process, while the merge runs."""
+    return PictureJob(plan, title) if wants_picture(plan) else None
 
 
-def write_card(out: Path, plan: MergePlan, title: str, picture_job: PictureJob | None) -> None:
+def write_card(out: Path, plan: MergePlan, title: str, picture_job: Picture | None) -> None:
     """README.md with Hugging Face front matter, the recipe, the per-layer table, the
     picture (when matplotlib is installed) and how to reproduce the merge."""
     picture = ""  # matplotlib is optional; the card is not

@@ -309,7 +309,15 @@ def batch(
         RayExecutor(address, jobs, retries) if executor == "ray" else LocalExecutor(jobs, retries)
     )
     start = time.monotonic()
-    merges = run_batch(recipes, out_root, settings, runner)
+    try:
+        merges = run_batch(recipes, out_root, settings, runner)
+    except KeyboardInterrupt:
+        click.echo(
+            "lazymerge: interrupted; unfinished merges have no index; run the same batch "
+            "again to continue (completed shards are kept)",
+            err=True,
+        )
+        return 130
     seconds = time.monotonic() - start
     if as_json:
         click.echo(json.dumps(batch_json(merges, seconds)))
