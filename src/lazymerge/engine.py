@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import errno
 import functools
+import math
+import queue
 import resource
 import sys
 import time
@@ -163,9 +165,12 @@ def write_shard(
     nonfinite: list[str] = []
     (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
     writer = ShardWriter(out, shard, inflight=WRITE_QUEUE)
+    scratch = Scratch()
     try:
         for t in shard.tensors:
-            if not write_tensor(t, reader, writer, opts.max_memory, step, opts.allow_nonfinite):
+            if not write_tensor(
+                t, reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite
+            ):
                 nonfinite.append(t.name)
             reader.release_touched()
         return writer.finish(), nonfinite
@@ -190,10 +195,60 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+Buffer = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+class Scratch:
+    """Block buffers reused from block to block and tensor to tensor.
+
+    A fresh buffer per block is a fresh mmap (see _return_freed_memory): the kernel
+    faults in and zeroes every page of it, which cost as much as the upcast itself.
+    Two output buffers alternate: one is computed into while the writer's thread still
+    writes the other (`give_back` returns it from that thread).
+    """
+
+    OUTPUTS = 2
+
+    def __init__(self) -> None:
+        self._work: dict[str, torch.Tensor] = {}
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()  # data_ptr of a free one
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: str) -> Buffer:
+        """A buffer function for `slot` ("base", "other"): the same memory every time."""
+        return functools.partial(self._take, slot)
+
+    def _take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        flat = self._work.get(slot)
+        if flat is None or flat.numel() < nbytes:
+            self._work.pop(slot, None)  # let the old one go before the larger one comes
+            flat = self._work[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return flat[:nbytes].view(dtype).view(shape)
+
+    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A free output buffer, waiting for the writer to release one if need be."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if len(self._outputs) < self.OUTPUTS and self._free.empty():
+            flat = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            flat = self._outputs.pop(self._free.get())
+            if flat.numel() < nbytes:
+                del flat  # let the old one go before the larger one comes
+                flat = torch.empty(nbytes, dtype=torch.uint8)
+        self._outputs[flat.data_ptr()] = flat
+        return flat[:nbytes].view(dtype).view(shape)
+
+    def give_back(self, out: torch.Tensor) -> None:
+        """`out` (from `output`) is written, or abandoned: its buffer may be reused."""
+        self._free.put(out.data_ptr())
+
+
 def write_tensor(
     t: PlannedTensor,
     reader: MappedReader,
     writer: ShardWriter,
+    scratch: Scratch,
     budget: int,
     step: Step,
     allow_nonfinite: bool = False,
@@ -203,7 +258,7 @@ def write_tensor(
     Returns False when a computed tensor holds NaN/Inf and `allow_nonfinite` let it through.
     """
     if t.action == COMPUTE:
-        return _compute(t, reader, writer, budget, step, allow_nonfinite)
+        return _compute(t, reader, writer, scratch, budget, step, allow_nonfinite)
     src = t.base if t.action == COPY_BASE else t.other
     assert src is not None  # the plan only copies from a side it has
     _copy(src, t.offset, reader, writer, min(budget, COPY_CHUNK), step)
@@ -266,6 +321,7 @@ def _compute(
     t: PlannedTensor,
     reader: MappedReader,
     writer: ShardWriter,
+    scratch: Scratch,
     budget: int,
     step: Step,
     allow_nonfinite: bool,
@@ -277,17 +333,23 @@ def _compute(
     finite = True
     for r0 in range(0, t.rows, rows):
         r1 = min(r0 + rows, t.rows)
-        out = blend_rows(t, reader, r0, r1, base_a, other_a).to(DTYPES[t.dtype])
+        acc = blend_rows(t, reader, r0, r1, base_a, other_a, scratch)
+        out = scratch.output(acc.shape, DTYPES[t.dtype])
+        out.copy_(acc)
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             finite = False
             if not allow_nonfinite:
+                scratch.give_back(out)
                 bad = int((~torch.isfinite(out)).sum())
                 raise NumericsError(
                     f"{t.name}: {bad} NaN/Inf values in rows {r0}-{r1 - 1} of the merged tensor "
                     f"({t.dtype}: an overflow, or non-finite inputs); --allow-nonfinite writes "
                     "it anyway"
                 )
-        writer.write(t.offset + r0 * row_bytes, out.reshape(-1).view(torch.uint8).numpy().data)
+        view = out.reshape(-1).view(torch.uint8).numpy().data
+        writer.write(
+            t.offset + r0 * row_bytes, view, after=functools.partial(scratch.give_back, out)
+        )
         step((r1 - r0) * row_bytes)
     return finite
 
@@ -299,20 +361,24 @@ def blend_rows(
     r1: int,
     base_a: Sequence[Factor],
     other_a: Sequence[Factor],
+    scratch: Scratch,
 ) -> torch.Tensor:
-    """fp32 rows [r0, r1) of `(1 - r) * base' + r * other'` (' = with its LoRAs).
+    """fp32 rows [r0, r1) of `(1 - r) * base' + r * other'` (' = with its LoRAs), in a
+    scratch buffer valid until the next call.
 
     Rows the other model lacks (a smaller vocabulary) are the base's alone.
     """
     shared = max(0, min(r1, t.shared_rows) - r0) if t.other is not None else 0
     acc = None
     if t.ratio < 1 or shared < r1 - r0:
-        acc = _side(t.base, t.base_loras, base_a, reader, r0, r1)
+        acc = _side(t.base, t.base_loras, base_a, reader, r0, r1, scratch.get("base"))
         if t.ratio != 0 and shared:
             acc[:shared].mul_(1 - t.ratio)
     if t.ratio > 0 and shared:
         assert t.other is not None  # the plan resolves `other` whenever ratio > 0
-        theirs = _side(t.other, t.other_loras, other_a, reader, r0, r0 + shared)
+        theirs = _side(
+            t.other, t.other_loras, other_a, reader, r0, r0 + shared, scratch.get("other")
+        )
         if t.ratio != 1:
             theirs.mul_(t.ratio)
         if acc is None:
@@ -332,13 +398,14 @@ def _side(
     reader: MappedReader,
     r0: int,
     r1: int,
+    buffer: Buffer,
 ) -> torch.Tensor:
     """fp32 copy of rows [r0, r1) of one model's tensor with its adapters applied in place.
 
     (A non-float tensor, which the plan never blends, keeps its own dtype.)
     """
     dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
-    acc = torch.empty((r1 - r0, *ref.shape[1:]), dtype=dtype)
+    acc = buffer((r1 - r0, *ref.shape[1:]), dtype)
     acc.copy_(reader.rows(ref, r0, r1))  # a copy: the mapped view itself is read-only
     reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
     for term, factor in zip(terms, factors, strict=True):

@@ -71,7 +71,8 @@ class ShardWriter:
     Hashing and `pwrite` run on a thread of their own, so they overlap the computation of
     the next block; the bytes queued at once are bounded by `inflight`. A queued buffer
     must stay untouched until written (the engine hands over fresh tensors and read-only
-    maps); `after` callbacks run once their bytes are on their way to disk.
+    maps); `after` callbacks run once their bytes are on their way to disk (or dropped
+    after an error).
     """
 
     def __init__(self, directory: Path, shard: Shard, inflight: int = 64 * 2**20) -> None:
@@ -128,10 +129,13 @@ class ShardWriter:
             try:
                 if self._error is None:
                     self._pwrite(view, at)
-                    if after is not None:
-                        after()
             except BaseException as e:  # handed to the engine's thread at its next call
                 self._error = e
+            try:
+                if after is not None:
+                    after()  # written, or dropped after an error: its buffer is free either way
+            except BaseException as e:
+                self._error = self._error or e
             with self._cond:
                 self._queued -= len(view)
                 self._cond.notify_all()
