@@ -323,16 +323,24 @@ def test_full_disk(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = os.pwrite
+    real_pwrite, real_copy = os.pwrite, os.copy_file_range
     written = {"bytes": 0}
 
-    def pwrite(fd: int, data: Any, offset: int) -> int:  # the disk fills up mid-merge
+    def room(n: int) -> None:  # the disk fills up mid-merge
         if written["bytes"] > 300_000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        written["bytes"] += len(data)
-        return real(fd, data, offset)
+        written["bytes"] += n
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        room(len(data))
+        return real_pwrite(fd, data, offset)
+
+    def copy_file_range(src: int, dst: int, count: int, *at: Any) -> int:
+        room(count)
+        return real_copy(src, dst, count, *at)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     out = tmp_path / "out"
     args = [
         "gradient",

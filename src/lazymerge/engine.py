@@ -271,9 +271,11 @@ def _copy(
     chunk = max(chunk, 1)
     for start in range(0, src.nbytes, chunk):
         stop = min(start + chunk, src.nbytes)
-        # The writer's thread reads the mapped bytes, then drops their pages.
+        # The kernel copies file to file; the writer's thread hashes the mapped bytes,
+        # then drops their pages.
         release = functools.partial(reader.release, src, start, stop)
-        writer.write(offset + start, reader.raw(src, start, stop), after=release)
+        source = (reader.fd(src.file), src.offset + start)
+        writer.copy(offset + start, source, reader.raw(src, start, stop), after=release)
         step(stop - start)
 
 

@@ -245,19 +245,25 @@ class MappedReader:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._touched: set[Path] = set()
 
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
-            try:
-                with open(path, "rb") as f:  # read-only: inputs are never modified
-                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as e:
-                raise InputError(f"{path}: cannot read ({e.strerror})") from None
-            self._maps[path] = m
+            m = self._maps[path] = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
         self._touched.add(path)
         return m
+
+    def fd(self, path: Path) -> int:
+        """The file's descriptor, opened read-only (inputs are never modified)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        return fd
 
     def raw(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> memoryview:
         """Bytes [start, stop) of a tensor's data, as a view into the map."""
@@ -314,6 +320,9 @@ class MappedReader:
             with contextlib.suppress(BufferError):
                 m.close()
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> MappedReader:
         return self

@@ -9,6 +9,7 @@ a directory a loadable model, is written last: an interrupted merge never has on
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +27,11 @@ from lazymerge.plan import MergePlan, Shard
 from lazymerge.recipe import DTYPE_LABELS
 
 PARTIAL = ".partial"
+# copy_file_range's ways of saying "not between these two files": fall back to pwrite.
+COPY_RANGE_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+# A queued write: file position, bytes, callback once written, and for a copy the
+# (fd, position) the same bytes are at in an input file.
+Item = tuple[int, memoryview, "Callable[[], object] | None", "tuple[int, int] | None"]
 # Files a merge writes besides shards, index and manifest (--overwrite replaces them).
 OWN_FILES = ("config.json", "README.md", "blend.png")
 # Files a model directory needs besides weights; copied from the base as they are.
@@ -88,9 +94,9 @@ class ShardWriter:
         self._limit = max(inflight, 1)
         self._queued = 0
         self._cond = threading.Condition()
-        self._items: collections.deque[
-            tuple[int, memoryview, Callable[[], object] | None] | None
-        ] = collections.deque()
+        self._items: collections.deque[Item | None] = collections.deque()
+        self.copied = 0  # bytes that went file to file, in the kernel (copy_file_range)
+        self._copy_range = True
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"write {shard.name}", daemon=True)
         self._thread.start()
@@ -99,9 +105,30 @@ class ShardWriter:
         self, offset: int, data: memoryview | bytes, after: Callable[[], object] | None = None
     ) -> None:
         """Queue bytes for `offset` of the data section; offsets must arrive in order."""
+        self._queue(offset, memoryview(data).cast("B"), after, None)
+
+    def copy(
+        self,
+        offset: int,
+        source: tuple[int, int],
+        data: memoryview,
+        after: Callable[[], object] | None = None,
+    ) -> None:
+        """Queue a copy of file bytes: `source` is (fd, position) of the same bytes as
+        `data`, a read-only map of them. The kernel copies file to file where it can
+        (copy_file_range: no pass through this process; on NFS or a reflink filesystem,
+        no data moved at all); `data` is still read once, for the sha256."""
+        self._queue(offset, memoryview(data).cast("B"), after, source)
+
+    def _queue(
+        self,
+        offset: int,
+        view: memoryview,
+        after: Callable[[], object] | None,
+        source: tuple[int, int] | None,
+    ) -> None:
         if offset != self._pos:
             raise RuntimeError(f"{self.partial}: write at {offset}, expected {self._pos}")
-        view = memoryview(data).cast("B")
         with self._cond:
             # Wait for room, but never forever: one item larger than the limit goes alone.
             self._cond.wait_for(
@@ -114,7 +141,7 @@ class ShardWriter:
             if self._error is not None:
                 raise self._error
             self._queued += len(view)
-            self._items.append((self._data_start + offset, view, after))
+            self._items.append((self._data_start + offset, view, after, source))
             self._cond.notify_all()
         self._pos += len(view)
 
@@ -125,9 +152,11 @@ class ShardWriter:
                 item = self._items.popleft()
             if item is None:
                 return
-            at, view, after = item
+            at, view, after, source = item
             try:
-                if self._error is None:
+                if self._error is None and source is not None:
+                    self._copy(source, view, at)
+                elif self._error is None:
                     self._pwrite(view, at)
             except BaseException as e:  # handed to the engine's thread at its next call
                 self._error = e
@@ -146,6 +175,25 @@ class ShardWriter:
         while view:
             n = os.pwrite(self._fd, view, at)
             view, at = view[n:], at + n
+
+    def _copy(self, source: tuple[int, int], view: memoryview, at: int) -> None:
+        fd, pos = source
+        done = 0
+        while self._copy_range and done < len(view):
+            try:
+                n = os.copy_file_range(fd, self._fd, len(view) - done, pos + done, at + done)
+            except OSError as e:
+                if e.errno not in COPY_RANGE_UNSUPPORTED:
+                    raise
+                n = 0
+            if n == 0:  # not between these files: plain writes from here on
+                self._copy_range = False
+                break
+            done += n
+        self.copied += done
+        self._sha.update(view[:done])  # the pages the copy just read: in the page cache
+        if done < len(view):
+            self._pwrite(view[done:], at + done)
 
     def _stop(self) -> None:
         with self._cond:
