@@ -1,5 +1,6 @@
 """Zero-copy passthrough: tensors copied as-is go file to file in the kernel
-(copy_file_range), hash the same, and fall back to plain writes where the OS says no."""
+(copy_file_range) on filesystems where that pays, hash the same, and fall back to plain
+writes where the OS says no."""
 
 from __future__ import annotations
 
@@ -15,11 +16,18 @@ import pytest
 from lazymerge.plan import COMPUTE, build_plan
 from lazymerge.recipe import load_recipe
 from lazymerge.synthetic import LlamaShape
+from lazymerge.writer import CLONING_FS, filesystem, kernel_copy_pays
 
 from conftest import run_cli, synthetic_job
 
 SHAPE = LlamaShape(layers=4, hidden=256, intermediate=768, heads=8, kv_heads=8, vocab=300)
 REAL = os.copy_file_range
+
+
+@pytest.fixture(autouse=True)
+def kernel_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine's ext4 would choose plain writes (measured faster there)."""
+    monkeypatch.setenv("LAZYMERGE_COPY_RANGE", "always")
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +90,27 @@ def test_short_copies_finish_with_plain_writes(
     monkeypatch.setattr(os, "copy_file_range", short)
     assert merged(job, tmp_path / "short") == reference
     assert calls["n"] > 0
+
+
+def test_the_kernel_copy_is_chosen_by_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAZYMERGE_COPY_RANGE", "auto")
+    assert filesystem(Path("/proc")) == "proc"
+    assert filesystem(tmp_path) != ""
+    assert kernel_copy_pays(tmp_path) == (filesystem(tmp_path) in CLONING_FS)
+    monkeypatch.setenv("LAZYMERGE_COPY_RANGE", "never")
+    assert not kernel_copy_pays(tmp_path)
+
+
+def test_plain_writes_where_the_kernel_copy_does_not_pay(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAZYMERGE_COPY_RANGE", "never")
+
+    def forbidden(*args: Any) -> int:
+        raise AssertionError("copy_file_range used")
+
+    reference = merged(job, tmp_path / "reference")
+    monkeypatch.setattr(os, "copy_file_range", forbidden)
+    assert merged(job, tmp_path / "plain") == reference

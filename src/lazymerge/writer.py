@@ -29,6 +29,13 @@ from lazymerge.recipe import DTYPE_LABELS
 PARTIAL = ".partial"
 # copy_file_range's ways of saying "not between these two files": fall back to pwrite.
 COPY_RANGE_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+# Filesystems where copy_file_range clones blocks or copies server-side, so copied
+# tensors move no data through this machine. Elsewhere (ext4, tmpfs, overlay) the kernel
+# copy measured slower than writing from the map (0.50-0.56 vs 0.76-0.95 GiB/s, cold,
+# see BENCHMARKS.md), and plain writes are used. LAZYMERGE_COPY_RANGE=always|never overrides.
+CLONING_FS = frozenset(
+    {"btrfs", "xfs", "bcachefs", "zfs", "ocfs2", "nfs", "nfs4", "cifs", "smb3", "ceph"}
+)
 # A queued write: file position, bytes, callback once written, and for a copy the
 # (fd, position) the same bytes are at in an input file.
 Item = tuple[int, memoryview, "Callable[[], object] | None", "tuple[int, int] | None"]
@@ -81,7 +88,13 @@ class ShardWriter:
     after an error).
     """
 
-    def __init__(self, directory: Path, shard: Shard, inflight: int = 64 * 2**20) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        shard: Shard,
+        inflight: int = 64 * 2**20,
+        copy_range: bool | None = None,
+    ) -> None:
         self.final = directory / shard.name
         self.partial = directory / (shard.name + PARTIAL)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -96,7 +109,7 @@ class ShardWriter:
         self._cond = threading.Condition()
         self._items: collections.deque[Item | None] = collections.deque()
         self.copied = 0  # bytes that went file to file, in the kernel (copy_file_range)
-        self._copy_range = True
+        self._copy_range = kernel_copy_pays(directory) if copy_range is None else copy_range
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"write {shard.name}", daemon=True)
         self._thread.start()
@@ -217,6 +230,31 @@ class ShardWriter:
         """Close without renaming: the `.partial` file stays, visibly incomplete."""
         self._stop()
         os.close(self._fd)
+
+
+def kernel_copy_pays(directory: Path) -> bool:
+    """Whether copied tensors should go file to file (copy_file_range) into `directory`."""
+    choice = os.environ.get("LAZYMERGE_COPY_RANGE", "auto")
+    if choice in ("always", "never"):
+        return choice == "always"
+    return filesystem(directory) in CLONING_FS
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem `path` is on ("" when /proc/self/mountinfo can't say)."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields, _, rest = line.partition(" - ")
+                mount = fields.split()[4].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, rest.split()[0]
+    except (OSError, IndexError):
+        return ""
+    return kind
 
 
 def prepare_output(
