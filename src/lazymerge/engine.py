@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lazymerge.errors import NumericsError, OutputError
+from lazymerge.errors import NumericsError, OutputError, RecipeError
 from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
 from lazymerge.lora import LORA, LORA_T, REPLACE, LoraTerm
 from lazymerge.manifest import MANIFEST, Record, ShardResult, completed_shards
@@ -56,6 +56,7 @@ class MergeOptions:
     resume: bool = False  # keep the shards an interrupted attempt completed
     progress: bool = True
     allow_nonfinite: bool = False  # write NaN/Inf results instead of stopping
+    device: str = "cpu"  # where the arithmetic runs: cpu, cuda, cuda:N or auto
     # Adds files (the model card) once the shards are complete, before the index.
     before_index: Callable[[Path], None] | None = None
 
@@ -75,6 +76,7 @@ class MergeResult:
 def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -> MergeResult:
     """Write the merged model described by `plan` into directory `out`."""
     opts = options or MergeOptions()
+    resolve_device(opts.device)  # refuse a missing GPU before the output is touched
     start = time.monotonic()
     _return_freed_memory()
     out = prepare_output(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
@@ -165,7 +167,7 @@ def write_shard(
     nonfinite: list[str] = []
     (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
     writer = ShardWriter(out, shard, inflight=WRITE_QUEUE)
-    scratch = Scratch()
+    scratch = Scratch(resolve_device(opts.device))
     try:
         for t in shard.tensors:
             if not write_tensor(
@@ -195,53 +197,105 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-Buffer = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-
 class Scratch:
-    """Block buffers reused from block to block and tensor to tensor.
+    """Block buffers reused from block to block and tensor to tensor, on the device that
+    does the arithmetic.
 
     A fresh buffer per block is a fresh mmap (see _return_freed_memory): the kernel
     faults in and zeroes every page of it, which cost as much as the upcast itself.
-    Two output buffers alternate: one is computed into while the writer's thread still
-    writes the other (`give_back` returns it from that thread).
+    Two output buffers (host memory, pinned for a GPU) alternate: one is filled while
+    the writer's thread still writes the other (`give_back` returns it from that thread).
+    With a GPU, mapped input rows go through one pinned staging buffer on their way up.
     """
 
     OUTPUTS = 2
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None, staged: bool | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        # The accelerator's way (staging buffer, cast before the copy down); `staged`
+        # forces it on the CPU, where tests check it writes the same bytes.
+        self._gpu = self.device.type != "cpu" if staged is None else staged
         self._work: dict[str, torch.Tensor] = {}
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()  # data_ptr of a free one
         self._outputs: dict[int, torch.Tensor] = {}
 
-    def get(self, slot: str) -> Buffer:
-        """A buffer function for `slot` ("base", "other"): the same memory every time."""
-        return functools.partial(self._take, slot)
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Slot `slot`'s buffer ("base", "other"), on the device: the same memory each time."""
+        return self._take(slot, shape, dtype, self.device)
 
-    def _take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _take(
+        self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         flat = self._work.get(slot)
         if flat is None or flat.numel() < nbytes:
             self._work.pop(slot, None)  # let the old one go before the larger one comes
-            flat = self._work[slot] = torch.empty(nbytes, dtype=torch.uint8)
+            flat = self._work[slot] = self._empty(nbytes, device)
         return flat[:nbytes].view(dtype).view(shape)
 
-    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """A free output buffer, waiting for the writer to release one if need be."""
-        nbytes = math.prod(shape) * dtype.itemsize
+    def _empty(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        pin = self.device.type == "cuda" and device.type == "cpu"
+        return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+
+    def fill(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
+        """dst <- mapped `rows` (converted to dst's dtype)."""
+        if not self._gpu:
+            dst.copy_(rows)
+            return
+        stage = self._take("stage", tuple(rows.shape), rows.dtype, torch.device("cpu"))
+        stage.copy_(rows)  # from the map into pinned memory: the page faults happen here
+        dst.copy_(stage)  # up, then converted on the device
+
+    def put(
+        self, rows: torch.Tensor, dtype: torch.dtype | None = None, copy: bool = False
+    ) -> torch.Tensor:
+        """Small inputs (LoRA factors, B rows, magnitudes) on the device, as `dtype`: a
+        copy when anything changes or `copy`, else the mapped view itself."""
+        return rows.to(device=self.device, dtype=dtype or rows.dtype, copy=copy)
+
+    def output(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`acc` cast to `dtype` in a free host buffer (waiting for the writer to release
+        one if need be). One rounding, on the device: IEEE round-to-nearest-even on both."""
+        nbytes = math.prod(acc.shape) * dtype.itemsize
         if len(self._outputs) < self.OUTPUTS and self._free.empty():
-            flat = torch.empty(nbytes, dtype=torch.uint8)
+            flat = self._empty(nbytes, torch.device("cpu"))
         else:
             flat = self._outputs.pop(self._free.get())
             if flat.numel() < nbytes:
                 del flat  # let the old one go before the larger one comes
-                flat = torch.empty(nbytes, dtype=torch.uint8)
+                flat = self._empty(nbytes, torch.device("cpu"))
         self._outputs[flat.data_ptr()] = flat
-        return flat[:nbytes].view(dtype).view(shape)
+        out = flat[:nbytes].view(dtype).view(acc.shape)
+        out.copy_(acc.to(dtype) if self._gpu else acc)  # a GPU sends the smaller bytes down
+        return out
 
     def give_back(self, out: torch.Tensor) -> None:
         """`out` (from `output`) is written, or abandoned: its buffer may be reused."""
         self._free.put(out.data_ptr())
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (a GPU when there is one, else the CPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"--device {name}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "with" if torch.backends.cuda.is_built() else "without"
+            raise RecipeError(
+                f"--device {name}: no CUDA GPU here (torch {torch.__version__}, built {built} "
+                "CUDA); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RecipeError(
+                f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
 
 
 def write_tensor(
@@ -329,15 +383,14 @@ def _compute(
     allow_nonfinite: bool,
 ) -> bool:
     rows = block_rows(t, budget)
-    base_a = _factors(t.base_loras, reader)
-    other_a = _factors(t.other_loras, reader)
+    base_a = _factors(t.base_loras, reader, scratch)
+    other_a = _factors(t.other_loras, reader, scratch)
     row_bytes = t.nbytes // t.rows if t.rows else 0
     finite = True
     for r0 in range(0, t.rows, rows):
         r1 = min(r0 + rows, t.rows)
         acc = blend_rows(t, reader, r0, r1, base_a, other_a, scratch)
-        out = scratch.output(acc.shape, DTYPES[t.dtype])
-        out.copy_(acc)
+        out = scratch.output(acc, DTYPES[t.dtype])
         if not _finite(out):
             finite = False
             if not allow_nonfinite:
@@ -382,14 +435,12 @@ def blend_rows(
     shared = max(0, min(r1, t.shared_rows) - r0) if t.other is not None else 0
     acc = None
     if t.ratio < 1 or shared < r1 - r0:
-        acc = _side(t.base, t.base_loras, base_a, reader, r0, r1, scratch.get("base"))
+        acc = _side(t.base, t.base_loras, base_a, reader, r0, r1, scratch, "base")
         if t.ratio != 0 and shared:
             acc[:shared].mul_(1 - t.ratio)
     if t.ratio > 0 and shared:
         assert t.other is not None  # the plan resolves `other` whenever ratio > 0
-        theirs = _side(
-            t.other, t.other_loras, other_a, reader, r0, r0 + shared, scratch.get("other")
-        )
+        theirs = _side(t.other, t.other_loras, other_a, reader, r0, r0 + shared, scratch, "other")
         if t.ratio != 1:
             theirs.mul_(t.ratio)
         if acc is None:
@@ -409,30 +460,33 @@ def _side(
     reader: MappedReader,
     r0: int,
     r1: int,
-    buffer: Buffer,
+    scratch: Scratch,
+    slot: str,
 ) -> torch.Tensor:
     """fp32 copy of rows [r0, r1) of one model's tensor with its adapters applied in place.
 
     (A non-float tensor, which the plan never blends, keeps its own dtype.)
     """
     dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
-    acc = buffer((r1 - r0, *ref.shape[1:]), dtype)
-    acc.copy_(reader.rows(ref, r0, r1))  # a copy: the mapped view itself is read-only
+    acc = scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
+    scratch.fill(acc, reader.rows(ref, r0, r1))  # a copy: the mapped view is read-only
     reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
     for term, factor in zip(terms, factors, strict=True):
         if factor is None:
-            _replace(acc, term, reader, r0, r1)
+            _replace(acc, term, reader, r0, r1, scratch)
         else:
-            _add_delta(acc, term, factor, reader, r0, r1)
+            _add_delta(acc, term, factor, reader, r0, r1, scratch)
         if term.magnitude is not None:  # DoRA: rescale each row to its magnitude
-            m = reader.rows(term.magnitude, r0, r1).to(torch.float32)
+            m = scratch.put(reader.rows(term.magnitude, r0, r1), torch.float32)
             acc.mul_((m / acc.norm(dim=1)).unsqueeze(1))
     return acc
 
 
-def _replace(acc: torch.Tensor, term: LoraTerm, reader: MappedReader, r0: int, r1: int) -> None:
+def _replace(
+    acc: torch.Tensor, term: LoraTerm, reader: MappedReader, r0: int, r1: int, scratch: Scratch
+) -> None:
     """W <- W + weight * (S - W): S itself at weight 1."""
-    new = reader.rows(term.a, r0, r1)
+    new = scratch.put(reader.rows(term.a, r0, r1))
     if term.scale == 1:
         acc.copy_(new)
     else:
@@ -447,6 +501,7 @@ def _add_delta(
     reader: MappedReader,
     r0: int,
     r1: int,
+    scratch: Scratch,
 ) -> None:
     """acc += scale * (B @ A)[r0:r1] (or its transpose), in place, no full-size delta.
 
@@ -455,7 +510,7 @@ def _add_delta(
     """
     if term.kind == LORA:
         assert term.b is not None
-        lhs = reader.rows(term.b, r0, r1).to(torch.float32)  # B rows [n, r]
+        lhs = scratch.put(reader.rows(term.b, r0, r1), torch.float32)  # B rows [n, r]
         rhs = factor[0]  # A [r, in]
     else:  # (B @ A).T rows r0:r1 = A[:, r0:r1].T @ B.T
         lhs, rhs = factor[0][:, r0:r1].T, factor[1]
@@ -465,16 +520,16 @@ def _add_delta(
         reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)
 
 
-def _factors(terms: Sequence[LoraTerm], reader: MappedReader) -> list[Factor]:
+def _factors(terms: Sequence[LoraTerm], reader: MappedReader, scratch: Scratch) -> list[Factor]:
     """Per term, what is read once per tensor in fp32: A (LORA), A and B.T (LORA_T)."""
     out: list[Factor] = []
     for term in terms:
         if term.kind == REPLACE or term.b is None:
             out.append(None)
             continue
-        a = reader.rows(term.a, 0, term.a.rows).to(torch.float32, copy=True)
+        a = scratch.put(reader.rows(term.a, 0, term.a.rows), torch.float32, copy=True)
         bt = (
-            reader.rows(term.b, 0, term.b.rows).to(torch.float32, copy=True).T
+            scratch.put(reader.rows(term.b, 0, term.b.rows), torch.float32, copy=True).T
             if term.kind == LORA_T
             else a
         )
