@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from benchmarks.__main__ import HERE, machine
+from benchmarks.report import NO_PLOT, pyplot
 from benchmarks.runner import LORA_WEIGHT, drop_caches, run_child
 
 # A sweep of the founding gradient's start: what a family regeneration looks like.
@@ -90,13 +91,9 @@ def run_way(way: str, recipes: list[Path], work: Path, cold: bool) -> dict[str, 
 
 
 def plot(record: dict[str, Any], path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install 'lazymerge[bench]')"
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     runs = record["runs"]
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     bars = ax.barh([r["way"] for r in runs][::-1], [r["seconds"] for r in runs][::-1])

@@ -74,15 +74,26 @@ def targets(record: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(record: dict[str, Any], path: Path) -> str:
-    """Time and peak RSS against layers (PNG); a note instead when matplotlib is missing."""
+NO_PLOT = "plot: skipped (matplotlib is not installed; `make bench` installs it)"
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "plot: skipped (matplotlib is not installed; `make bench` installs it)"
+        return None
+    return plt
+
+
+def plot(record: dict[str, Any], path: Path) -> str:
+    """Time and peak RSS against layers (PNG); a note instead when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     runs = record["runs"]
     x = [r["layers"] for r in runs]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -211,8 +211,14 @@ def batch_with_a_kill(recipes: list[Path], out_root: Path, executor: Any) -> lis
 
 
 @pytest.mark.slow
-def test_local_worker_killed_mid_shard_is_retried(slow: list[Path], tmp_path: Path) -> None:
-    merges = batch_with_a_kill(slow, tmp_path, LocalExecutor(jobs=2, retries=2))
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_a_worker_killed_mid_shard_is_retried(
+    slow: list[Path], tmp_path: Path, request: pytest.FixtureRequest, kind: str
+) -> None:
+    if kind == "ray":
+        request.getfixturevalue("ray_cluster")
+    executor = RayExecutor(None, 2, retries=2) if kind == "ray" else LocalExecutor(2, retries=2)
+    merges = batch_with_a_kill(slow, tmp_path, executor)
     assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
     assert sum(m.redone for m in merges) >= 1
     assert_serial(slow, tmp_path)
@@ -227,16 +233,6 @@ def test_ray_batch_of_three_writes_serial_bytes(
     assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
     assert_serial(small, tmp_path)
     assert all(m.peak_rss > 0 for m in merges)  # measured in the workers
-
-
-@pytest.mark.slow
-def test_ray_worker_killed_mid_shard_is_retried(
-    ray_cluster: None, slow: list[Path], tmp_path: Path
-) -> None:
-    merges = batch_with_a_kill(slow, tmp_path, RayExecutor(None, 2, retries=2))
-    assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
-    assert sum(m.redone for m in merges) >= 1
-    assert_serial(slow, tmp_path)
 
 
 def test_ray_task_errors_are_one_line_and_not_retried(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from lazymerge import __version__
 from lazymerge.engine import (
     MergeOptions,
     _return_freed_memory,
@@ -35,7 +37,15 @@ from lazymerge.engine import (
 )
 from lazymerge.errors import InputError, LazyMergeError, OutputError, RecipeError
 from lazymerge.index import SAFETENSORS_INDEX, MappedReader
-from lazymerge.manifest import MANIFEST, Record, ShardResult, file_sha256, is_complete
+from lazymerge.manifest import (
+    MANIFEST,
+    Record,
+    ShardResult,
+    file_sha256,
+    fingerprint,
+    is_complete,
+    recipe_hash,
+)
 from lazymerge.plan import MergePlan, build_plan
 from lazymerge.recipe import Recipe, load_recipe
 from lazymerge.writer import build_header, finalize_output, prepare_output, write_json
@@ -87,7 +97,7 @@ class Executor(Protocol):
 
 # --- the worker side -------------------------------------------------------------------
 
-_plans: dict[str, MergePlan] = {}  # per worker process: re-planning reads every header
+_plans: dict[str, MergePlan] = {}  # per worker process, by recipe: planning reads every header
 
 
 def make_shard(task: ShardTask) -> ShardDone:
@@ -111,31 +121,36 @@ def make_shard(task: ShardTask) -> ShardDone:
 
 
 def _worker_plan(task: ShardTask, host: str) -> MergePlan:
-    key = task.expect["recipe_sha256"]
-    if key in _plans:
-        return _plans[key]
-    try:
-        plan = build_plan(task.recipe)
-    except InputError as e:
-        raise InputError(
-            f"on worker {host}: {e} (batch workers must see the driver's paths: shared storage)"
-        ) from None
-    seen = Record(plan).fixed
-    for what in ("lazymerge_version", "recipe_sha256"):
-        if seen[what] != task.expect[what]:
-            raise OutputError(
-                f"on worker {host}: {what} {seen[what]} differs from the driver's "
-                f"{task.expect[what]}; install the same lazymerge on every worker"
-            )
-    for path, fp in task.expect["inputs"].items():
-        if seen["inputs"].get(path) != fp:
+    """The task's plan, made here (and kept for the next shard of the same recipe), after
+    checking that this worker sees the files the driver planned with."""
+    shared = "batch workers must see the driver's paths and files (shared storage)"
+    if __version__ != task.expect["lazymerge_version"]:
+        raise OutputError(
+            f"on worker {host}: lazymerge {__version__}, the driver runs "
+            f"{task.expect['lazymerge_version']}; install the same version on every worker"
+        )
+    for path, expected in task.expect["inputs"].items():
+        try:
+            seen = fingerprint(Path(path))
+        except (OSError, LazyMergeError) as e:
+            raise InputError(f"on worker {host}: {path}: {_one_line(e)}; {shared}") from None
+        if seen != expected:
             raise InputError(
                 f"on worker {host}: {path} is not the file the driver planned with (size, "
-                "mtime or header differ); batch workers must see the same files"
+                f"mtime or header differ); {shared}"
             )
-    if len(_plans) >= 8:
-        _plans.clear()
-    _plans[key] = plan
+    key = json.dumps(task.recipe.to_dict(), sort_keys=True)
+    plan = _plans.get(key)
+    if plan is None:
+        try:
+            plan = build_plan(task.recipe)
+        except InputError as e:
+            raise InputError(f"on worker {host}: {e}; {shared}") from None
+        if recipe_hash(plan) != task.expect["recipe_sha256"]:
+            raise OutputError(f"on worker {host}: the recipe differs from the driver's")
+        if len(_plans) >= 8:
+            _plans.clear()
+        _plans[key] = plan
     return plan
 
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import math
 import queue
 import resource
@@ -127,7 +128,13 @@ def output_errors(out: Path, again: str = "run the same command with --resume") 
 def _return_freed_memory() -> None:
     """Ask glibc to serve every buffer of 1 MiB or more from mmap, and so hand it back to
     the OS when freed. Its default threshold adapts to past frees, which leaves freed
-    block buffers in the heap at random and made peak RSS jump by a tensor or two."""
+    block buffers in the heap at random and made peak RSS jump by a tensor or two.
+
+    Also moves every object alive now (torch's module graph, the plan) out of the
+    garbage collector's sight: its full collections, triggered by the loop's small
+    allocations, traversed them again and again (~4 % of a merge's time in a profile).
+    """
+    gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
 
