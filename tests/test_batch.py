@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -244,3 +245,19 @@ def test_ray_task_errors_are_one_line_and_not_retried(
     ((_, outcome),) = RayExecutor(None, 2, retries=3).run([gone])
     assert isinstance(outcome, str)
     assert "shared storage" in outcome and "\n" not in outcome
+
+
+def test_ray_missing_or_misused_is_one_line(
+    small: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "out"
+    assert run_cli("batch", small[0], "--out-root", out, "--address", "auto", "-q") == 1
+    assert "--address is for --executor ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if lazymerge[ray] were not installed
+    assert run_cli("batch", small[0], "--out-root", out, "--executor", "ray", "-q") == 1
+    err = capsys.readouterr().err
+    assert "pip install 'lazymerge[ray]'" in err and err.count("\n") == 1
+    assert not out.exists()  # refused before anything was written

@@ -29,10 +29,10 @@ from tqdm import tqdm
 from lazymerge import __version__
 from lazymerge.engine import (
     MergeOptions,
-    _return_freed_memory,
     open_record,
     output_errors,
     peak_rss,
+    tune_process_memory,
     write_shard,
 )
 from lazymerge.errors import InputError, LazyMergeError, OutputError, RecipeError
@@ -158,7 +158,7 @@ def _start_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _return_freed_memory()
+    tune_process_memory()
 
 
 def _one_line(e: BaseException) -> str:
@@ -250,16 +250,18 @@ class RayExecutor:
     errors of the merge itself (bad input, NaN) are not retried."""
 
     def __init__(self, address: str | None, jobs: int, retries: int) -> None:
+        try:
+            import ray  # noqa: F401  (refused here, before any output is touched)
+        except ImportError:
+            raise RecipeError("--executor ray needs Ray: pip install 'lazymerge[ray]'") from None
         self.address = address
         self.jobs = jobs
         self.retries = retries
 
     def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[ShardTask, Outcome]]:
-        try:
-            import ray
-            from ray.exceptions import RayError, RayTaskError
-        except ImportError:
-            raise RecipeError("--executor ray needs Ray: pip install 'lazymerge[ray]'") from None
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
         started = not ray.is_initialized()
         if started:
             try:

@@ -79,7 +79,7 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
     opts = options or MergeOptions()
     resolve_device(opts.device)  # refuse a missing GPU before the output is touched
     start = time.monotonic()
-    _return_freed_memory()
+    tune_process_memory()
     out = prepare_output(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
     with output_errors(out):
         record, kept = open_record(plan, out, opts.resume)
@@ -125,7 +125,7 @@ def output_errors(out: Path, again: str = "run the same command with --resume") 
         ) from e
 
 
-def _return_freed_memory() -> None:
+def tune_process_memory() -> None:
     """Ask glibc to serve every buffer of 1 MiB or more from mmap, and so hand it back to
     the OS when freed. Its default threshold adapts to past frees, which leaves freed
     block buffers in the heap at random and made peak RSS jump by a tensor or two.
@@ -208,7 +208,7 @@ class Scratch:
     """Block buffers reused from block to block and tensor to tensor, on the device that
     does the arithmetic.
 
-    A fresh buffer per block is a fresh mmap (see _return_freed_memory): the kernel
+    A fresh buffer per block is a fresh mmap (see tune_process_memory): the kernel
     faults in and zeroes every page of it, which cost as much as the upcast itself.
     Two output buffers (host memory, pinned for a GPU) alternate: one is filled while
     the writer's thread still writes the other (`give_back` returns it from that thread).
