@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import torch
 import yaml
 
 from lazymerge.batch import (
@@ -261,3 +262,16 @@ def test_ray_missing_or_misused_is_one_line(
     err = capsys.readouterr().err
     assert "pip install 'lazymerge[ray]'" in err and err.count("\n") == 1
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_batch_device_cuda_without_a_gpu_is_refused_before_writing(
+    small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert run_cli("batch", small[0], "--out-root", out, "--device", "cuda", "-q") == 1
+    assert "no CUDA GPU here" in capsys.readouterr().err
+    assert not out.exists()
+    rc, report = batch(small[0], "--out-root", out, "--device", "auto", capsys=capsys)
+    assert rc == 0 and report["merges"][0]["status"] == "merged"
+    assert_serial(small[:1], out)

@@ -69,6 +69,7 @@ class ShardTask:
     max_memory: int
     allow_nonfinite: bool
     nbytes: int  # the shard's data bytes
+    device: str = "cpu"  # as --device: resolved on the worker
 
     @property
     def key(self) -> tuple[int, int]:
@@ -113,7 +114,10 @@ def make_shard(task: ShardTask) -> ShardDone:
     shard = plan.shards[task.shard]
     redone = (task.out / (shard.name + ".partial")).exists()
     opts = MergeOptions(
-        max_memory=task.max_memory, progress=False, allow_nonfinite=task.allow_nonfinite
+        max_memory=task.max_memory,
+        progress=False,
+        allow_nonfinite=task.allow_nonfinite,
+        device=task.device,
     )
     with output_errors(task.out, "re-run the batch"), MappedReader() as reader:
         result, nonfinite = write_shard(shard, task.out, reader, opts, lambda n: None)
@@ -275,10 +279,16 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise RecipeError(f"cannot reach Ray at {self.address}: {e}") from None
         try:
-            remote = ray.remote(make_shard).options(
-                num_cpus=1, max_retries=self.retries, retry_exceptions=False
-            )
-            refs = {remote.remote(task): task for task in tasks}
+            remote = ray.remote(make_shard)
+            refs = {
+                remote.options(
+                    num_cpus=1,
+                    num_gpus=int(task.device.startswith("cuda")),  # "auto": what is there
+                    max_retries=self.retries,
+                    retry_exceptions=False,
+                ).remote(task): task
+                for task in tasks
+            }
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 for ref in ready:
@@ -305,6 +315,7 @@ class BatchSettings:
     overwrite: bool = False
     allow_nonfinite: bool = False
     progress: bool = True
+    device: str = "cpu"
 
 
 @dataclass
@@ -441,6 +452,7 @@ def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
             settings.max_memory,
             settings.allow_nonfinite,
             s.data_size,
+            settings.device,
         )
         for n, s in enumerate(plan.shards)
         if s.name not in kept

@@ -15,7 +15,13 @@ from typing import Any
 import click
 
 from lazymerge import __version__
-from lazymerge.engine import DEFAULT_MAX_MEMORY, MergeOptions, run_merge
+from lazymerge.engine import (
+    DEFAULT_MAX_MEMORY,
+    MergeOptions,
+    parse_device,
+    resolve_device,
+    run_merge,
+)
 from lazymerge.errors import LazyMergeError, RecipeError
 from lazymerge.plan import MergePlan, build_plan
 from lazymerge.recipe import Recipe, load_recipe, parse_dtype, parse_recipe, parse_size
@@ -257,6 +263,8 @@ _batch_options = _apply([
                  help="Times a shard is redone after its worker dies."),
     click.option("--overwrite", is_flag=True, help="Redo every merge, even complete ones (default: keep complete merges and shards)."),
     click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors even if they hold NaN/Inf."),
+    click.option("--device", default="cpu", show_default=True,
+                 help="Where each task's arithmetic runs: cpu, cuda, cuda:N or auto (on Ray, cuda asks one GPU per task)."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table."),
     click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
 ])  # fmt: skip
@@ -278,6 +286,7 @@ def batch(
     max_memory: str | None,
     overwrite: bool,
     allow_nonfinite: bool,
+    device: str,
     quiet: bool,
     as_json: bool,
 ) -> int:
@@ -308,7 +317,10 @@ def batch(
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
         progress=not quiet,
+        device=device,
     )
+    # Local workers have this machine's GPUs; Ray's may have others: the name only.
+    (resolve_device if executor == "local" else parse_device)(device)
     runner: Executor = (
         RayExecutor(address, jobs, retries) if executor == "ray" else LocalExecutor(jobs, retries)
     )

@@ -281,16 +281,23 @@ class Scratch:
         self._free.put(out.data_ptr())
 
 
-def resolve_device(name: str) -> torch.device:
-    """`cpu`, `cuda`, `cuda:N` or `auto` (a GPU when there is one, else the CPU)."""
+def parse_device(name: str) -> torch.device | None:
+    """The device `name` says (None for `auto`), or a RecipeError."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return None
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RecipeError(f"--device {name}: expected cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise RecipeError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (a GPU when there is one, else the CPU), checked
+    against this machine."""
+    device = parse_device(name) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             built = "with" if torch.backends.cuda.is_built() else "without"
