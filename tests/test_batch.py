@@ -103,11 +103,13 @@ def test_local_batch_writes_serial_bytes_and_a_rerun_skips(
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == stamp
 
     lost = sorted((tmp_path / small[2].stem).glob("model-*.safetensors"))[1]
+    lost_bytes = lost.read_bytes()
     lost.unlink()
     rc, third = batch(*small, "--out-root", tmp_path, capsys=capsys)
     redo = third["merges"][2]
     assert rc == 0 and redo["status"] == "merged"
     assert redo["kept"] == redo["shards"] - 1  # only the lost shard was written again
+    assert redo["bytes_written"] == len(lost_bytes)
     assert_serial(small, tmp_path)
 
 

@@ -331,6 +331,7 @@ class Merge:
     shards: dict[str, ShardResult] = field(default_factory=dict)
     nonfinite: list[str] = field(default_factory=list)
     kept: int = 0  # shards an earlier run completed
+    written: int = 0  # bytes of the shards this run wrote
     redone: int = 0  # shards whose worker died and were written again
     seconds: float = 0.0  # worker time spent on its shards
     peak_rss: int = 0  # the largest worker's
@@ -342,7 +343,8 @@ class Merge:
 
     @property
     def bytes_written(self) -> int:
-        return sum(s.size for s in self.shards.values())
+        """Bytes of the shards this run wrote (kept ones not counted)."""
+        return self.written
 
     def fail(self, why: str) -> None:
         if self.status != FAILED:  # the first reason is the one to fix
@@ -466,6 +468,7 @@ def _expect(record: Record) -> dict[str, Any]:
 def _take(m: Merge, done: ShardDone) -> None:
     assert m.plan is not None and m.record is not None
     m.shards[done.result.name] = done.result
+    m.written += done.result.size
     m.nonfinite += done.nonfinite
     m.redone += done.redone
     m.seconds += done.seconds
@@ -525,13 +528,18 @@ def batch_json(merges: Sequence[Merge], seconds: float) -> dict[str, Any]:
 def batch_table(merges: Sequence[Merge], seconds: float) -> str:
     from lazymerge.report import human_bytes
 
+    def shards(m: Merge) -> str:
+        notes = [f"{n} {what}" for n, what in ((m.kept, "kept"), (m.redone, "redone")) if n]
+        return f"{len(m.shards)}" + (f" ({', '.join(notes)})" if notes else "")
+
     width = max([len(m.name) for m in merges] + [6])
-    lines = [f"{'recipe':<{width}}  status   work s     bytes  shards  index sha256"]
-    for m in merges:
-        shards = f"{len(m.shards)}" + (f" ({m.redone} redone)" if m.redone else "")
+    counts = [shards(m) for m in merges]
+    cw = max([len(c) for c in counts] + [6])
+    lines = [f"{'recipe':<{width}}  status   work s   written  {'shards':<{cw}}  index sha256"]
+    for m, count in zip(merges, counts, strict=True):
         lines.append(
             f"{m.name:<{width}}  {m.status:<7} {m.seconds:7.1f} {human_bytes(m.bytes_written):>9}"
-            f"  {shards:<6}  {m.index_sha256[:16] or '-'}"
+            f"  {count:<{cw}}  {m.index_sha256[:16] or '-'}"
         )
         if m.error:
             lines.append(f"{'':<{width}}  {m.error}")

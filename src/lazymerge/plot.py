@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -128,6 +129,8 @@ def _panel(ax: Axes, rows: list[LayerRow], label: str, show_legend: bool) -> Non
 
 
 if __name__ == "__main__":  # python -m lazymerge.plot PATH TITLE < rows.json
+    with contextlib.suppress(OSError):
+        os.nice(19)  # the merge beside us comes first; we take the CPU it leaves idle
     try:
         render([LayerRow(**r) for r in json.load(sys.stdin)], Path(sys.argv[1]), sys.argv[2])
     except LazyMergeError as e:
