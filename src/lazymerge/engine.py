@@ -29,6 +29,7 @@ from lazymerge.index import DTYPES, MappedReader, TensorRef, itemsize
 from lazymerge.lora import LORA, LORA_T, REPLACE, LoraTerm
 from lazymerge.manifest import MANIFEST, Record, ShardResult, completed_shards
 from lazymerge.plan import COMPUTE, COPY_BASE, MergePlan, PlannedTensor, Shard
+from lazymerge.readahead import ReadAhead
 from lazymerge.writer import ShardWriter, finalize_output, prepare_output, write_json
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
@@ -175,13 +176,17 @@ def write_shard(
     (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
     writer = ShardWriter(out, shard, inflight=WRITE_QUEUE)
     scratch = Scratch(resolve_device(opts.device))
+    reads = [(t, t.reads()) for t in shard.tensors]
     try:
-        for t in shard.tensors:
-            if not write_tensor(
-                t, reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite
-            ):
-                nonfinite.append(t.name)
-            reader.release_touched()
+        with ReadAhead([r for _, refs in reads for r in refs], opts.max_memory) as ahead:
+            for t, refs in reads:
+                if not write_tensor(
+                    t, reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite
+                ):
+                    nonfinite.append(t.name)
+                reader.release_touched()
+                for r in refs:
+                    ahead.used(r)
         return writer.finish(), nonfinite
     except BaseException:
         writer.abort()

@@ -9,6 +9,7 @@ a directory a loadable model, is written last: an interrupted merge never has on
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import hashlib
 import json
@@ -36,6 +37,22 @@ COPY_RANGE_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTS
 CLONING_FS = frozenset(
     {"btrfs", "xfs", "bcachefs", "zfs", "ocfs2", "nfs", "nfs4", "cifs", "smb3", "ceph"}
 )
+# Bytes written between two starts of writeback (sync_file_range: asynchronous).
+WRITEBACK = 64 * 2**20
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None  # not Linux: the final fsync does it all
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_sync_file_range = _libc_sync_file_range()
 # A queued write: file position, bytes, callback once written, and for a copy the
 # (fd, position) the same bytes are at in an input file.
 Item = tuple[int, memoryview, "Callable[[], object] | None", "tuple[int, int] | None"]
@@ -103,6 +120,7 @@ class ShardWriter:
         self._data_start = len(header)
         self._end = self._data_start + shard.data_size
         self._pos = 0
+        self._flushed = 0  # writeback started up to here
         self._pwrite(header, 0)
         self._limit = max(inflight, 1)
         self._queued = 0
@@ -188,6 +206,14 @@ class ShardWriter:
         while view:
             n = os.pwrite(self._fd, view, at)
             view, at = view[n:], at + n
+        self._start_writeback(at)
+
+    def _start_writeback(self, end: int) -> None:
+        """Have the kernel start writing what is written so far (it would otherwise wait
+        for 10 % of RAM to be dirty, and leave the whole shard to the final fsync)."""
+        if end - self._flushed >= WRITEBACK and _sync_file_range is not None:
+            _sync_file_range(self._fd, self._flushed, end - self._flushed, SYNC_FILE_RANGE_WRITE)
+            self._flushed = end
 
     def _copy(self, source: tuple[int, int], view: memoryview, at: int) -> None:
         fd, pos = source
