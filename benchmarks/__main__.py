@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,14 @@ from benchmarks.report import plot, table, targets
 from benchmarks.runner import run_layers
 
 HERE = Path(__file__).resolve().parent
+
+
+def _version(name: str) -> str:
+    """A package's version; run from a source tree (PYTHONPATH=src), its module's."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return str(getattr(__import__(name), "__version__", "unknown"))
 
 
 def machine() -> dict[str, Any]:
@@ -34,8 +42,8 @@ def machine() -> dict[str, Any]:
         "memory_bytes": mem,
         "kernel": platform.platform(),
         "python": platform.python_version(),
-        "torch": version("torch"),
-        "lazymerge": version("lazymerge"),
+        "torch": _version("torch"),
+        "lazymerge": _version("lazymerge"),
     }
 
 

@@ -102,3 +102,25 @@ def test_batch_benchmark_compares_ways_on_the_same_bytes(tmp_path: Path) -> None
     assert [r["way"] for r in record["runs"]] == ["local -j 1", "local -j 2"]
     assert all(r["seconds"] > 0 and r["worker_peak_rss"] > 0 for r in record["runs"])
     assert not (tmp_path / "cache" / "batch").exists()  # cleaned up
+
+
+def test_device_check_counts_identical_tensors_and_ulps(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from benchmarks.device import compare
+
+    a = {"x": torch.tensor([1.0, 2.0], dtype=torch.float16), "y": torch.ones(3)}
+    b = {
+        "x": a["x"]
+        .view(torch.int16)
+        .add(torch.tensor([0, 1], dtype=torch.int16))
+        .view(torch.float16),
+        "y": torch.ones(3),
+    }
+    for name, tensors in (("cpu", a), ("cuda", b)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    assert compare(tmp_path / "cpu", tmp_path / "cuda") == {
+        "identical_tensors": 1, "differing_tensors": ["x"], "max_ulps": 1,
+    }  # fmt: skip
