@@ -18,17 +18,10 @@ import pytest
 import torch
 import yaml
 
-from lazymerge.batch import (
-    BatchSettings,
-    LocalExecutor,
-    Merge,
-    RayExecutor,
-    ShardTask,
-    make_shard,
-    run_batch,
-)
+from lazymerge.batch import BatchSettings, Merge, run_batch
 from lazymerge.errors import InputError
 from lazymerge.synthetic import LlamaShape
+from lazymerge.workers import LocalExecutor, RayExecutor, ShardTask, make_shard
 
 from conftest import run_cli, synthetic_job
 

@@ -15,13 +15,8 @@ from typing import Any
 import click
 
 from lazymerge import __version__
-from lazymerge.engine import (
-    DEFAULT_MAX_MEMORY,
-    MergeOptions,
-    parse_device,
-    resolve_device,
-    run_merge,
-)
+from lazymerge.device import parse_device, resolve_device
+from lazymerge.engine import DEFAULT_MAX_MEMORY, MergeOptions, run_merge
 from lazymerge.errors import LazyMergeError, RecipeError
 from lazymerge.plan import MergePlan, build_plan
 from lazymerge.recipe import Recipe, load_recipe, parse_dtype, parse_recipe, parse_size
@@ -297,16 +292,8 @@ def batch(
 
     Example: lazymerge batch sweep/*.yaml --out-root /nfs/merges --executor ray --address auto
     """
-    from lazymerge.batch import (
-        FAILED,
-        BatchSettings,
-        Executor,
-        LocalExecutor,
-        RayExecutor,
-        batch_json,
-        batch_table,
-        run_batch,
-    )
+    from lazymerge.batch import FAILED, BatchSettings, batch_json, batch_table, run_batch
+    from lazymerge.workers import Executor, LocalExecutor, RayExecutor
 
     if address is not None and executor != "ray":
         raise RecipeError("--address is for --executor ray")
