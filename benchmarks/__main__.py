@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warm", action="store_true", help="never drop the page cache (figures are warm-cache)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="merge and copy this many times each, alternately; medians reported (default 1)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     layer_counts = [int(x) for x in args.layers.split(",")]
     record: dict[str, Any] = {
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 with_mergekit=not args.no_mergekit,
                 keep=args.keep,
                 cold=not args.warm,
+                repeat=max(1, args.repeat),
             )
         )
     print(table(record))

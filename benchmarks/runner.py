@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,9 +113,19 @@ def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path)
 
 
 def run_layers(
-    layers: int, cache: Path, *, tiny: bool, with_mergekit: bool, keep: bool, cold: bool = True
+    layers: int,
+    cache: Path,
+    *,
+    tiny: bool,
+    with_mergekit: bool,
+    keep: bool,
+    cold: bool = True,
+    repeat: int = 1,
 ) -> dict[str, Any]:
-    """Everything measured for one layer count; the work directory is removed afterwards."""
+    """Everything measured for one layer count; the work directory is removed afterwards.
+
+    The merge and the copy run `repeat` times, alternately; their medians are reported.
+    """
     py = sys.executable
     work = cache / f"layers-{layers}"
     shutil.rmtree(work, ignore_errors=True)
@@ -137,15 +148,20 @@ def run_layers(
         drop_caches(cold)
         # What a merge pays before its first byte: interpreter + torch import.
         startup = run_child([py, "-c", "import lazymerge.engine"], "import")
-        dropped = drop_caches(cold)
-        merge = run_child(
-            [py, "-m", "lazymerge", "merge", str(recipe), "-o", str(work / "out"), "-q"],
-            "lazymerge merge",
-        )
-        out_sizes = [p.stat().st_size for p in sorted((work / "out").glob("*.safetensors"))]
-        dropped = drop_caches(cold) and dropped
-        copy_s = copy_baseline(plan["reads"], out_sizes, work / "copy")
-        shutil.rmtree(work / "copy")
+        dropped, merges, copies = True, [], []
+        for _ in range(repeat):  # interleaved, so that the disk's drifts hit both alike
+            shutil.rmtree(work / "out", ignore_errors=True)
+            dropped = drop_caches(cold) and dropped
+            merges.append(run_child(
+                [py, "-m", "lazymerge", "merge", str(recipe), "-o", str(work / "out"), "-q"],
+                "lazymerge merge",
+            ))  # fmt: skip
+            out_sizes = [p.stat().st_size for p in sorted((work / "out").glob("*.safetensors"))]
+            dropped = drop_caches(cold) and dropped
+            copies.append(copy_baseline(plan["reads"], out_sizes, work / "copy"))
+            shutil.rmtree(work / "copy")
+        merge_s = statistics.median(m.seconds for m in merges)
+        copy_s = statistics.median(copies)
         result: dict[str, Any] = {
             "layers": layers,
             "span": span_for(layers),
@@ -154,10 +170,12 @@ def run_layers(
             "bytes_written": sum(out_sizes),
             "generator_peak_rss": gen.peak_rss,
             "startup_seconds": startup.seconds,
-            "merge_seconds": merge.seconds,
-            "merge_peak_rss": merge.peak_rss,
+            "merge_seconds": merge_s,  # the median of `repeat` runs
+            "merge_peak_rss": max(m.peak_rss for m in merges),
             "copy_seconds": copy_s,
-            "merge_over_copy": merge.seconds / copy_s,
+            "merge_over_copy": merge_s / copy_s,
+            "merge_runs": [round(m.seconds, 3) for m in merges],
+            "copy_runs": [round(c, 3) for c in copies],
         }
         if with_mergekit:
             result["mergekit"] = _mergekit(work, layers, cache, cold)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_smoke_run_records_every_figure(tmp_path: Path) -> None:
     cmd = [
-        sys.executable, "-m", "benchmarks", "--tiny", "--layers", "1,3", "--no-mergekit", "--warm",
+        sys.executable, "-m", "benchmarks", "--tiny", "--layers", "1,3", "--no-mergekit", "--warm", "--repeat", "2",
         "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
@@ -30,6 +30,8 @@ def test_smoke_run_records_every_figure(tmp_path: Path) -> None:
         assert 0 < r["merge_peak_rss"] < 2**31 and r["generator_peak_rss"] > 0
         assert r["merge_seconds"] > 0 and r["copy_seconds"] > 0 and r["startup_seconds"] > 0
         assert r["merge_over_copy"] == pytest.approx(r["merge_seconds"] / r["copy_seconds"])
+        assert len(r["merge_runs"]) == len(r["copy_runs"]) == 2
+        assert min(r["merge_runs"]) <= r["merge_seconds"] <= max(r["merge_runs"])
     assert "merge/copy" in done.stdout and "target peak RSS" in done.stdout
     assert not (tmp_path / "cache" / "layers-1").exists()  # cleaned up
 
