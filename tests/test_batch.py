@@ -11,8 +11,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -135,35 +136,40 @@ def test_recipes_that_would_share_an_output_are_refused(
 def test_a_worker_refuses_inputs_it_cannot_see_or_that_differ(
     small: list[Path], tmp_path: Path
 ) -> None:
-    merges = run_batch(small[:1], tmp_path, BatchSettings(progress=False), Recorder())
-    assert merges[0].status == "running"  # planned, output prepared, nothing run
-    task = Recorder.tasks[0]
-    gone = ShardTask(**{**task.__dict__, "recipe": _with_other(task, tmp_path / "not-mounted")})
+    task, merge = planned_task(small[0], tmp_path)
+    assert merge.status == "running"  # planned, output prepared, nothing run
     with pytest.raises(InputError, match="shared storage"):
-        make_shard(gone)
+        make_shard(unmounted(task, tmp_path))
     changed = dict(task.expect["inputs"])
     first = next(iter(changed))
     changed[first] = {**changed[first], "size": changed[first]["size"] + 1}
-    other = ShardTask(**{**task.__dict__, "expect": {**task.expect, "inputs": changed}})
     with pytest.raises(InputError, match="not the file the driver planned with"):
-        make_shard(other)
+        make_shard(replace(task, expect={**task.expect, "inputs": changed}))
 
 
 class Recorder:
     """An executor that runs nothing: it keeps the tasks it was given."""
 
-    tasks: ClassVar[list[ShardTask]] = []
+    def __init__(self) -> None:
+        self.tasks: list[ShardTask] = []
 
     def run(self, tasks: Any) -> Iterator[tuple[ShardTask, str]]:
-        Recorder.tasks = list(tasks)
+        self.tasks = list(tasks)
         return iter(())
 
 
-def _with_other(task: ShardTask, path: Path) -> Any:
-    from dataclasses import replace
+def planned_task(recipe: Path, out_root: Path) -> tuple[ShardTask, Merge]:
+    """The first shard task of a one-recipe batch, and its merge, as the driver made them."""
+    recorder = Recorder()
+    (merge,) = run_batch([recipe], out_root, BatchSettings(progress=False), recorder)
+    return recorder.tasks[0], merge
 
+
+def unmounted(task: ShardTask, root: Path) -> ShardTask:
+    """The task with its other model at a path no worker sees."""
     assert task.recipe.other is not None
-    return replace(task.recipe, other=replace(task.recipe.other, path=path))
+    other = replace(task.recipe.other, path=root / "not-mounted")
+    return replace(task, recipe=replace(task.recipe, other=other))
 
 
 def holder(path: Path) -> int | None:
@@ -235,10 +241,8 @@ def test_ray_batch_of_three_writes_serial_bytes(
 def test_ray_task_errors_are_one_line_and_not_retried(
     ray_cluster: None, small: list[Path], tmp_path: Path
 ) -> None:
-    run_batch(small[:1], tmp_path / "plan", BatchSettings(progress=False), Recorder())
-    task = Recorder.tasks[0]
-    gone = ShardTask(**{**task.__dict__, "recipe": _with_other(task, tmp_path / "not-mounted")})
-    ((_, outcome),) = RayExecutor(None, 2, retries=3).run([gone])
+    task, _ = planned_task(small[0], tmp_path / "plan")
+    ((_, outcome),) = RayExecutor(None, 2, retries=3).run([unmounted(task, tmp_path)])
     assert isinstance(outcome, str)
     assert "shared storage" in outcome and "\n" not in outcome
 

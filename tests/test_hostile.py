@@ -292,21 +292,17 @@ def refused(
     assert snapshot(inputs) == before
 
 
+def half_blend(models: dict[str, Path], *more: object) -> list[object]:
+    """`lazymerge gradient` blending the two models half and half, then `more`."""
+    return ["gradient", models["base"], models["other"], "--values", "0.5", *more]
+
+
 @pytest.mark.parametrize("where", ["equal", "inside"])
 def test_output_in_an_input(
     where: str, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = models["other"] if where == "equal" else models["other"] / "merged"
-    args = [
-        "gradient",
-        models["base"],
-        models["other"],
-        "--values",
-        "0.5",
-        "-o",
-        out,
-        "--overwrite",
-    ]
+    args = half_blend(models, "-o", out, "--overwrite")
     refused(
         capsys,
         args,
@@ -342,18 +338,7 @@ def test_full_disk(
     monkeypatch.setattr(os, "pwrite", pwrite)
     monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     out = tmp_path / "out"
-    args = [
-        "gradient",
-        models["base"],
-        models["other"],
-        "--values",
-        "0.5",
-        "--shard-size",
-        "200KB",
-        "-o",
-        out,
-        "-q",
-    ]
+    args = half_blend(models, "--shard-size", "200KB", "-o", out, "-q")
     refused(
         capsys, args, [models["base"], models["other"]], out, "disk full; the output is incomplete"
     )

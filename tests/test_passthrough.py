@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from lazymerge.plan import COMPUTE, build_plan
+from lazymerge.plan import COMPUTE, COPY_BASE, build_plan
 from lazymerge.recipe import load_recipe
 from lazymerge.synthetic import LlamaShape
 from lazymerge.writer import CLONING_FS, filesystem, kernel_copy_pays
@@ -47,8 +49,23 @@ def merged(recipe: Path, out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
+def copied(recipe: Path) -> dict[str, str]:
+    """Copied tensor -> the model directory it is copied from, per the plan."""
+    plan = build_plan(load_recipe(recipe))
+    return {
+        t.name: "base" if t.action == COPY_BASE else "other"
+        for t in plan.tensors
+        if t.action != COMPUTE
+    }
+
+
 def copied_bytes(recipe: Path) -> int:
     return sum(t.nbytes for t in build_plan(load_recipe(recipe)).tensors if t.action != COMPUTE)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's shards, read by the safetensors library."""
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def test_copied_tensors_go_file_to_file(
@@ -64,6 +81,13 @@ def test_copied_tensors_go_file_to_file(
     monkeypatch.setattr(os, "copy_file_range", spy)
     kernel = merged(job, tmp_path / "kernel")
     assert sum(calls) == copied_bytes(job) > 0  # every copied byte, and nothing else
+    # each copied tensor is its input's, as an independent reader sees both
+    out, sources = (
+        tensors(tmp_path / "kernel"),
+        {m: tensors(job.parent / m) for m in ("base", "other")},
+    )
+    for name, side in copied(job).items():
+        assert torch.equal(out[name], sources[side][name]), name
 
     def refuse(*args: Any) -> int:
         raise OSError(errno.EXDEV, "Invalid cross-device link")

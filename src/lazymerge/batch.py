@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +160,7 @@ def _refuse_same_names(recipes: Sequence[Path]) -> None:
 
 def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
     """Plan one merge and prepare its output; the tasks of the shards it still needs."""
-    recipe = load_recipe(m.recipe_path)
-    output = recipe.output
-    if settings.dtype is not None:
-        output = replace(output, dtype=settings.dtype)
-    if settings.shard_size is not None:
-        output = replace(output, shard_size=settings.shard_size)
-    recipe = replace(recipe, output=output)
+    recipe = load_recipe(m.recipe_path).with_output(settings.dtype, settings.shard_size)
     m.plan = plan = build_plan(recipe)
     m.record = Record(plan)
     if not settings.overwrite and is_complete(m.out, plan, m.record):

@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -195,13 +194,12 @@ def _floats(text: str, flag: str) -> list[float]:
 def _plan(
     recipe: Recipe, dtype: str | None, shard_size: str | None, max_memory: str | None
 ) -> tuple[MergePlan, int]:
-    output = recipe.output
-    if dtype is not None:
-        output = replace(output, dtype=parse_dtype(dtype, "--dtype"))
-    if shard_size is not None:
-        output = replace(output, shard_size=parse_size(shard_size, "--shard-size"))
+    recipe = recipe.with_output(
+        parse_dtype(dtype, "--dtype") if dtype is not None else None,
+        parse_size(shard_size, "--shard-size") if shard_size is not None else None,
+    )
     budget = parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY
-    return build_plan(replace(recipe, output=output)), budget
+    return build_plan(recipe), budget
 
 
 def _run(

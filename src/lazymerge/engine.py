@@ -305,8 +305,8 @@ def _compute(
         if not _finite(out):
             finite = False
             if not allow_nonfinite:
-                scratch.give_back(out)
                 bad = int((~torch.isfinite(out)).sum())
+                scratch.give_back(out)
                 raise NumericsError(
                     f"{t.name}: {bad} NaN/Inf values in rows {r0}-{r1 - 1} of the merged tensor "
                     f"({t.dtype}: an overflow, or non-finite inputs); --allow-nonfinite writes "

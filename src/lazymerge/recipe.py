@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,13 @@ class Recipe:
         """Every input path, models and adapters."""
         models = [self.base] + ([self.other] if self.other else [])
         return [p for m in models for p in (m.path, *(lo.path for lo in m.loras))]
+
+    def with_output(self, dtype: str | None = None, shard_size: int | None = None) -> Recipe:
+        """This recipe with the command line's output settings over its own (None: keep)."""
+        out = self.output
+        out = replace(out, dtype=dtype) if dtype is not None else out
+        out = replace(out, shard_size=shard_size) if shard_size is not None else out
+        return replace(self, output=out)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data with absolute paths: a valid recipe again (the model

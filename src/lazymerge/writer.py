@@ -105,13 +105,7 @@ class ShardWriter:
     after an error).
     """
 
-    def __init__(
-        self,
-        directory: Path,
-        shard: Shard,
-        inflight: int = 64 * 2**20,
-        copy_range: bool | None = None,
-    ) -> None:
+    def __init__(self, directory: Path, shard: Shard, inflight: int = 64 * 2**20) -> None:
         self.final = directory / shard.name
         self.partial = directory / (shard.name + PARTIAL)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -126,8 +120,7 @@ class ShardWriter:
         self._queued = 0
         self._cond = threading.Condition()
         self._items: collections.deque[Item | None] = collections.deque()
-        self.copied = 0  # bytes that went file to file, in the kernel (copy_file_range)
-        self._copy_range = kernel_copy_pays(directory) if copy_range is None else copy_range
+        self._copy_range = kernel_copy_pays(directory)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"write {shard.name}", daemon=True)
         self._thread.start()
@@ -229,7 +222,6 @@ class ShardWriter:
                 self._copy_range = False
                 break
             done += n
-        self.copied += done
         self._sha.update(view[:done])  # the pages the copy just read: in the page cache
         if done < len(view):
             self._pwrite(view[done:], at + done)
