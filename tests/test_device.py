@@ -80,6 +80,28 @@ def test_the_staged_path_writes_the_cpu_bytes(
     assert shards(tmp_path / "staged") == shards(job / "cpu")
 
 
+def test_cache_chunks_do_not_change_the_bytes(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU blends a block chunk by chunk (64 rows here, the whole tensor in `job`):
+    element-wise arithmetic and fixed LoRA row chunks, so the same bytes. The merge's
+    torch threads are its own: the caller's setting comes back."""
+    chunks: list[int] = []
+    real = engine.chunk_rows
+
+    def spy(t: engine.PlannedTensor, rows: int) -> int:
+        chunks.append(real(t, rows))
+        return chunks[-1]
+
+    monkeypatch.setattr(engine, "CACHE_CHUNK", 1)
+    monkeypatch.setattr(engine, "chunk_rows", spy)
+    threads = torch.get_num_threads()
+    assert run_cli("merge", job / "recipe.yaml", "-o", tmp_path / "chunked", "-q") == 0
+    assert torch.get_num_threads() == threads
+    assert set(chunks) == {engine.LORA_ROWS}  # every computed tensor went in 64-row chunks
+    assert shards(tmp_path / "chunked") == shards(job / "cpu")
+
+
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in fp16 units in the last place (same-sign values)."""
     return int((a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max())

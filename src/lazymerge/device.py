@@ -71,10 +71,16 @@ class Scratch:
         copy when anything changes or `copy`, else the mapped view itself."""
         return rows.to(device=self.device, dtype=dtype or rows.dtype, copy=copy)
 
-    def output(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`acc` cast to `dtype` in a free host buffer (waiting for the writer to release
-        one if need be). One rounding, on the device: IEEE round-to-nearest-even on both."""
-        nbytes = math.prod(acc.shape) * dtype.itemsize
+    @property
+    def whole_blocks(self) -> bool:
+        """Whether blocks are computed whole (a GPU: fewer, larger transfers and kernels)
+        rather than in cache-sized chunks (the CPU)."""
+        return self._gpu
+
+    def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A free host buffer for a block's output (waiting for the writer to release one
+        if need be); fill it with `cast`."""
+        nbytes = math.prod(shape) * dtype.itemsize
         if len(self._outputs) < self.OUTPUTS and self._free.empty():
             flat = self._empty(nbytes, torch.device("cpu"))
         else:
@@ -83,13 +89,24 @@ class Scratch:
                 del flat  # let the old one go before the larger one comes
                 flat = self._empty(nbytes, torch.device("cpu"))
         self._outputs[flat.data_ptr()] = flat
-        out = flat[:nbytes].view(dtype).view(acc.shape)
-        out.copy_(acc.to(dtype) if self._gpu else acc)  # a GPU sends the smaller bytes down
-        return out
+        return flat[:nbytes].view(dtype).view(shape)
+
+    def cast(self, dst: torch.Tensor, acc: torch.Tensor) -> None:
+        """dst (part of an `output`) <- `acc` in dst's dtype. One rounding, IEEE
+        round-to-nearest-even on either device; a GPU casts first and sends the smaller
+        bytes down."""
+        dst.copy_(acc.to(dst.dtype) if self._gpu else acc)
 
     def give_back(self, out: torch.Tensor) -> None:
         """`out` (from `output`) is written, or abandoned: its buffer may be reused."""
         self._free.put(out.data_ptr())
+
+    def trim(self) -> None:
+        """Let the output buffers go, once the writer has given them all back: what
+        follows (plain copies) needs none, and they would double a copy's memory."""
+        for _ in self._outputs:
+            self._free.get()
+        self._outputs.clear()
 
 
 def parse_device(name: str) -> torch.device | None:

@@ -13,6 +13,7 @@ import errno
 import functools
 import gc
 import math
+import os
 import resource
 import sys
 import time
@@ -45,6 +46,9 @@ LORA_ROWS = 64
 # VmHWM of `python -c "import lazymerge.engine"` (Python 3.11, torch 2.13 CPU, x86-64 Linux):
 # 221-233 MiB measured; what a merge costs before its first tensor.
 INTERPRETER = 240 * 2**20
+# fp32 bytes of one chunk of rows blended at once on the CPU (see chunk_rows): about
+# what the L2 cache holds.
+CACHE_CHUNK = 2**20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 # What a term needs whole, read once per tensor: (A, B.T) in fp32; None for REPLACE.
 Factor = tuple[torch.Tensor, torch.Tensor] | None
@@ -82,7 +86,7 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
     start = time.monotonic()
     tune_process_memory()
     out = prepare_output(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
-    with output_errors(out):
+    with output_errors(out), torch_threads(compute_threads()):
         record, kept = open_record(plan, out, opts.resume)
         results, nonfinite = _write_shards(plan, out, opts, kept, record)
         extra = {"nonfinite": nonfinite} if nonfinite else {}
@@ -140,6 +144,29 @@ def tune_process_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
+def compute_threads(jobs: int = 1) -> int:
+    """torch threads for each of `jobs` merging processes: the cores this process may
+    use, less one left to the writer's thread (sha256, pwrite) and the kernel's page
+    cache work, never more than torch would take on its own.
+
+    The CPU computes in cache-sized chunks (see chunk_rows), too small for a thread team
+    to pay on two cores: one thread there measured faster, in wall and CPU time.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(torch.get_num_threads(), (cores or 1) // jobs - 1))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then back to what they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _write_shards(
     plan: MergePlan, out: Path, opts: MergeOptions, kept: dict[str, ShardResult], record: Record
 ) -> tuple[list[ShardResult], list[str]]:
@@ -180,6 +207,8 @@ def write_shard(
     try:
         with ReadAhead([r for _, refs in reads for r in refs], opts.max_memory) as ahead:
             for t, refs in reads:
+                if t.action != COMPUTE:
+                    scratch.trim()
                 if not write_tensor(
                     t, reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite
                 ):
@@ -253,7 +282,8 @@ def _per_row(t: PlannedTensor) -> int:
 
 
 def block_rows(t: PlannedTensor, budget: int) -> int:
-    """Rows per block so that the block's buffers and mapped input pages fit `budget`.
+    """Rows per block so that the block's buffers and mapped input pages fit `budget`
+    (with a GPU, whose fp32 rows are whole blocks; the CPU's are chunks, and it holds less).
 
     Always a multiple of LORA_ROWS (or the whole tensor), so that every LoRA product is
     computed over the same row chunks whatever the budget.
@@ -262,19 +292,30 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
     return max(1, min(t.rows, max(rows, LORA_ROWS)))
 
 
+def chunk_rows(t: PlannedTensor, rows: int) -> int:
+    """Rows blended at a time within a block of `rows` on the CPU: about CACHE_CHUNK of
+    fp32, a multiple of LORA_ROWS, so that the upcast, products, blend and cast of a
+    chunk run in cache rather than each streaming a whole block through memory.
+    Element-wise arithmetic and fixed LoRA chunks: the bytes do not depend on it."""
+    width = max(t.nbytes // itemsize(t.dtype) // max(t.rows, 1), 1)
+    return min(rows, max(LORA_ROWS, CACHE_CHUNK // (4 * width) // LORA_ROWS * LORA_ROWS))
+
+
 def working_memory(t: PlannedTensor, budget: int) -> int:
-    """Bytes of buffers and mapped input pages held at once while writing `t`."""
+    """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU."""
     if t.action != COMPUTE:
         return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
     rows = block_rows(t, budget)
-    # + the previous block's output, still queued for the writer while this one is computed
-    total = rows * _per_row(t) + rows * (t.nbytes // max(t.rows, 1))
+    chunk = chunk_rows(t, rows)
+    # Two output blocks (one filled, one queued for the writer), and one chunk's fp32
+    # rows and mapped input rows.
+    total = 2 * rows * (t.nbytes // max(t.rows, 1)) + chunk * _per_row(t)
     for lo in t.base_loras + t.other_loras:
         if lo.kind == REPLACE:
-            total += rows * lo.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most
-        else:  # the whole factors in fp32, and this block's B rows (mapped and fp32)
+            total += chunk * lo.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most
+        else:  # the whole factors in fp32, and this chunk's B rows (mapped and fp32)
             total += sum(r.nbytes // itemsize(r.dtype) * 4 for r in lo.refs())
-            total += rows * lo.rank * 4 * 2
+            total += chunk * lo.rank * 4 * 2
     return total
 
 
@@ -294,14 +335,19 @@ def _compute(
     allow_nonfinite: bool,
 ) -> bool:
     rows = block_rows(t, budget)
+    step_rows = rows if scratch.whole_blocks else chunk_rows(t, rows)
     base_a = _factors(t.base_loras, reader, scratch)
     other_a = _factors(t.other_loras, reader, scratch)
     row_bytes = t.nbytes // t.rows if t.rows else 0
     finite = True
     for r0 in range(0, t.rows, rows):
         r1 = min(r0 + rows, t.rows)
-        acc = blend_rows(t, reader, r0, r1, base_a, other_a, scratch)
-        out = scratch.output(acc, DTYPES[t.dtype])
+        out = scratch.output((r1 - r0, *t.shape[1:]), DTYPES[t.dtype])
+        # Chunk by chunk (a multiple of LORA_ROWS), each blended and cast while in cache.
+        for c0 in range(r0, r1, step_rows):
+            c1 = min(c0 + step_rows, r1)
+            acc = blend_rows(t, reader, c0, c1, base_a, other_a, scratch)
+            scratch.cast(out[c0 - r0 : c1 - r0], acc)
         if not _finite(out):
             finite = False
             if not allow_nonfinite:

@@ -8,7 +8,6 @@ import concurrent.futures as cf
 import json
 import logging
 import multiprocessing
-import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +16,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lazymerge import __version__
-from lazymerge.engine import MergeOptions, output_errors, peak_rss, tune_process_memory, write_shard
+from lazymerge.engine import (
+    MergeOptions,
+    compute_threads,
+    output_errors,
+    peak_rss,
+    tune_process_memory,
+    write_shard,
+)
 from lazymerge.errors import InputError, LazyMergeError, OutputError, RecipeError
 from lazymerge.index import MappedReader
 from lazymerge.manifest import ShardResult, fingerprint, recipe_hash
@@ -154,7 +160,7 @@ class LocalExecutor:
         self.retries = retries
 
     def _pool(self) -> cf.ProcessPoolExecutor:
-        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        threads = compute_threads(self.jobs)
         return cf.ProcessPoolExecutor(
             self.jobs,
             mp_context=multiprocessing.get_context("spawn"),
