@@ -146,8 +146,8 @@ def run_layers(
         recipe = write_recipe(work, layers)
         plan = json.loads(run_child([py, "-m", "benchmarks.reads", str(recipe)], "plan").stdout)
         drop_caches(cold)
-        # What a merge pays before its first byte: interpreter + torch import.
-        startup = run_child([py, "-c", "import lazymerge.engine"], "import")
+        # What a merge pays before its first byte: interpreter + imports, as the command does.
+        startup = run_child([py, "-m", "lazymerge", "--version"], "import")
         dropped, merges, copies = True, [], []
         for _ in range(repeat):  # interleaved, so that the disk's drifts hit both alike
             shutil.rmtree(work / "out", ignore_errors=True)
