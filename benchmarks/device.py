@@ -3,13 +3,17 @@
 The prepared check for a lent GPU machine: generates a 13B-shaped pair (founding recipe),
 merges it on each device (cold cache when the machine allows), and records wall time,
 peak RSS and how far the outputs differ: bit-identical tensors, and the largest distance
-in fp16 ulps among the others (LoRA tensors may differ by 1: the GEMM's order).
+in fp16 ulps among the others (LoRA tensors may differ by 1: the GEMM's order). Then one
+more `--device cuda` merge, warm, under cProfile: where the GPU path's main thread spends
+its time (host staging from the maps, the GPU's work and copies, waits for the writer),
+which says whether overlapping transfers on CUDA streams would pay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pstats
 import shutil
 import sys
 import time
@@ -37,6 +41,21 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
                     d = (ta.view(torch.int16).int() - tb.view(torch.int16).int()).abs().max()
                     worst = max(worst, int(d))
     return {"identical_tensors": same, "differing_tensors": differ, "max_ulps": worst}
+
+
+def profile(recipe: Path, out: Path, device: str, top: int = 15) -> list[dict[str, Any]]:
+    """A merge on `device` under cProfile: its `top` functions by own time."""
+    prof = out.parent / f"{out.name}.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "lazymerge", "merge",
+           str(recipe), "-o", str(out), "-q", "--overwrite", "--device", device]  # fmt: skip
+    run_child(cmd, f"profiled merge --device {device}")
+    stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {"function": f"{Path(file).name}:{line} {name}", "calls": calls,
+         "own_seconds": round(own, 3), "cumulative_seconds": round(cum, 3)}
+        for (file, line, name), (_, calls, own, cum, _) in rows
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{device:5} {child.seconds:6.1f} s wall, {report['seconds']:6.1f} s merge, "
                   f"{child.peak_rss / 2**20:5.0f} MiB")  # fmt: skip
         diff = compare(work / "cpu", work / "cuda")
+        hot = profile(recipe, work / "cuda", "cuda")
+        for row in hot:
+            print(f"{row['own_seconds']:8.3f} s own {row['cumulative_seconds']:8.3f} s cum "
+                  f"{row['calls']:7d}x  {row['function']}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"identical tensors {diff['identical_tensors']}, differing {len(diff['differing_tensors'])}, "
@@ -87,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "layers": args.layers,
         "command": "python -m benchmarks.device " + " ".join(argv or sys.argv[1:]),
-        "runs": runs, "compare": diff,
+        "runs": runs, "compare": diff, "cuda_profile_warm": hot,
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -126,3 +126,17 @@ def test_device_check_counts_identical_tensors_and_ulps(tmp_path: Path) -> None:
     assert compare(tmp_path / "cpu", tmp_path / "cuda") == {
         "identical_tensors": 1, "differing_tensors": ["x"], "max_ulps": 1,
     }  # fmt: skip
+
+
+def test_device_check_profiles_a_merge(tmp_path: Path) -> None:
+    """The GPU check's profiled run, here on the CPU: it names the engine's functions."""
+    from benchmarks.device import profile
+    from lazymerge.synthetic import LlamaShape
+
+    from conftest import synthetic_job
+
+    shape = LlamaShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=100)
+    recipe = synthetic_job(tmp_path, shape, {"values": [0.9, 0.0], "layers": [0, 2]})
+    rows = profile(recipe, tmp_path / "out", "cpu")
+    assert len(rows) == 15 and all(r["own_seconds"] >= 0 and r["calls"] > 0 for r in rows)
+    assert list((tmp_path / "out").glob("*.safetensors"))  # and the merge was written
