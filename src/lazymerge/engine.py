@@ -46,8 +46,8 @@ LORA_ROWS = 64
 # VmHWM of `python -c "import lazymerge.engine"` (Python 3.11, torch 2.13 CPU, x86-64 Linux):
 # 221-233 MiB measured; what a merge costs before its first tensor.
 INTERPRETER = 240 * 2**20
-# fp32 bytes of one chunk of rows blended at once on the CPU (see chunk_rows): about
-# what the L2 cache holds.
+# fp32 bytes per torch thread of one chunk of rows blended at once on the CPU (see
+# chunk_rows): about what a core's L2 cache holds.
 CACHE_CHUNK = 2**20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 # What a term needs whole, read once per tensor: (A, B.T) in fp32; None for REPLACE.
@@ -294,11 +294,12 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
 
 def chunk_rows(t: PlannedTensor, rows: int) -> int:
     """Rows blended at a time within a block of `rows` on the CPU: about CACHE_CHUNK of
-    fp32, a multiple of LORA_ROWS, so that the upcast, products, blend and cast of a
-    chunk run in cache rather than each streaming a whole block through memory.
-    Element-wise arithmetic and fixed LoRA chunks: the bytes do not depend on it."""
+    fp32 per torch thread, a multiple of LORA_ROWS, so that the upcast, products, blend
+    and cast of a chunk run in cache rather than each streaming a whole block through
+    memory. Element-wise arithmetic and fixed LoRA chunks: the bytes do not depend on it."""
     width = max(t.nbytes // itemsize(t.dtype) // max(t.rows, 1), 1)
-    return min(rows, max(LORA_ROWS, CACHE_CHUNK // (4 * width) // LORA_ROWS * LORA_ROWS))
+    fit = CACHE_CHUNK * torch.get_num_threads() // (4 * width)
+    return min(rows, max(LORA_ROWS, fit // LORA_ROWS * LORA_ROWS))
 
 
 def working_memory(t: PlannedTensor, budget: int) -> int:
