@@ -1,8 +1,9 @@
 """Where the arithmetic runs: the device (`--device`), and the block buffers on it.
 
-On the CPU the engine's blocks live in reused host buffers; on a GPU, in reused device
-buffers fed through one pinned staging buffer, with the cast to the output dtype done on
-the device before the (smaller) bytes come down.
+On the CPU the engine computes each block in cache-sized chunks of rows, in reused host
+buffers; on a GPU, whole blocks in reused device buffers fed through one pinned staging
+buffer, with the cast to the output dtype done on the device before the (smaller) bytes
+come down.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from lazymerge.errors import RecipeError
 
 
 class Scratch:
-    """Block buffers reused from block to block and tensor to tensor, on the device that
-    does the arithmetic.
+    """Work buffers (a chunk's on the CPU, a block's on a GPU) reused from block to block
+    and tensor to tensor, on the device that does the arithmetic.
 
     A fresh buffer per block is a fresh mmap (see tune_process_memory): the kernel
     faults in and zeroes every page of it, which cost as much as the upcast itself.
