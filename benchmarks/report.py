@@ -16,16 +16,23 @@ def _mk(run: dict[str, Any], key: str) -> Any:
 
 
 COLUMNS = (
-    "layers", "cache", "read GiB", "wrote GiB", "start s", "merge s", "copy s", "merge/copy",
+    "layers", "cache", "read GiB", "wrote GiB", "start s", "merge s", "copy s", "rd+wr s", "merge/copy",
     "peak MiB", "mergekit s", "mk MiB", "time x", "RSS x", "max diff",
 )  # fmt: skip
+
+
+def _phases(r: dict[str, Any]) -> str:
+    """The copy's read and write phases (records before they were timed apart: '-')."""
+    if "copy_read_seconds" not in r:
+        return "-"
+    return f"{r['copy_read_seconds']:.1f}+{r['copy_write_seconds']:.1f}"
 
 
 def _row(r: dict[str, Any]) -> list[str]:
     cells = [
         str(r["layers"]), r["cache"], f"{r['bytes_read'] / GiB:.2f}", f"{r['bytes_written'] / GiB:.2f}",
         f"{r['startup_seconds']:.1f}", f"{r['merge_seconds']:.1f}", f"{r['copy_seconds']:.1f}",
-        f"{r['merge_over_copy']:.2f}", f"{r['merge_peak_rss'] / MiB:.0f}",
+        _phases(r), f"{r['merge_over_copy']:.2f}", f"{r['merge_peak_rss'] / MiB:.0f}",
     ]  # fmt: skip
     mk_s, mk_rss = _mk(r, "seconds"), _mk(r, "peak_rss")
     if mk_s:

@@ -81,11 +81,24 @@ def write_recipe(work: Path, layers: int) -> Path:
     return path
 
 
-def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path) -> float:
+@dataclass(frozen=True)
+class CopyTimes:
+    """The copy baseline's two phases: reading the ranges, then writing and fsyncing."""
+
+    read: float
+    write: float
+
+    @property
+    def seconds(self) -> float:
+        return self.read + self.write
+
+
+def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path) -> CopyTimes:
     """Seconds to read the merge's input ranges and write its output sizes, plain file I/O.
 
     Reads go through one reusable buffer; each output file is written in full and
-    fsynced, as the merge's shards are.
+    fsynced, as the merge's shards are. The phases are timed apart: which of the two
+    the disk is slow at, on the day, says how far a merge can overlap them.
     """
     directory.mkdir(parents=True, exist_ok=True)
     buf = bytearray(BUFFER)
@@ -100,6 +113,7 @@ def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path)
                 if n <= 0:
                     raise RuntimeError(f"{file}: short read at {offset}")
                 offset, length = offset + n, length - n
+        read_done = time.monotonic()
         for k, size in enumerate(out_sizes):
             with open(directory / f"copy-{k}.bin", "wb") as f:
                 while size > 0:
@@ -109,7 +123,7 @@ def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path)
     finally:
         for fd in fds.values():
             os.close(fd)
-    return time.monotonic() - start
+    return CopyTimes(read_done - start, time.monotonic() - read_done)
 
 
 def run_layers(
@@ -161,7 +175,7 @@ def run_layers(
             copies.append(copy_baseline(plan["reads"], out_sizes, work / "copy"))
             shutil.rmtree(work / "copy")
         merge_s = statistics.median(m.seconds for m in merges)
-        copy_s = statistics.median(copies)
+        copy_s = statistics.median(c.seconds for c in copies)
         result: dict[str, Any] = {
             "layers": layers,
             "span": span_for(layers),
@@ -175,7 +189,10 @@ def run_layers(
             "copy_seconds": copy_s,
             "merge_over_copy": merge_s / copy_s,
             "merge_runs": [round(m.seconds, 3) for m in merges],
-            "copy_runs": [round(c, 3) for c in copies],
+            "copy_runs": [round(c.seconds, 3) for c in copies],
+            # the copy's phases, medians: what the disk reads and writes at on the day
+            "copy_read_seconds": statistics.median(c.read for c in copies),
+            "copy_write_seconds": statistics.median(c.write for c in copies),
         }
         if with_mergekit:
             result["mergekit"] = _mergekit(work, layers, cache, cold)
