@@ -102,6 +102,18 @@ def test_cache_chunks_do_not_change_the_bytes(
     assert shards(tmp_path / "chunked") == shards(job / "cpu")
 
 
+@pytest.mark.parametrize(
+    ("cores", "torch_threads", "jobs", "expected"),
+    [(2, 2, 1, 1), (16, 16, 1, 15), (16, 8, 1, 8), (16, 16, 4, 3), (2, 2, 2, 1), (1, 1, 1, 1)],
+)
+def test_compute_threads_leave_a_core_to_the_writer(
+    monkeypatch: pytest.MonkeyPatch, cores: int, torch_threads: int, jobs: int, expected: int
+) -> None:
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda _: set(range(cores)))
+    monkeypatch.setattr(engine.torch, "get_num_threads", lambda: torch_threads)
+    assert engine.compute_threads(jobs) == expected
+
+
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in fp16 units in the last place (same-sign values)."""
     return int((a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max())
