@@ -146,3 +146,22 @@ def test_device_check_profiles_a_merge(tmp_path: Path) -> None:
     rows = profile(recipe, tmp_path / "out", "cpu")
     assert len(rows) == 15 and all(r["own_seconds"] >= 0 and r["calls"] > 0 for r in rows)
     assert list((tmp_path / "out").glob("*.safetensors"))  # and the merge was written
+
+
+def test_timeline_samples_a_merge_by_phase(tmp_path: Path) -> None:
+    from benchmarks.timeline import main as timeline
+    from lazymerge.synthetic import LlamaShape
+
+    from conftest import synthetic_job
+
+    shape = LlamaShape(layers=4, hidden=256, intermediate=768, heads=8, kv_heads=8, vocab=300)
+    recipe = synthetic_job(tmp_path, shape, {"values": [0.9, 0.0], "layers": [0, 2]})
+    record_path = tmp_path / "timeline.json"
+    args = [str(recipe), "-o", str(tmp_path / "out"), "--interval", "0.005", "--json"]
+    assert timeline([*args, str(record_path)]) == 0
+    record = json.loads(record_path.read_text())
+    assert record["merge_seconds"] > 0 and record["samples"]
+    assert set(record["phases"]) <= {"start", "compute", "copy-base", "copy-other", "finish"}
+    for row in record["samples"]:
+        assert row["read_mb_s"] >= 0 and row["write_mb_s"] >= 0 and row["cores"] >= 0
+    assert list((tmp_path / "out").glob("*.safetensors"))

@@ -1,0 +1,129 @@
+"""python -m benchmarks.timeline RECIPE -o OUT: where a merge waits, over time.
+
+Runs one merge in this process and samples, every `--interval` seconds: the disk's read
+and write throughput (the block device holding OUT, from /proc/diskstats), the cores
+this process used, and the tensor being written. Then the same per phase: blended
+(`compute`) tensors against plain copies. A compute phase near one core with the disk
+idle is bound by the arithmetic; a copy phase at the disk's rate is bound by the disk.
+Linux only. The inputs are assumed on the same disk as OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def device_bytes(out: Path) -> tuple[int, int]:
+    """Bytes read and written so far by the block device that holds `out`."""
+    dev = os.stat(out).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    with open("/proc/diskstats", encoding="ascii") as f:
+        for line in f:
+            fields = line.split()
+            if int(fields[0]) == major and int(fields[1]) == minor:
+                return int(fields[5]) * 512, int(fields[9]) * 512
+    raise RuntimeError(f"{out}: its device {major}:{minor} is not in /proc/diskstats")
+
+
+class Sampler:
+    def __init__(self, where: Path, interval: float) -> None:
+        self.where, self.interval = where, interval
+        self.current = "start"  # what the merge is doing, set from the merge's thread
+        self.rows: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = last_t = time.monotonic()
+        last_io, last_cpu = device_bytes(self.where), sum(os.times()[:2])
+        while not self._stop.wait(self.interval):
+            now, io, cpu = time.monotonic(), device_bytes(self.where), sum(os.times()[:2])
+            dt = now - last_t
+            self.rows.append({
+                "t": round(now - start, 2),
+                "read_mb_s": round((io[0] - last_io[0]) / dt / 1e6),
+                "write_mb_s": round((io[1] - last_io[1]) / dt / 1e6),
+                "cores": round((cpu - last_cpu) / dt, 2),
+                "doing": self.current,
+            })  # fmt: skip
+            last_t, last_io, last_cpu = now, io, cpu
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def phases(rows: list[dict[str, Any]], interval: float) -> dict[str, dict[str, float]]:
+    """Time, mean throughput and cores per kind of work (the tensor's action)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row["doing"].rsplit(" ", 1)[-1]].append(row)
+    out: dict[str, dict[str, float]] = {}
+    for kind, g in groups.items():
+        out[kind] = {"seconds": round(len(g) * interval, 2)}
+        for key in ("read_mb_s", "write_mb_s", "cores"):
+            out[kind][key] = round(statistics.mean(r[key] for r in g), 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.timeline", description=__doc__)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    parser.add_argument("--json", type=Path, help="also write the samples and phases here")
+    args = parser.parse_args(argv)
+
+    import lazymerge.engine as engine
+    from lazymerge.plan import build_plan
+    from lazymerge.recipe import load_recipe
+
+    plan = build_plan(load_recipe(args.recipe))
+    args.out.mkdir(parents=True, exist_ok=True)
+    sampler = Sampler(args.out, args.interval)
+    write_tensor = engine.write_tensor
+
+    def traced(t: Any, *rest: Any, **kw: Any) -> bool:  # the engine has no per-tensor hook
+        sampler.current = f"{t.name} {t.action}"
+        return write_tensor(t, *rest, **kw)
+
+    engine.write_tensor = traced
+    try:
+        with sampler:
+            result = engine.run_merge(
+                plan, args.out, engine.MergeOptions(overwrite=True, progress=False)
+            )
+            sampler.current = "finish"
+    finally:
+        engine.write_tensor = write_tensor
+    print(f"merge {result.seconds:.1f} s; samples every {args.interval} s")
+    print(f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5}  doing")
+    for r in sampler.rows:
+        print(
+            f"{r['t']:6.1f} {r['read_mb_s']:9} {r['write_mb_s']:10} {r['cores']:5.2f}  {r['doing']}"
+        )
+    summary = phases(sampler.rows, args.interval)
+    for kind, p in summary.items():
+        print(f"{kind:>10}: {p['seconds']:5.1f} s, read {p['read_mb_s']:.0f} MB/s, "
+              f"write {p['write_mb_s']:.0f} MB/s, {p['cores']:.2f} cores")  # fmt: skip
+    if args.json:
+        record = {"merge_seconds": result.seconds, "samples": sampler.rows, "phases": summary}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
