@@ -18,6 +18,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,9 +54,21 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _libc_sync_file_range()
-# A queued write: file position, bytes, callback once written, and for a copy the
-# (fd, position) the same bytes are at in an input file.
-Item = tuple[int, memoryview, "Callable[[], object] | None", "tuple[int, int] | None"]
+HASH, WRITE = 0, 1  # the writer's two threads ("lanes"), each taking every item in order
+
+
+@dataclass(eq=False)
+class Item:
+    """A queued write: file position, bytes, callback once hashed and written, and for a
+    copy the (fd, position) the same bytes are at in an input file."""
+
+    at: int
+    view: memoryview
+    after: Callable[[], object] | None
+    source: tuple[int, int] | None
+    lanes: int = 2  # threads yet to be done with it
+
+
 # Files a merge writes besides shards, index and manifest (--overwrite replaces them).
 OWN_FILES = ("config.json", "README.md", "blend.png")
 # Files a model directory needs besides weights; copied from the base as they are.
@@ -98,11 +111,13 @@ def build_header(tensors: Sequence[HeaderEntry]) -> bytes:
 class ShardWriter:
     """Writes one shard: header first, then each tensor's bytes in plan order.
 
-    Hashing and `pwrite` run on a thread of their own, so they overlap the computation of
-    the next block; the bytes queued at once are bounded by `inflight`. A queued buffer
-    must stay untouched until written (the engine hands over fresh tensors and read-only
-    maps); `after` callbacks run once their bytes are on their way to disk (or dropped
-    after an error).
+    Hashing and `pwrite` run on two threads of their own, each taking every queued item
+    in order, so they overlap each other and the computation of the next block (plain
+    copies are bound by them: an 8-layer 13B-shaped merge took 29.3 s with one thread
+    doing both, 21.2 s with two); the bytes queued at once are bounded by `inflight`. A queued buffer must stay
+    untouched until written (the engine hands over fresh tensors and read-only maps);
+    `after` callbacks run once their bytes are hashed and on their way to disk (or
+    dropped after an error).
     """
 
     def __init__(self, directory: Path, shard: Shard, inflight: int = 64 * 2**20) -> None:
@@ -115,15 +130,22 @@ class ShardWriter:
         self._end = self._data_start + shard.data_size
         self._pos = 0
         self._flushed = 0  # writeback started up to here
+        self._sha.update(header)
         self._pwrite(header, 0)
         self._limit = max(inflight, 1)
         self._queued = 0
         self._cond = threading.Condition()
-        self._items: collections.deque[Item | None] = collections.deque()
+        self._lanes: tuple[collections.deque[Item | None], ...] = (
+            collections.deque(), collections.deque()
+        )  # fmt: skip
         self._copy_range = kernel_copy_pays(directory)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"write {shard.name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"{what} {shard.name}", daemon=True)
+            for lane, what in ((HASH, "hash"), (WRITE, "write"))
+        ]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
 
     def write(
         self, offset: int, data: memoryview | bytes, after: Callable[[], object] | None = None
@@ -165,37 +187,48 @@ class ShardWriter:
             if self._error is not None:
                 raise self._error
             self._queued += len(view)
-            self._items.append((self._data_start + offset, view, after, source))
+            item = Item(self._data_start + offset, view, after, source)
+            for lane in self._lanes:
+                lane.append(item)
             self._cond.notify_all()
         self._pos += len(view)
 
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
+        items = self._lanes[lane]
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._items))
-                item = self._items.popleft()
+                self._cond.wait_for(lambda: bool(items))
+                item = items.popleft()
             if item is None:
                 return
-            at, view, after, source = item
             try:
-                if self._error is None and source is not None:
-                    self._copy(source, view, at)
+                if self._error is None and lane == HASH:
+                    self._sha.update(item.view)
+                elif self._error is None and item.source is not None:
+                    self._copy(item.source, item.view, item.at)
                 elif self._error is None:
-                    self._pwrite(view, at)
+                    self._pwrite(item.view, item.at)
             except BaseException as e:  # handed to the engine's thread at its next call
-                self._error = e
-            try:
-                if after is not None:
-                    after()  # written, or dropped after an error: its buffer is free either way
-            except BaseException as e:
                 self._error = self._error or e
-            with self._cond:
-                self._queued -= len(view)
-                self._cond.notify_all()
+            self._done(item)
+
+    def _done(self, item: Item) -> None:
+        """One lane is done with `item`; the last one frees it."""
+        with self._cond:
+            item.lanes -= 1
+            if item.lanes:
+                return
+        try:
+            if item.after is not None:
+                item.after()  # written, or dropped after an error: its buffer is free either way
+        except BaseException as e:
+            self._error = self._error or e
+        with self._cond:
+            self._queued -= len(item.view)
+            self._cond.notify_all()
 
     def _pwrite(self, data: memoryview | bytes, at: int) -> None:
         view = memoryview(data).cast("B")
-        self._sha.update(view)
         while view:
             n = os.pwrite(self._fd, view, at)
             view, at = view[n:], at + n
@@ -222,15 +255,16 @@ class ShardWriter:
                 self._copy_range = False
                 break
             done += n
-        self._sha.update(view[:done])  # the pages the copy just read: in the page cache
         if done < len(view):
             self._pwrite(view[done:], at + done)
 
     def _stop(self) -> None:
         with self._cond:
-            self._items.append(None)
+            for lane in self._lanes:
+                lane.append(None)
             self._cond.notify_all()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def finish(self) -> ShardResult:
         """Wait for the queue, fsync, close and give the shard its final name."""
