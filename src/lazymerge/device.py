@@ -23,7 +23,7 @@ class Scratch:
     A fresh buffer per block is a fresh mmap (see tune_process_memory): the kernel
     faults in and zeroes every page of it, which cost as much as the upcast itself.
     Two output buffers (host memory, pinned for a GPU) alternate: one is filled while
-    the writer's thread still writes the other (`give_back` returns it from that thread).
+    the writer's threads still hash and write the other (`give_back` returns it from there).
     With a GPU, mapped input rows go through one pinned staging buffer on their way up.
     """
 

@@ -37,7 +37,7 @@ DEFAULT_MAX_MEMORY = 512 * 2**20
 # Plain copies move at most this much per step, so the mapped input pages a copy makes
 # resident stay small even when the budget is large.
 COPY_CHUNK = 64 * 2**20
-# Bytes queued for the writer's thread (hash + pwrite) while the next block is computed;
+# Bytes queued for the writer's threads (hash, pwrite) while the next block is computed;
 # a block larger than this still goes, alone.
 WRITE_QUEUE = 64 * 2**20
 # Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
@@ -146,7 +146,7 @@ def tune_process_memory() -> None:
 
 def compute_threads(jobs: int = 1) -> int:
     """torch threads for each of `jobs` merging processes: the cores this process may
-    use, less one left to the writer's thread (sha256, pwrite) and the kernel's page
+    use, less one left to the writer's threads (sha256, pwrite) and the kernel's page
     cache work, never more than torch would take on its own.
 
     The CPU computes in cache-sized chunks (see chunk_rows), too small for a thread team
@@ -265,7 +265,7 @@ def _copy(
     chunk = max(chunk, 1)
     for start in range(0, src.nbytes, chunk):
         stop = min(start + chunk, src.nbytes)
-        # The kernel copies file to file; the writer's thread hashes the mapped bytes,
+        # The kernel copies file to file; the writer's hash thread reads the mapped bytes,
         # then drops their pages.
         release = functools.partial(reader.release, src, start, stop)
         source = (reader.fd(src.file), src.offset + start)
