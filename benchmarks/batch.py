@@ -20,7 +20,7 @@ import yaml
 
 from benchmarks.__main__ import HERE, machine
 from benchmarks.report import NO_PLOT, pyplot
-from benchmarks.runner import LORA_WEIGHT, drop_caches, run_child
+from benchmarks.runner import LORA_WEIGHT, drop_caches, fresh_models, run_child
 
 # A sweep of the founding gradient's start: what a family regeneration looks like.
 STARTS = (0.9, 0.7, 0.5, 0.3)
@@ -124,11 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=HERE / "results" / "batch.png")
     args = parser.parse_args(argv)
     work = args.cache / "batch"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     try:
-        gen = [sys.executable, "-m", "benchmarks.generate", str(work), "--layers", str(args.layers)]
-        run_child(gen + (["--tiny"] if args.tiny else []), "generate")
+        fresh_models(work, args.layers, args.tiny)
         recipes = write_recipes(work, args.recipes, args.shard_size)
         runs = []
         for way in args.ways.split(","):

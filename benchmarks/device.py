@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.__main__ import HERE, machine
-from benchmarks.runner import drop_caches, run_child, write_recipe
+from benchmarks.runner import drop_caches, fresh_models, run_child, write_recipe
 
 
 def compare(a: Path, b: Path) -> dict[str, Any]:
@@ -43,11 +43,17 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
     return {"identical_tensors": same, "differing_tensors": differ, "max_ulps": worst}
 
 
+def merge_args(recipe: Path, out: Path, device: str, *extra: str) -> list[str]:
+    """`-m lazymerge merge ...` for a child Python: quiet, on `device`."""
+    return ["-m", "lazymerge", "merge", str(recipe), "-o", str(out), "-q", "--device", device,
+            *extra]  # fmt: skip
+
+
 def profile(recipe: Path, out: Path, device: str, top: int = 15) -> list[dict[str, Any]]:
     """A merge on `device` under cProfile: its `top` functions by own time."""
     prof = out.parent / f"{out.name}.prof"
-    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "lazymerge", "merge",
-           str(recipe), "-o", str(out), "-q", "--overwrite", "--device", device]  # fmt: skip
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof),
+           *merge_args(recipe, out, device, "--overwrite")]  # fmt: skip
     run_child(cmd, f"profiled merge --device {device}")
     stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
@@ -65,30 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "device.json")
     args = parser.parse_args(argv)
     work = args.cache / "device"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     try:
-        py = sys.executable
-        run_child(
-            [py, "-m", "benchmarks.generate", str(work), "--layers", str(args.layers)], "generate"
-        )
+        fresh_models(work, args.layers)
         recipe = write_recipe(work, args.layers)
         runs = []
         for device in ("cpu", "cuda"):
             cold = drop_caches()
-            cmd = [
-                py,
-                "-m",
-                "lazymerge",
-                "merge",
-                str(recipe),
-                "-o",
-                str(work / device),
-                "-q",
-                "--json",
-                "--device",
-                device,
-            ]
+            cmd = [sys.executable, *merge_args(recipe, work / device, device, "--json")]
             child = run_child(cmd, f"merge --device {device}")
             report = json.loads(child.stdout)
             runs.append({

@@ -64,6 +64,15 @@ def drop_caches(enabled: bool = True) -> bool:
     return True
 
 
+def fresh_models(work: Path, layers: int, tiny: bool = False) -> Child:
+    """`work` emptied, then base, other and LoRA with `layers` 13B-shaped layers (a few
+    MB with `tiny`) generated in it; the generator's run (its peak RSS is recorded)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "benchmarks.generate", str(work), "--layers", str(layers)]
+    return run_child(cmd + (["--tiny"] if tiny else []), "generate")
+
+
 def span_for(layers: int) -> int:
     """The founding span [0, 25) of 40 layers, scaled (at least one layer)."""
     return max(1, round(FOUNDING_SPAN * layers / FOUNDING_LAYERS))
@@ -142,21 +151,8 @@ def run_layers(
     """
     py = sys.executable
     work = cache / f"layers-{layers}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     try:
-        gen = run_child(
-            [
-                py,
-                "-m",
-                "benchmarks.generate",
-                str(work),
-                "--layers",
-                str(layers),
-                *(["--tiny"] if tiny else []),
-            ],
-            "generate",
-        )
+        gen = fresh_models(work, layers, tiny)
         recipe = write_recipe(work, layers)
         plan = json.loads(run_child([py, "-m", "benchmarks.reads", str(recipe)], "plan").stdout)
         drop_caches(cold)

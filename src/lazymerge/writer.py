@@ -202,15 +202,19 @@ class ShardWriter:
             if item is None:
                 return
             try:
-                if self._error is None and lane == HASH:
-                    self._sha.update(item.view)
-                elif self._error is None and item.source is not None:
-                    self._copy(item.source, item.view, item.at)
-                elif self._error is None:
-                    self._pwrite(item.view, item.at)
+                if self._error is None:  # after one, items are only let go
+                    self._handle(lane, item)
             except BaseException as e:  # handed to the engine's thread at its next call
                 self._error = self._error or e
             self._done(item)
+
+    def _handle(self, lane: int, item: Item) -> None:
+        if lane == HASH:
+            self._sha.update(item.view)
+        elif item.source is not None:
+            self._copy(item.source, item.view, item.at)
+        else:
+            self._pwrite(item.view, item.at)
 
     def _done(self, item: Item) -> None:
         """One lane is done with `item`; the last one frees it."""
