@@ -27,8 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check lazymerge tests benchmarks
+	$(BIN)/ruff format --check lazymerge tests benchmarks
 	$(BIN)/mypy
 
 clean:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from lazymerge.synthetic import LlamaShape, write_llama, write_lora
+from lazymerge.testing import LlamaShape, write_llama, write_lora
 
 LLAMA2_13B = LlamaShape(
     layers=40, hidden=5120, intermediate=13824, heads=40, kv_heads=40, vocab=32000

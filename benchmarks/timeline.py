@@ -87,28 +87,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the samples and phases here")
     args = parser.parse_args(argv)
 
-    import lazymerge.engine as engine
+    from lazymerge.run import merge, shard
     from lazymerge.plan import build_plan
     from lazymerge.recipe import load_recipe
 
     plan = build_plan(load_recipe(args.recipe))
     args.out.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(args.out, args.interval)
-    write_tensor = engine.write_tensor
+    write_tensor = shard.write_tensor
 
-    def traced(t: Any, *rest: Any, **kw: Any) -> bool:  # the engine has no per-tensor hook
+    def traced(ctx: Any, t: Any) -> None:  # the executor has no per-tensor hook
         sampler.current = f"{t.name} {t.action}"
-        return write_tensor(t, *rest, **kw)
+        write_tensor(ctx, t)
 
-    engine.write_tensor = traced
+    shard.write_tensor = traced
     try:
         with sampler:
-            result = engine.run_merge(
-                plan, args.out, engine.MergeOptions(overwrite=True, progress=False)
+            result = merge.run_merge(
+                plan, args.out, merge.MergeOptions(overwrite=True, progress=False)
             )
             sampler.current = "finish"
     finally:
-        engine.write_tensor = write_tensor
+        shard.write_tensor = write_tensor
     print(f"merge {result.seconds:.1f} s; samples every {args.interval} s")
     print(f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5}  doing")
     for r in sampler.rows:

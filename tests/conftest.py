@@ -114,17 +114,17 @@ def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, t
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Make the n-th tensor's write raise KeyboardInterrupt, as a Ctrl-C would."""
-    import lazymerge.engine as engine
+    from lazymerge.run import shard
 
-    real, calls = engine.write_tensor, {"n": 0}
+    real, calls = shard.write_tensor, {"n": 0}
 
-    def write_tensor(*args: object, **kwargs: object) -> bool:
+    def write_tensor(*args: object, **kwargs: object) -> None:
         calls["n"] += 1
         if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine, "write_tensor", write_tensor)
+    monkeypatch.setattr(shard, "write_tensor", write_tensor)
 
 
 def synthetic_job(
@@ -137,9 +137,9 @@ def synthetic_job(
     shard_size: int = 2 * 10**9,
     fmt: str = "safetensors",
 ) -> Path:
-    """Random base + other (lazymerge.synthetic) + a LoRA at 0.25 on the other, and a
+    """Random base + other (lazymerge.testing) + a LoRA at 0.25 on the other, and a
     recipe over them at root/recipe.yaml; returns the recipe's path."""
-    from lazymerge.synthetic import write_llama, write_lora
+    from lazymerge.testing import write_llama, write_lora
 
     write_llama(root / "base", shape, seed=1, shard_size=shard_size, fmt=fmt)
     write_llama(root / "other", shape, seed=2, shard_size=shard_size, fmt=fmt)

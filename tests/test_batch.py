@@ -19,10 +19,10 @@ import pytest
 import torch
 import yaml
 
-from lazymerge.batch import BatchSettings, Merge, run_batch
+from lazymerge.run.batch import BatchSettings, Merge, run_batch
 from lazymerge.errors import InputError
-from lazymerge.synthetic import LlamaShape
-from lazymerge.workers import LocalExecutor, RayExecutor, ShardTask, make_shard
+from lazymerge.testing import LlamaShape
+from lazymerge.run.workers import LocalExecutor, RayExecutor, ShardTask, make_shard
 
 from conftest import run_cli, synthetic_job
 

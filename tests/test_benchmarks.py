@@ -137,7 +137,7 @@ def test_device_check_counts_identical_tensors_and_ulps(tmp_path: Path) -> None:
 def test_device_check_profiles_a_merge(tmp_path: Path) -> None:
     """The GPU check's profiled run, here on the CPU: it names the engine's functions."""
     from benchmarks.device import profile
-    from lazymerge.synthetic import LlamaShape
+    from lazymerge.testing import LlamaShape
 
     from conftest import synthetic_job
 
@@ -150,7 +150,7 @@ def test_device_check_profiles_a_merge(tmp_path: Path) -> None:
 
 def test_timeline_samples_a_merge_by_phase(tmp_path: Path) -> None:
     from benchmarks.timeline import main as timeline
-    from lazymerge.synthetic import LlamaShape
+    from lazymerge.testing import LlamaShape
 
     from conftest import synthetic_job
 

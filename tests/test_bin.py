@@ -14,7 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lazymerge.index import CheckpointIndex, MappedReader
+from lazymerge.read.checkpoint import CheckpointIndex
+from lazymerge.read.mapped import MappedReader
 
 from conftest import load_merged, run_cli
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lazymerge.engine as engine
-from lazymerge.synthetic import LlamaShape
+from lazymerge.plan import PlannedTensor
+from lazymerge.run import budget, process, shard
+from lazymerge.testing import LlamaShape
 
 from conftest import run_cli, synthetic_job
 
@@ -67,14 +68,14 @@ def test_the_staged_path_writes_the_cpu_bytes(
 ) -> None:
     """A GPU's host side (rows through a staging buffer, the cast before the copy down),
     run on the CPU: same bytes."""
-    real = engine.Scratch
-    made: list[engine.Scratch] = []
+    real = shard.Scratch
+    made: list[shard.Scratch] = []
 
-    def staged(device: torch.device | None = None) -> engine.Scratch:
+    def staged(device: torch.device | None = None) -> shard.Scratch:
         made.append(real(device, staged=True))
         return made[-1]
 
-    monkeypatch.setattr(engine, "Scratch", staged)
+    monkeypatch.setattr(shard, "Scratch", staged)
     assert run_cli("merge", job / "recipe.yaml", "-o", tmp_path / "staged", "-q") == 0
     assert made and all(s._gpu for s in made)
     assert shards(tmp_path / "staged") == shards(job / "cpu")
@@ -87,18 +88,18 @@ def test_cache_chunks_do_not_change_the_bytes(
     element-wise arithmetic and fixed LoRA row chunks, so the same bytes. The merge's
     torch threads are its own: the caller's setting comes back."""
     chunks: list[int] = []
-    real = engine.chunk_rows
+    real = budget.chunk_rows
 
-    def spy(t: engine.PlannedTensor, rows: int) -> int:
+    def spy(t: PlannedTensor, rows: int) -> int:
         chunks.append(real(t, rows))
         return chunks[-1]
 
-    monkeypatch.setattr(engine, "CACHE_CHUNK", 1)
-    monkeypatch.setattr(engine, "chunk_rows", spy)
+    monkeypatch.setattr(budget, "CACHE_CHUNK", 1)
+    monkeypatch.setattr(budget, "chunk_rows", spy)
     threads = torch.get_num_threads()
     assert run_cli("merge", job / "recipe.yaml", "-o", tmp_path / "chunked", "-q") == 0
     assert torch.get_num_threads() == threads
-    assert set(chunks) == {engine.LORA_ROWS}  # every computed tensor went in 64-row chunks
+    assert set(chunks) == {budget.LORA_ROWS}  # every computed tensor went in 64-row chunks
     assert shards(tmp_path / "chunked") == shards(job / "cpu")
 
 
@@ -109,9 +110,9 @@ def test_cache_chunks_do_not_change_the_bytes(
 def test_compute_threads_leave_a_core_to_the_writer(
     monkeypatch: pytest.MonkeyPatch, cores: int, torch_threads: int, jobs: int, expected: int
 ) -> None:
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda _: set(range(cores)))
-    monkeypatch.setattr(engine.torch, "get_num_threads", lambda: torch_threads)
-    assert engine.compute_threads(jobs) == expected
+    monkeypatch.setattr(process.os, "sched_getaffinity", lambda _: set(range(cores)))
+    monkeypatch.setattr(process.torch, "get_num_threads", lambda: torch_threads)
+    assert process.compute_threads(jobs) == expected
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lazymerge.errors import InputError
-from lazymerge.index import read_header
-from lazymerge.tensorref import TensorRef
-from lazymerge.torchzip import read_bin
+from lazymerge.read.safetensors import read_header
+from lazymerge.read.tensorref import TensorRef
+from lazymerge.read.torchzip import read_bin
 
 FUZZ = settings(
     max_examples=int(os.environ.get("LAZYMERGE_FUZZ_EXAMPLES", "150")),

@@ -3,13 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lazymerge.gradient import (
-    GradientRule,
-    all_ratios,
-    anchor_ratio,
-    layer_count,
-    layer_of,
-)
+from lazymerge.meaning.layers import layer_count, layer_of
+from lazymerge.meaning.ratios import all_ratios, anchor_ratio
+from lazymerge.recipe import GradientRule
 
 
 def ratio_for(name: str, rules: list[GradientRule], n_layers: int) -> float:

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lazymerge.errors import InputError
-from lazymerge.index import CheckpointIndex, MappedReader, read_header
+from lazymerge.read.checkpoint import CheckpointIndex
+from lazymerge.read.mapped import MappedReader
+from lazymerge.read.safetensors import read_header
 
 
 def raw_file(path: Path, header: object, data: bytes = b"", header_len: int | None = None) -> Path:

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from lazymerge.engine import DEFAULT_MAX_MEMORY, estimate_peak
+from lazymerge.run.budget import DEFAULT_MAX_MEMORY, estimate_peak
 from lazymerge.plan import build_plan
 from lazymerge.recipe import load_recipe
-from lazymerge.synthetic import LlamaShape
+from lazymerge.testing import LlamaShape
 
 from conftest import synthetic_job
 
 MiB = 2**20
 # VmHWM, not getrusage: ru_maxrss survives exec, so a child would inherit this test
 # process's own (large) peak.
-PEAK = "from lazymerge.engine import peak_rss; print(peak_rss())"
+PEAK = "from lazymerge.run.process import peak_rss; print(peak_rss())"
 
 
 def child_peak(code: str) -> int:
@@ -55,7 +55,7 @@ def merge_peak(root: Path, layers: int, fmt: str = "safetensors") -> tuple[int, 
 
 @pytest.mark.slow
 def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
-    idle = child_peak(f"import lazymerge.cli, lazymerge.engine, torch; {PEAK}")
+    idle = child_peak(f"import lazymerge.cli, lazymerge.run.merge, torch; {PEAK}")
     peak2, _ = merge_peak(tmp_path, 2)
     peak8, read8 = merge_peak(tmp_path, 8)
     bin8, _ = merge_peak(tmp_path, 8, "bin")

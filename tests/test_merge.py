@@ -346,7 +346,7 @@ def test_interrupt_leaves_visibly_incomplete_output(
 
 def test_bytes_do_not_depend_on_the_memory_budget(tmp_path: Path) -> None:
     """Row blocks of different sizes must not change a LoRA product's rounding."""
-    from lazymerge.synthetic import LlamaShape
+    from lazymerge.testing import LlamaShape
 
     shape = LlamaShape(layers=1, hidden=512, intermediate=1536, heads=8, kv_heads=8, vocab=300)
     recipe = synthetic_job(tmp_path, shape, {"values": [0.6]})

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lazymerge import readahead
-from lazymerge.readahead import ReadAhead
-from lazymerge.tensorref import TensorRef
+from lazymerge.read import readahead
+from lazymerge.read.readahead import ReadAhead
+from lazymerge.read.tensorref import TensorRef
 
 MiB = 2**20
 

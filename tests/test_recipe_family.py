@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from lazymerge.gradient import natural_key
+from lazymerge.meaning.layers import natural_key
 
 from conftest import load_merged, peft_merge, run_cli, tiny_config
 
@@ -87,7 +87,7 @@ def test_tensor_mode_matches_blockmerge_gradient_tensors(
     ("values", "n"), [([0.3], 5), ([1.0, 0.0], 7), ([0.9, 0.5, 0.1, 0.5], 10), ([0, 1, 0], 1)]
 )
 def test_tensor_ratios_edge_cases(values: list[float], n: int) -> None:
-    from lazymerge.gradient import tensor_ratios
+    from lazymerge.meaning.ratios import tensor_ratios
 
     assert tensor_ratios(values, n) == pytest.approx(blockmerge_tensors_ratios(values, n))
 

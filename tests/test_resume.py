@@ -14,7 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lazymerge.synthetic import LlamaShape
+from lazymerge.testing import LlamaShape
 
 from conftest import interrupt_after, run_cli, synthetic_job
 

@@ -1,0 +1,211 @@
+"""build_plan: open every input's headers and decide the whole merge, before any tensor
+data is read, so a plan can be printed, checked and executed, and the same inputs always
+give the same bytes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from lazymerge.errors import InputError, RecipeError
+from lazymerge.meaning.adapters import REPLACE, LoraAdapter, LoraTerm
+from lazymerge.meaning.layers import layer_count, natural_key
+from lazymerge.meaning.methods import Linear
+from lazymerge.meaning.ratios import all_ratios, first_rule
+from lazymerge.plan.model import (
+    COMPUTE,
+    COPY_BASE,
+    COPY_OTHER,
+    Action,
+    Input,
+    MergePlan,
+    PlannedTensor,
+    Shard,
+)
+from lazymerge.plan.shards import shard_name, split
+from lazymerge.read.checkpoint import CheckpointIndex
+from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.tensorref import TensorRef, itemsize
+from lazymerge.recipe.spec import ModelSpec, Recipe
+
+# 2023 Llama .bin checkpoints carry each layer's RoPE `inv_freq` buffer. It is derived
+# from the config, transformers recomputes it and no longer loads it, and a safetensors
+# partner usually lacks it: it is left out of the output, always.
+DROPPED = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
+# Token embeddings and output heads: their rows are the vocabulary, which fine-tunes grow.
+_VOCAB = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte)\.weight$")
+Terms = dict[str, list[LoraTerm]]  # target tensor name -> the terms that change it
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """What every tensor's decision draws on: the recipe, both models, their terms."""
+
+    recipe: Recipe
+    other: CheckpointIndex | None
+    base_terms: Terms
+    other_terms: Terms
+
+
+def build_plan(recipe: Recipe) -> MergePlan:
+    """Open every input's headers (and the base's config.json) and decide the whole merge."""
+    base = CheckpointIndex.open(recipe.base.path)
+    config = read_config(model_dir(base.path))
+    n_layers = layer_count(base.tensors)
+    other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
+    if other is not None:
+        _check_layers(recipe, base, other, n_layers)
+    base_terms = _lora_terms(recipe.base, base)
+    other_terms = _lora_terms(recipe.other, other) if recipe.other and other else {}
+    sources = _Sources(recipe, other, base_terms, other_terms)
+    kept = sorted(
+        (r for r in base if not DROPPED.search(r.name)), key=lambda r: natural_key(r.name)
+    )
+    ratios = all_ratios([r.name for r in kept], recipe.gradient, n_layers) if other else {}
+    planned = [_plan_tensor(sources, ref, ratios.get(ref.name, 0.0)) for ref in kept]
+    tensors, shards = _shard(planned, recipe.output.shard_size)
+    dropped = tuple(r.name for r in base if DROPPED.search(r.name))
+    notes = vocab_notes(tensors)
+    return MergePlan(recipe, base, other, n_layers, tensors, shards, config, dropped, notes)
+
+
+def _check_layers(
+    recipe: Recipe, base: CheckpointIndex, other: CheckpointIndex, n_layers: int
+) -> None:
+    n_other = layer_count(other.tensors)
+    if n_other != n_layers:
+        raise InputError(
+            f"base {base.path} has {n_layers} layers but other {other.path} has {n_other}; "
+            "a layer gradient needs models of the same depth"
+        )
+    for i, rule in enumerate(recipe.gradient):
+        if rule.layers is not None and rule.layers[1] > n_layers:
+            start, end = rule.layers
+            raise RecipeError(
+                f"gradient[{i}].layers: span [{start}, {end}) goes past the last layer; "
+                f"the models have {n_layers} layers (0..{n_layers - 1})"
+            )
+
+
+def _lora_terms(spec: ModelSpec, index: CheckpointIndex) -> Terms:
+    terms: Terms = {}
+    for lo in spec.loras:
+        adapter = LoraAdapter.open(lo.path, lo.weight)
+        adapter.check_against(index)
+        for term in adapter.terms:
+            if not index[term.target].is_float:
+                raise InputError(f"{lo.path}: targets {term.target}, which is not a float tensor")
+            terms.setdefault(term.target, []).append(term)
+    for target, ts in terms.items():
+        # Replacements first, then the deltas, DoRA's renormalisation last.
+        ts.sort(key=lambda t: (t.kind != REPLACE, t.magnitude is not None))
+        deltas = [t for t in ts if t.kind != REPLACE]
+        if any(t.magnitude is not None for t in deltas) and len(deltas) > 1:
+            raise InputError(
+                f"{target}: a DoRA adapter and another adapter both change it; DoRA's "
+                "magnitude is defined for its own delta only, so merge them one at a time"
+            )
+    return terms
+
+
+def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
+    rule = first_rule(ref.name, src.recipe.gradient)
+    if not ref.is_float:
+        # Integer/bool buffers are not blended: the base's values, as they are.
+        action, method = (COPY_BASE, None) if ref.contiguous else (COMPUTE, Linear((1.0,)))
+        inputs = (Input("base", ref),)
+        return PlannedTensor(
+            ref.name, ref.dtype, ref.shape, ref.nbytes, action, inputs, method, rule=rule
+        )
+    dtype = src.recipe.output.dtype or ref.dtype
+    other_ref = _other_ref(ref, src.other) if src.other is not None and ratio > 0 else None
+    shared = min(ref.rows, other_ref.rows) if other_ref is not None else ref.rows
+    # The base's own rows matter where it has rows the other lacks, whatever the ratio.
+    base_loras = tuple(src.base_terms.get(ref.name, ())) if ratio < 1 or shared < ref.rows else ()
+    other_loras = tuple(src.other_terms.get(ref.name, ())) if ratio > 0 else ()
+    base = Input("base", ref, base_loras)
+    other = Input("other", other_ref, other_loras) if other_ref is not None else None
+    action = _action(ratio, base, other, dtype)
+    inputs = (base,) if other is None else (other,) if action == COPY_OTHER else (base, other)
+    method = None
+    if action == COMPUTE:
+        method = Linear((1.0 - ratio, ratio) if other is not None else (1.0,))
+    nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
+    return PlannedTensor(
+        ref.name, dtype, ref.shape, nbytes, action, inputs, method, ratio, rule, shared_rows=shared
+    )
+
+
+def _action(ratio: float, base: Input, other: Input | None, dtype: str) -> Action:
+    """Copy a side's bytes when the output is exactly them; compute otherwise."""
+    if ratio == 0 and not base.terms and _copyable(base.ref, dtype):
+        return COPY_BASE
+    if (
+        ratio == 1
+        and other is not None
+        and not other.terms
+        and _copyable(other.ref, dtype)
+        and other.ref.shape == base.ref.shape
+    ):
+        return COPY_OTHER
+    return COMPUTE
+
+
+def _copyable(ref: TensorRef, dtype: str) -> bool:
+    """Its bytes are the output's bytes: same dtype, plain row-major layout."""
+    return ref.dtype == dtype and ref.contiguous
+
+
+def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
+    if ref.name not in other:
+        raise InputError(f"{other.path} has no tensor {ref.name}, which the gradient blends")
+    o = other[ref.name]
+    vocab_only = (
+        _VOCAB.search(ref.name) is not None and o.shape[1:] == ref.shape[1:] and len(ref.shape) == 2
+    )
+    if o.shape != ref.shape and not vocab_only:
+        raise InputError(
+            f"{ref.name}: base {ref.file} has shape {list(ref.shape)} but other {o.file} "
+            f"has {list(o.shape)}"
+        )
+    if not o.is_float:
+        raise InputError(f"{ref.name}: other {o.file} stores it as {o.dtype}, not a float")
+    return o
+
+
+def vocab_notes(tensors: Sequence[PlannedTensor]) -> tuple[str, ...]:
+    """What a vocabulary mismatch did, tensor by tensor (BlockMerge's behaviour)."""
+    notes = []
+    for t in tensors:
+        other = t.side("other")
+        if other is not None and other.ref.rows != t.rows:
+            extra = (
+                f"the base's {t.rows - t.shared_rows} extra rows are kept"
+                if t.rows > t.shared_rows
+                else f"the other's {other.ref.rows - t.rows} extra rows are dropped"
+            )
+            notes.append(
+                f"{t.name}: vocabularies differ ({t.rows} vs {other.ref.rows} rows); "
+                f"blending the {t.shared_rows} shared rows, {extra}"
+            )
+    return tuple(notes)
+
+
+def _shard(
+    planned: Sequence[PlannedTensor], shard_size: int
+) -> tuple[tuple[PlannedTensor, ...], tuple[Shard, ...]]:
+    """Split in plan order (see shards.split) and give each tensor its shard and offset."""
+    groups = split([t.nbytes for t in planned], shard_size)
+    shards = [
+        Shard(shard_name(k, len(groups)), tuple(_place((planned[i] for i in group), k)))
+        for k, group in enumerate(groups)
+    ]
+    return tuple(t for s in shards for t in s.tensors), tuple(shards)
+
+
+def _place(group: Iterable[PlannedTensor], k: int) -> Iterable[PlannedTensor]:
+    offset = 0
+    for t in group:
+        yield replace(t, shard=k, offset=offset)
+        offset += t.nbytes

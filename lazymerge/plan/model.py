@@ -1,0 +1,137 @@
+"""The plan's data: every output tensor's inputs, method, parameters, shard and offset.
+
+Frozen values, decided from headers alone (build.py); the executor (lazymerge.run)
+follows them and decides nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from lazymerge.meaning.adapters import LoraTerm
+from lazymerge.meaning.methods import Method
+from lazymerge.read.checkpoint import CheckpointIndex
+from lazymerge.read.tensorref import TensorRef
+from lazymerge.recipe.spec import Recipe
+
+
+class Action(StrEnum):
+    """How an output tensor's bytes are made."""
+
+    COPY_BASE = "copy-base"  # the base's bytes, as they are
+    COPY_OTHER = "copy-other"  # the other's bytes, as they are
+    COMPUTE = "compute"  # rows streamed through the tensor's method
+
+
+COPY_BASE, COPY_OTHER, COMPUTE = Action.COPY_BASE, Action.COPY_OTHER, Action.COMPUTE
+
+
+@dataclass(frozen=True)
+class Input:
+    """One model's tensor as a merge reads it: its bytes and the adapter terms applied to
+    them on the fly (` in DESIGN §2)."""
+
+    role: str  # "base" or "other"
+    ref: TensorRef
+    terms: tuple[LoraTerm, ...] = ()
+
+    def refs(self) -> list[TensorRef]:
+        """Every input tensor this one reads: its own and its terms' factors."""
+        return [self.ref] + [r for term in self.terms for r in term.refs()]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where its bytes come from, how they combine, where they go."""
+
+    name: str
+    dtype: str  # output dtype code
+    shape: tuple[int, ...]
+    nbytes: int  # in the output dtype
+    action: Action
+    # COPY_*: the one input copied. COMPUTE: the method's inputs, the base first.
+    inputs: tuple[Input, ...]
+    method: Method | None = None  # COMPUTE only: the method with this tensor's parameters
+    ratio: float = 0.0  # the gradient's fraction of `other`
+    rule: int | None = None  # index of the gradient rule that decided `ratio`, if any
+    shard: int = 0  # set when the plan is split into shards
+    offset: int = 0  # within the shard's data section
+    # Leading rows every input has (a smaller vocabulary); past them, the base's alone.
+    shared_rows: int = -1  # -1: all of them
+
+    def __post_init__(self) -> None:
+        if self.shared_rows < 0:
+            object.__setattr__(self, "shared_rows", self.rows)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def reads(self) -> list[TensorRef]:
+        """The input tensors producing this one reads (LoRA factors last)."""
+        refs = [i.ref for i in self.inputs]
+        return refs + [r for i in self.inputs for term in i.terms for r in term.refs()]
+
+    def side(self, role: str) -> Input | None:
+        """The input of model `role` ("base", "other"), if this tensor reads it."""
+        return next((i for i in self.inputs if i.role == role), None)
+
+    def terms(self, role: str) -> tuple[LoraTerm, ...]:
+        """The adapter terms applied to model `role`'s tensor here."""
+        side = self.side(role)
+        return side.terms if side is not None else ()
+
+    def describe(self) -> dict[str, Any]:
+        """The decision, as the manifest and `plan --json` record it."""
+        return {
+            "ratio": self.ratio,
+            "action": str(self.action),
+            "base_loras": [str(lo.adapter) for lo in self.terms("base")],
+            "other_loras": [str(lo.adapter) for lo in self.terms("other")],
+        }
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    recipe: Recipe
+    base: CheckpointIndex
+    other: CheckpointIndex | None
+    n_layers: int
+    tensors: tuple[PlannedTensor, ...]
+    shards: tuple[Shard, ...]
+    config: dict[str, Any] | None = None  # the base's config.json, checked
+    dropped: tuple[str, ...] = ()  # base tensors deliberately left out (see build.DROPPED)
+    notes: tuple[str, ...] = ()  # what the user should know (vocabulary mismatches)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Input bytes the merge touches: sources of each tensor plus their LoRA factors."""
+        return sum(ref.nbytes for ref in self.reads())
+
+    def reads(self) -> list[TensorRef]:
+        """Every input tensor the merge reads, in execution order (A factors included)."""
+        return [ref for t in self.tensors for ref in t.reads()]
+
+    def input_files(self) -> list[Path]:
+        """Every input file the plan reads (model shards and adapter weights)."""
+        files = list(self.base.files) + (list(self.other.files) if self.other else [])
+        for t in self.tensors:
+            files += [term.a.file for i in t.inputs for term in i.terms]
+        return list(dict.fromkeys(files))

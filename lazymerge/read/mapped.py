@@ -1,0 +1,112 @@
+"""Tensor bytes from read-only memory maps: zero-copy views, pages released after use, so
+resident memory does not grow with the size of the model."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lazymerge.errors import InputError
+from lazymerge.read.tensorref import DTYPES, TensorRef, itemsize
+
+PAGE = mmap.PAGESIZE
+
+
+class MappedReader:
+    """Read-only memory maps of checkpoint files, handing out zero-copy tensor views.
+
+    The maps are opened lazily, one per file, and kept until `close()`; resident pages
+    are dropped with `release()` after each use, so RSS stays bounded by what is in use.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
+        self._touched: set[Path] = set()
+
+    def _map(self, path: Path) -> mmap.mmap:
+        m = self._maps.get(path)
+        if m is None:
+            m = self._maps[path] = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
+        self._touched.add(path)
+        return m
+
+    def fd(self, path: Path) -> int:
+        """The file's descriptor, opened read-only (inputs are never modified)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        return fd
+
+    def raw(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> memoryview:
+        """Bytes [start, stop) of a tensor's data, as a view into the map."""
+        stop = ref.nbytes if stop is None else stop
+        return memoryview(self._map(ref.file))[ref.offset + start : ref.offset + stop]
+
+    def rows(self, ref: TensorRef, row_start: int, row_stop: int) -> torch.Tensor:
+        """Rows [row_start, row_stop) of a tensor as a zero-copy, read-only torch view.
+
+        Never modify the result in place: the map is read-only. Copy it first.
+        """
+        shape = (row_stop - row_start, *ref.shape[1:]) if ref.shape else ()
+        if ref.strides is not None:  # a strided .bin view: map its reach, then stride it
+            whole = self._frombuffer(ref, ref.offset, (ref.span or 0) // itemsize(ref.dtype))
+            return whole.as_strided(ref.shape, ref.strides)[row_start:row_stop]
+        count = (row_stop - row_start) * (ref.row_nbytes // itemsize(ref.dtype))
+        return self._frombuffer(ref, ref.offset + row_start * ref.row_nbytes, count).view(shape)
+
+    def _frombuffer(self, ref: TensorRef, offset: int, count: int) -> torch.Tensor:
+        if count == 0:
+            return torch.empty(0, dtype=DTYPES[ref.dtype])
+        with warnings.catch_warnings():
+            # torch warns that the buffer is not writable; that is the point of ACCESS_READ.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(
+                self._map(ref.file), dtype=DTYPES[ref.dtype], count=count, offset=offset
+            )
+
+    def release(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> None:
+        """Drop the resident pages of bytes [start, stop) of a tensor (data stays on disk)."""
+        stop = ref.nbytes if stop is None else stop
+        m = self._maps.get(ref.file)
+        if m is None or stop <= start or ref.strides is not None:
+            return  # strided views go with release_touched, after their tensor
+        lo = (ref.offset + start) // PAGE * PAGE
+        hi = min(len(m), -(-(ref.offset + stop) // PAGE) * PAGE)
+        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def release_touched(self) -> None:
+        """Drop every resident page of the files read since the last call.
+
+        Releasing exactly what was read is not enough: the kernel maps neighbouring
+        pages around each fault ("fault-around"), which may belong to tensors this merge
+        never reads, and those would accumulate over a model.
+        """
+        for path in self._touched:
+            m = self._maps[path]
+            m.madvise(mmap.MADV_DONTNEED, 0, len(m))
+        self._touched.clear()
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            # A view still alive somewhere keeps its map; it goes when the view does.
+            with contextlib.suppress(BufferError):
+                m.close()
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> MappedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,191 @@
+"""YAML recipe -> a frozen, validated Recipe (spec.py). Every bad key or value is named
+in the error."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+
+from lazymerge.errors import RecipeError
+from lazymerge.recipe.spec import (
+    DEFAULT_SHARD_SIZE,
+    DTYPE_NAMES,
+    GradientRule,
+    LoraSpec,
+    ModelSpec,
+    OutputSpec,
+    Over,
+    Recipe,
+)
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file; relative paths in it are resolved against its directory."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read recipe ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise RecipeError(f"{p}: not valid YAML{at}") from None
+    return parse_recipe(data, p.resolve().parent, str(p))
+
+
+def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
+    """Validate recipe data (already parsed from YAML) into a Recipe."""
+    d = _mapping(data, source, {"base", "other", "gradient", "output"})
+    if "base" not in d:
+        raise RecipeError(f"{source}: 'base' is required (a model path)")
+    base = _model(d["base"], root, f"{source}: base")
+    other = _model(d["other"], root, f"{source}: other") if d.get("other") is not None else None
+    gradient = _gradient(d.get("gradient"), f"{source}: gradient")
+    if other is None and gradient:
+        raise RecipeError(f"{source}: 'gradient' needs an 'other' model to blend with")
+    if other is not None and not gradient:
+        raise RecipeError(f"{source}: 'other' is given but no 'gradient' says how to blend it")
+    output = _output(d.get("output") or {}, f"{source}: output")
+    return Recipe(base, other, gradient, output)
+
+
+def _mapping(value: object, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping with keys {sorted(allowed)}")
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {sorted(allowed)}")
+    return value
+
+
+def _path(value: object, root: Path, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{where}: expected a path, got {value!r}")
+    p = (root / Path(value).expanduser()).resolve()
+    if not p.exists():
+        raise RecipeError(f"{where}: {p} does not exist")
+    return p
+
+
+def _model(value: object, root: Path, where: str) -> ModelSpec:
+    if isinstance(value, str):
+        return ModelSpec(_path(value, root, where))
+    d = _mapping(value, where, {"model", "loras"})
+    if "model" not in d:
+        raise RecipeError(f"{where}: 'model' is required (a model path)")
+    loras = d.get("loras") or []
+    if not isinstance(loras, list):
+        raise RecipeError(f"{where}.loras: expected a list of {{path, weight}}")
+    return ModelSpec(
+        _path(d["model"], root, f"{where}.model"),
+        tuple(_lora(lo, root, f"{where}.loras[{i}]") for i, lo in enumerate(loras)),
+    )
+
+
+def _lora(value: object, root: Path, where: str) -> LoraSpec:
+    if isinstance(value, str):
+        return LoraSpec(_path(value, root, where))
+    d = _mapping(value, where, {"path", "weight"})
+    if "path" not in d:
+        raise RecipeError(f"{where}: 'path' is required (an adapter directory)")
+    weight = _number(d.get("weight", 1.0), f"{where}.weight")
+    return LoraSpec(_path(d["path"], root, f"{where}.path"), weight)
+
+
+def _number(value: object, where: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecipeError(f"{where}: expected a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise RecipeError(f"{where}: {value} is outside [{lo}, {hi}]")
+    return float(value)
+
+
+def _gradient(value: object, where: str) -> tuple[GradientRule, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        if not value:
+            raise RecipeError(f"{where}: the list of rules is empty")
+        return tuple(_rule(r, f"{where}[{i}]") for i, r in enumerate(value))
+    return (_rule(value, where),)
+
+
+def _rule(value: object, where: str) -> GradientRule:
+    d = _mapping(value, where, {"values", "layers", "rest", "filter", "over"})
+    over: Over = d.get("over", "layers")
+    if over not in get_args(Over):
+        raise RecipeError(f"{where}.over: {over!r}; use 'layers' or 'tensors'")
+    if over == "tensors" and ("layers" in d or "rest" in d):
+        key = "layers" if "layers" in d else "rest"
+        raise RecipeError(
+            f"{where}.{key}: not used with over: tensors (the anchors cover every tensor the rule decides)"
+        )
+    values = d.get("values")
+    if isinstance(values, int | float) and not isinstance(values, bool):
+        values = [values]
+    if not isinstance(values, list) or not values:
+        raise RecipeError(f"{where}.values: expected a list of ratios like [0.9, 0.0]")
+    anchors = tuple(_number(v, f"{where}.values[{i}]", 0.0, 1.0) for i, v in enumerate(values))
+    layers = _span(d["layers"], f"{where}.layers") if d.get("layers") is not None else None
+    rest = _number(d.get("rest", 0.0), f"{where}.rest", 0.0, 1.0)
+    filt = d.get("filter")
+    if filt is not None and (not isinstance(filt, str) or not filt):
+        raise RecipeError(f"{where}.filter: expected a non-empty string, got {filt!r}")
+    return GradientRule(anchors, layers, rest, filt, over)
+
+
+def _span(value: object, where: str) -> tuple[int, int]:
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", value):
+        value = [int(x) for x in value.split(":")]
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    ):
+        raise RecipeError(f"{where}: expected [start, end], two layer numbers, got {value!r}")
+    start, end = value
+    if start < 0 or end <= start:
+        raise RecipeError(
+            f"{where}: [{start}, {end}] is not a span; need 0 <= start < end (end exclusive)"
+        )
+    return start, end
+
+
+def _output(value: object, where: str) -> OutputSpec:
+    d = _mapping(value, where, {"dtype", "shard_size"})
+    dtype = parse_dtype(d["dtype"], f"{where}.dtype") if d.get("dtype") is not None else None
+    size = d.get("shard_size", DEFAULT_SHARD_SIZE)
+    return OutputSpec(dtype, parse_size(size, f"{where}.shard_size"))
+
+
+def parse_dtype(value: object, where: str = "dtype") -> str:
+    """'float16' / 'bf16' / ... -> safetensors dtype code."""
+    code = DTYPE_NAMES.get(str(value).lower()) if isinstance(value, str) else None
+    if code is None:
+        raise RecipeError(f"{where}: unknown dtype {value!r}; use float16, bfloat16 or float32")
+    return code
+
+
+def parse_size(value: object, where: str = "size") -> int:
+    """'2GB' -> 2*10**9, '500MiB' -> 500*2**20, 1000 -> 1000 (GB = 10^9, GiB = 2^30)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = (
+        re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if isinstance(value, str)
+        else None
+    )
+    unit = _SIZE_UNITS.get(m.group(2).lower()) if m else None
+    if m is None or unit is None or float(m.group(1)) <= 0:
+        raise RecipeError(f"{where}: {value!r} is not a size; use e.g. 2GB, 500MiB, 1000000")
+    return int(float(m.group(1)) * unit)

@@ -1,0 +1,109 @@
+"""What a merge is, as frozen data: models, their adapters, gradient rules, output.
+
+recipe/parse.py makes these from YAML (or from the command line's flags); everything
+after the recipe reads them and never changes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+DTYPE_NAMES = {
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+}  # fmt: skip
+DTYPE_LABELS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+DEFAULT_SHARD_SIZE = 2 * 10**9
+Over = Literal["layers", "tensors"]
+
+
+@dataclass(frozen=True)
+class GradientRule:
+    """One gradient: anchors over a span of decoder layers, `rest` everywhere else.
+
+    `layers` is the half-open span [start, end); None means every layer of the model.
+    `filter`, when set, limits the rule to tensors whose name contains it. With
+    `over="tensors"` the anchors are spread over the tensors themselves (layers and rest
+    do not apply), as BlockMerge_Gradient_Tensors does.
+    """
+
+    values: tuple[float, ...]
+    layers: tuple[int, int] | None = None
+    rest: float = 0.0
+    filter: str | None = None
+    over: Over = "layers"
+
+    def matches(self, name: str) -> bool:
+        return self.filter is None or self.filter in name
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    loras: tuple[LoraSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dtype: str | None = None  # safetensors code (F16, BF16, F32); None: the base's
+    shard_size: int = DEFAULT_SHARD_SIZE
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A merge: base (+ LoRAs), optionally blended with other (+ LoRAs) by gradient rules."""
+
+    base: ModelSpec
+    other: ModelSpec | None = None
+    gradient: tuple[GradientRule, ...] = ()
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def inputs(self) -> list[Path]:
+        """Every input path, models and adapters."""
+        models = [self.base] + ([self.other] if self.other else [])
+        return [p for m in models for p in (m.path, *(lo.path for lo in m.loras))]
+
+    def with_output(self, dtype: str | None = None, shard_size: int | None = None) -> Recipe:
+        """This recipe with the command line's output settings over its own (None: keep)."""
+        out = self.output
+        out = replace(out, dtype=dtype) if dtype is not None else out
+        out = replace(out, shard_size=shard_size) if shard_size is not None else out
+        return replace(self, output=out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data with absolute paths: a valid recipe again (the model
+        card prints it, the manifest records it)."""
+
+        def model(m: ModelSpec) -> dict[str, Any]:
+            loras = [{"path": str(lo.path), "weight": lo.weight} for lo in m.loras]
+            return {"model": str(m.path), "loras": loras}
+
+        def rule(r: GradientRule) -> dict[str, Any]:
+            if r.over == "tensors":
+                d: dict[str, Any] = {"values": list(r.values), "over": "tensors"}
+                return d | ({"filter": r.filter} if r.filter is not None else {})
+            d = {"values": list(r.values), "rest": r.rest}
+            if r.layers is not None:
+                d["layers"] = list(r.layers)
+            if r.filter is not None:
+                d["filter"] = r.filter
+            return d
+
+        data: dict[str, Any] = {"base": model(self.base)}
+        if self.other is not None:
+            data["other"] = model(self.other)
+            data["gradient"] = [rule(r) for r in self.gradient]
+        output: dict[str, Any] = {"shard_size": self.output.shard_size}
+        if self.output.dtype is not None:
+            output["dtype"] = DTYPE_LABELS[self.output.dtype]
+        data["output"] = output
+        return data

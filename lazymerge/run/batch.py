@@ -1,0 +1,282 @@
+"""`lazymerge batch`: many recipes, one task per output shard, on local processes or Ray.
+
+A plan fixes every output shard's tensors, offsets and header from the input headers
+alone, so any worker that sees the same files (shared storage) can write any shard, in
+any order, and the bytes are those of a serial `lazymerge merge`. Workers write shards
+only; the driver alone writes each merge's manifest and, once all of its shards are in
+and checked, its card and index. A worker that dies leaves a `.partial` file, which the
+retried task overwrites; a re-run keeps what the `--resume` rules keep.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lazymerge.errors import LazyMergeError, OutputError, RecipeError
+from lazymerge.plan.build import build_plan
+from lazymerge.plan.model import MergePlan
+from lazymerge.read.checkpoint import SAFETENSORS_INDEX
+from lazymerge.recipe.parse import load_recipe
+from lazymerge.run.budget import DEFAULT_MAX_MEMORY
+from lazymerge.run.workers import Executor, ShardDone, ShardTask, one_line
+from lazymerge.write.manifest import Record, file_sha256, is_complete
+from lazymerge.write.output import Card, Output, output_errors, prepare_dir
+from lazymerge.write.safetensors import ShardResult, build_header
+
+
+class Status(StrEnum):
+    """Where a merge of the batch stands."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    MERGED = "merged"
+    SKIPPED = "skipped"  # complete from an earlier run
+    FAILED = "failed"
+
+
+PENDING, RUNNING, MERGED, SKIPPED, FAILED = Status
+# The model card of a merge's output: (plan, title) -> Card.
+CardFor = Callable[[MergePlan, str], Card]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    dtype: str | None = None
+    shard_size: int | None = None
+    max_memory: int = DEFAULT_MAX_MEMORY
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    progress: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class Merge:
+    """One recipe's merge in a batch, as the driver follows it."""
+
+    recipe_path: Path
+    out: Path
+    status: Status = PENDING
+    error: str = ""
+    plan: MergePlan | None = None
+    output: Output | None = None  # once its directory is prepared
+    shards: dict[str, ShardResult] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)
+    kept: int = 0  # shards an earlier run completed
+    written: int = 0  # bytes of the shards this run wrote
+    redone: int = 0  # shards whose worker died and were written again
+    seconds: float = 0.0  # worker time spent on its shards
+    peak_rss: int = 0  # the largest worker's
+    index_sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.recipe_path.stem
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of the shards this run wrote (kept ones not counted)."""
+        return self.written
+
+    def fail(self, why: str) -> None:
+        if self.status != FAILED:  # the first reason is the one to fix
+            self.status, self.error = FAILED, why
+
+
+def run_batch(
+    recipes: Sequence[Path],
+    out_root: Path,
+    settings: BatchSettings,
+    executor: Executor,
+    card: CardFor | None = None,
+) -> list[Merge]:
+    """Run every recipe's merge into out_root/<recipe stem>/; one failing does not stop
+    the others. `card(plan, title)` is each output's model card; by default the one
+    `lazymerge merge` writes."""
+    card = card or _model_card
+    _refuse_same_names(recipes)
+    out_root = out_root.expanduser().resolve()
+    merges = [Merge(Path(r), out_root / Path(r).stem) for r in recipes]
+    tasks: list[ShardTask] = []
+    for i, m in enumerate(merges):
+        try:
+            tasks += _open(i, m, settings)
+        except LazyMergeError as e:
+            m.fail(str(e))
+        except OSError as e:
+            m.fail(one_line(e))
+    waiting = collections.Counter(t.merge for t in tasks)
+    for i, m in enumerate(merges):
+        if m.status == RUNNING and not waiting[i]:  # every shard kept; the index was missing
+            _settle(m, card)
+    with tqdm(
+        total=sum(t.nbytes for t in tasks), unit="B", unit_scale=True, unit_divisor=1024,
+        desc="batch", disable=not settings.progress, file=sys.stderr,
+    ) as bar:  # fmt: skip
+        for task, outcome in executor.run(tasks):
+            m = merges[task.merge]
+            bar.update(task.nbytes)
+            waiting[task.merge] -= 1
+            if isinstance(outcome, str):
+                m.fail(f"{task.name}: {outcome}")
+            else:
+                _take(m, outcome)
+            if not waiting[task.merge]:
+                _settle(m, card)
+    return merges
+
+
+def _model_card(plan: MergePlan, title: str) -> Card:
+    from lazymerge.views.card import DrawHere, ModelCard, wants_picture
+
+    return ModelCard(plan, title, DrawHere(plan, title) if wants_picture(plan) else None)
+
+
+def _settle(m: Merge, card: CardFor) -> None:
+    """All of a merge's tasks have ended: finish it, unless one of them failed."""
+    if m.status == FAILED:
+        return
+    try:
+        _finish(m, card)
+    except LazyMergeError as e:
+        m.fail(str(e))
+    except OSError as e:
+        m.fail(one_line(e))
+
+
+def _refuse_same_names(recipes: Sequence[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for r in map(Path, recipes):
+        if r.stem in seen:
+            raise RecipeError(
+                f"{seen[r.stem]} and {r} would both write to <out-root>/{r.stem}; rename one"
+            )
+        seen[r.stem] = r
+
+
+def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
+    """Plan one merge and prepare its output; the tasks of the shards it still needs."""
+    recipe = load_recipe(m.recipe_path).with_output(settings.dtype, settings.shard_size)
+    m.plan = plan = build_plan(recipe)
+    record = Record(plan)
+    if not settings.overwrite and is_complete(m.out, plan, record):
+        m.status, m.index_sha256 = SKIPPED, file_sha256(m.out / SAFETENSORS_INDEX)
+        return []
+    m.out = prepare_dir(m.out, recipe.inputs(), settings.overwrite, resume=not settings.overwrite)
+    m.output = Output(m.out, plan, record)
+    with output_errors(m.out, "re-run the batch"):
+        kept = m.output.start(resume=not settings.overwrite)
+    m.shards, m.kept, m.status = dict(kept), len(kept), RUNNING
+    expect = _expect(record)
+    return [
+        ShardTask(
+            i,
+            n,
+            s.name,
+            recipe,
+            m.out,
+            expect,
+            settings.max_memory,
+            settings.allow_nonfinite,
+            s.data_size,
+            settings.device,
+        )
+        for n, s in enumerate(plan.shards)
+        if s.name not in kept
+    ]
+
+
+def _expect(record: Record) -> dict[str, Any]:
+    return {k: record.fixed[k] for k in ("lazymerge_version", "recipe_sha256", "inputs")}
+
+
+def _take(m: Merge, done: ShardDone) -> None:
+    assert m.output is not None
+    m.shards[done.result.name] = done.result
+    m.written += done.result.size
+    m.nonfinite += done.nonfinite
+    m.redone += done.redone
+    m.seconds += done.seconds
+    m.peak_rss = max(m.peak_rss, done.peak_rss)
+    if m.status != FAILED:
+        m.output.progress(_in_order(m))
+
+
+def _in_order(m: Merge) -> list[ShardResult]:
+    assert m.plan is not None
+    return [m.shards[s.name] for s in m.plan.shards if s.name in m.shards]
+
+
+def _finish(m: Merge, card: CardFor) -> None:
+    """Check every shard the workers wrote, then write the card, manifest and index."""
+    plan = m.plan
+    assert plan is not None and m.output is not None
+    for s in plan.shards:
+        path = m.out / s.name
+        result = m.shards.get(s.name)
+        header = build_header(s.tensors)
+        if result is None or not path.is_file() or path.stat().st_size != result.size:
+            raise OutputError(f"{path}: missing or not the size its worker reported")
+        with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                raise OutputError(f"{path}: its header is not the plan's")
+    with output_errors(m.out, "re-run the batch"):
+        m.output.finish(_in_order(m), card(plan, m.name), m.nonfinite)
+    m.status, m.index_sha256 = MERGED, file_sha256(m.out / SAFETENSORS_INDEX)
+
+
+def batch_json(merges: Sequence[Merge], seconds: float) -> dict[str, Any]:
+    return {
+        "ok": all(m.status != FAILED for m in merges),
+        "seconds": round(seconds, 3),
+        "merges": [
+            {
+                "recipe": str(m.recipe_path),
+                "out": str(m.out),
+                "status": m.status,
+                "error": m.error or None,
+                "seconds": round(m.seconds, 3),
+                "bytes_written": m.bytes_written,
+                "shards": len(m.shards),
+                "kept": m.kept,
+                "redone": m.redone,
+                "peak_rss": m.peak_rss,
+                "index_sha256": m.index_sha256 or None,
+            }
+            for m in merges
+        ],
+    }
+
+
+def batch_table(merges: Sequence[Merge], seconds: float) -> str:
+    from lazymerge.views.report import human_bytes
+
+    def shards(m: Merge) -> str:
+        notes = [f"{n} {what}" for n, what in ((m.kept, "kept"), (m.redone, "redone")) if n]
+        return f"{len(m.shards)}" + (f" ({', '.join(notes)})" if notes else "")
+
+    width = max([len(m.name) for m in merges] + [6])
+    counts = [shards(m) for m in merges]
+    cw = max([len(c) for c in counts] + [6])
+    lines = [f"{'recipe':<{width}}  status   work s   written  {'shards':<{cw}}  index sha256"]
+    for m, count in zip(merges, counts, strict=True):
+        lines.append(
+            f"{m.name:<{width}}  {m.status:<7} {m.seconds:7.1f} {human_bytes(m.bytes_written):>9}"
+            f"  {count:<{cw}}  {m.index_sha256[:16] or '-'}"
+        )
+        if m.error:
+            lines.append(f"{'':<{width}}  {m.error}")
+    failed = sum(m.status == FAILED for m in merges)
+    lines.append(
+        f"{len(merges) - failed} of {len(merges)} merge(s) complete in {seconds:.1f} s"
+        + (f"; {failed} failed: fix and re-run, completed shards are kept" if failed else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The memory model: how many rows a block and a cache chunk hold under `--max-memory`,
+and the working set (and so the peak RSS) that gives. `lazymerge plan` prints the same
+estimate the executor lives by."""
+
+from __future__ import annotations
+
+import torch
+
+from lazymerge.meaning.adapters import REPLACE
+from lazymerge.plan.model import COMPUTE, MergePlan, PlannedTensor
+from lazymerge.read.tensorref import itemsize
+
+DEFAULT_MAX_MEMORY = 512 * 2**20
+# Plain copies move at most this much per step, so the mapped input pages a copy makes
+# resident stay small even when the budget is large.
+COPY_CHUNK = 64 * 2**20
+# Bytes queued for the writer's threads (hash, pwrite) while the next block is computed;
+# a block larger than this still goes, alone.
+WRITE_QUEUE = 64 * 2**20
+# Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
+# --max-memory below ~64 rows of the widest tensor is exceeded by that much.
+LORA_ROWS = 64
+# VmHWM of `python -c "import lazymerge.run.merge"` (Python 3.11, torch 2.13 CPU, x86-64
+# Linux): 221-233 MiB measured; what a merge costs before its first tensor.
+INTERPRETER = 240 * 2**20
+# fp32 bytes per torch thread of one chunk of rows blended at once on the CPU (see
+# chunk_rows): about what a core's L2 cache holds.
+CACHE_CHUNK = 2**20
+
+
+def _per_row(t: PlannedTensor) -> int:
+    """Working bytes per row of a computed tensor: two fp32 rows, the output row, and the
+    mapped input rows."""
+    row_numel = t.nbytes // itemsize(t.dtype) // t.rows if t.rows else 0
+    return row_numel * (4 + 4 + itemsize(t.dtype)) + sum(i.ref.row_nbytes for i in t.inputs)
+
+
+def block_rows(t: PlannedTensor, budget: int) -> int:
+    """Rows per block so that the block's buffers and mapped input pages fit `budget`
+    (with a GPU, whose fp32 rows are whole blocks; the CPU's are chunks, and it holds less).
+
+    Always a multiple of LORA_ROWS (or the whole tensor), so that every LoRA product is
+    computed over the same row chunks whatever the budget.
+    """
+    rows = budget // max(_per_row(t), 1) // LORA_ROWS * LORA_ROWS
+    return max(1, min(t.rows, max(rows, LORA_ROWS)))
+
+
+def chunk_rows(t: PlannedTensor, rows: int) -> int:
+    """Rows blended at a time within a block of `rows` on the CPU: about CACHE_CHUNK of
+    fp32 per torch thread, a multiple of LORA_ROWS, so that the upcast, products, blend
+    and cast of a chunk run in cache rather than each streaming a whole block through
+    memory. Element-wise arithmetic and fixed LoRA chunks: the bytes do not depend on it."""
+    width = max(t.nbytes // itemsize(t.dtype) // max(t.rows, 1), 1)
+    fit = CACHE_CHUNK * torch.get_num_threads() // (4 * width)
+    return min(rows, max(LORA_ROWS, fit // LORA_ROWS * LORA_ROWS))
+
+
+def working_memory(t: PlannedTensor, budget: int) -> int:
+    """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU."""
+    if t.action != COMPUTE:
+        return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
+    rows = block_rows(t, budget)
+    chunk = chunk_rows(t, rows)
+    # Two output blocks (one filled, one queued for the writer), and one chunk's fp32
+    # rows and mapped input rows.
+    total = 2 * rows * (t.nbytes // max(t.rows, 1)) + chunk * _per_row(t)
+    for term in (term for i in t.inputs for term in i.terms):
+        if term.kind == REPLACE:
+            total += chunk * term.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most
+        else:  # the whole factors in fp32, and this chunk's B rows (mapped and fp32)
+            total += sum(r.nbytes // itemsize(r.dtype) * 4 for r in term.refs())
+            total += chunk * term.rank * 4 * 2
+    return total
+
+
+def estimate_peak(plan: MergePlan, budget: int) -> int:
+    """Expected peak RSS of `lazymerge merge`: interpreter and torch, plus the largest
+    working set of any one tensor."""
+    return INTERPRETER + max((working_memory(t, budget) for t in plan.tensors), default=0)

@@ -1,0 +1,129 @@
+"""An input's rows as a method sees them: float32, with the model's adapter terms
+applied in place (the ' of DESIGN §2), loaded only when the method asks.
+
+Kinds of term (meaning/adapters.py), applied in the plan's order: REPLACE
+(`W <- W + weight * (S - W)`), LORA (`+= scale * B @ A`), LORA_T (its transpose), and
+DoRA's row rescaling after a delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lazymerge.meaning.adapters import LORA, LORA_T, REPLACE, LoraTerm
+from lazymerge.plan.model import Input, PlannedTensor
+from lazymerge.read.mapped import MappedReader
+from lazymerge.read.tensorref import DTYPES, TensorRef
+from lazymerge.run.budget import LORA_ROWS
+from lazymerge.run.device import Scratch
+
+# What a term needs whole, read once per tensor: (A, B.T) in fp32; None for REPLACE.
+Factor = tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where rows come from: the maps, and the device buffers they are computed in."""
+
+    reader: MappedReader
+    scratch: Scratch
+
+    def factors(self, inp: Input) -> list[Factor]:
+        """Per term of `inp`, what is read once per tensor in fp32: A (LORA), A and B.T
+        (LORA_T)."""
+        out: list[Factor] = []
+        for term in inp.terms:
+            if term.kind == REPLACE or term.b is None:
+                out.append(None)
+                continue
+            a = self._whole(term.a)
+            bt = self._whole(term.b).T if term.kind == LORA_T else a
+            out.append((a, bt))
+            self.reader.release(term.a)
+        return out
+
+    def _whole(self, ref: TensorRef) -> torch.Tensor:
+        return self.scratch.put(self.reader.rows(ref, 0, ref.rows), torch.float32, copy=True)
+
+
+@dataclass(frozen=True)
+class TensorBlock:
+    """Rows [start, stop) of output tensor `t` (implements meaning.methods.Block)."""
+
+    source: Source
+    t: PlannedTensor
+    factors: Sequence[Sequence[Factor]]  # per input, per term
+    start: int
+    stop: int
+
+    @property
+    def shared(self) -> int:
+        return max(0, min(self.stop, self.t.shared_rows) - self.start)
+
+    def rows(self, i: int, n: int | None = None) -> torch.Tensor:
+        inp = self.t.inputs[i]
+        have = max(0, min(self.stop, inp.ref.rows) - self.start)
+        r1 = self.start + (have if n is None else min(n, have))
+        return _side(self.source, inp, self.factors[i], (self.start, r1), str(i))
+
+
+def _side(
+    src: Source, inp: Input, factors: Sequence[Factor], span: tuple[int, int], slot: str
+) -> torch.Tensor:
+    """fp32 copy of rows [r0, r1) of one model's tensor with its adapters applied in place.
+
+    (A non-float tensor, which the plan never blends, keeps its own dtype.)
+    """
+    ref, (r0, r1) = inp.ref, span
+    dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
+    acc = src.scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
+    src.scratch.fill(acc, src.reader.rows(ref, r0, r1))  # a copy: the mapped view is read-only
+    src.reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
+    for term, factor in zip(inp.terms, factors, strict=True):
+        if factor is None:
+            _replace(src, acc, term, span)
+        else:
+            _add_delta(src, acc, term, factor, span)
+        if term.magnitude is not None:  # DoRA: rescale each row to its magnitude
+            m = src.scratch.put(src.reader.rows(term.magnitude, r0, r1), torch.float32)
+            acc.mul_((m / acc.norm(dim=1)).unsqueeze(1))
+    return acc
+
+
+def _replace(src: Source, acc: torch.Tensor, term: LoraTerm, span: tuple[int, int]) -> None:
+    """W <- W + weight * (S - W): S itself at weight 1."""
+    r0, r1 = span
+    new = src.scratch.put(src.reader.rows(term.a, r0, r1))
+    if term.scale == 1:
+        acc.copy_(new)
+    else:
+        acc.mul_(1 - term.scale).add_(new.to(torch.float32, copy=True).mul_(term.scale))
+    src.reader.release(term.a, r0 * term.a.row_nbytes, r1 * term.a.row_nbytes)
+
+
+def _add_delta(
+    src: Source,
+    acc: torch.Tensor,
+    term: LoraTerm,
+    factor: tuple[torch.Tensor, torch.Tensor],
+    span: tuple[int, int],
+) -> None:
+    """acc += scale * (B @ A)[r0:r1] (or its transpose), in place, no full-size delta.
+
+    A GEMM's rounding depends on its row count, so the product always runs over the
+    same LORA_ROWS chunks whatever the block size.
+    """
+    r0, r1 = span
+    if term.kind == LORA:
+        assert term.b is not None
+        lhs = src.scratch.put(src.reader.rows(term.b, r0, r1), torch.float32)  # B rows [n, r]
+        rhs = factor[0]  # A [r, in]
+    else:  # (B @ A).T rows r0:r1 = A[:, r0:r1].T @ B.T
+        lhs, rhs = factor[0][:, r0:r1].T, factor[1]
+    for q in range(0, r1 - r0, LORA_ROWS):
+        acc[q : q + LORA_ROWS].addmm_(lhs[q : q + LORA_ROWS], rhs, alpha=term.scale)
+    if term.kind == LORA and term.b is not None:
+        src.reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)

@@ -1,0 +1,42 @@
+"""One output shard, written whole from the plan alone: its bytes do not depend on which
+shards were written before it, or where (lazymerge.run.batch relies on that)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lazymerge.plan.model import COMPUTE, Shard
+from lazymerge.read.mapped import MappedReader
+from lazymerge.read.readahead import ReadAhead
+from lazymerge.run.budget import WRITE_QUEUE
+from lazymerge.run.device import Scratch, resolve_device
+from lazymerge.run.options import MergeOptions
+from lazymerge.run.tensor import ShardContext, Step, write_tensor
+from lazymerge.write.safetensors import ShardResult, ShardWriter
+
+
+def write_shard(
+    shard: Shard, out: Path, reader: MappedReader, opts: MergeOptions, step: Step
+) -> tuple[ShardResult, list[str]]:
+    """Write `shard` into directory `out`, complete and renamed from `.partial`.
+
+    Returns its record and the tensors written with NaN/Inf (allow_nonfinite).
+    """
+    (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
+    writer = ShardWriter(out / shard.name, shard.tensors, inflight=WRITE_QUEUE)
+    scratch = Scratch(resolve_device(opts.device))
+    ctx = ShardContext(reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite)
+    reads = [(t, t.reads()) for t in shard.tensors]
+    try:
+        with ReadAhead([r for _, refs in reads for r in refs], opts.max_memory) as ahead:
+            for t, refs in reads:
+                if t.action != COMPUTE:
+                    scratch.trim()
+                write_tensor(ctx, t)
+                reader.release_touched()
+                for r in refs:
+                    ahead.used(r)
+        return writer.finish(), ctx.nonfinite
+    except BaseException:
+        writer.abort()
+        raise

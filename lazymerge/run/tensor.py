@@ -1,0 +1,143 @@
+"""One output tensor's bytes, into its shard's writer: a plain copy of an input's bytes,
+or its rows streamed block by block through the tensor's method (lazymerge.meaning.methods).
+
+Memory is bounded by the working budget, not by the tensor: blocks of rows
+(budget.block_rows) are computed chunk by chunk in cache on the CPU (budget.chunk_rows),
+cast once to the output dtype, queued for the writer, and their input pages released.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lazymerge.errors import NumericsError
+from lazymerge.plan.model import COMPUTE, PlannedTensor
+from lazymerge.read.mapped import MappedReader
+from lazymerge.read.tensorref import DTYPES
+from lazymerge.run import budget as memory
+from lazymerge.run.device import Scratch
+from lazymerge.run.rows import Factor, Source, TensorBlock
+from lazymerge.write.safetensors import ShardWriter
+
+Step = Callable[[int], object]  # progress: called with the bytes just written
+
+
+@dataclass
+class ShardContext:
+    """What writing the tensors of one shard shares: the maps, the writer, the device
+    buffers, the budget, the progress callback, and what it found."""
+
+    reader: MappedReader
+    writer: ShardWriter
+    scratch: Scratch
+    budget: int
+    step: Step
+    allow_nonfinite: bool = False
+    nonfinite: list[str] = field(default_factory=list)  # tensors written with NaN/Inf
+
+    @property
+    def source(self) -> Source:
+        return Source(self.reader, self.scratch)
+
+
+def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:
+    """Produce one output tensor's bytes into the shard's writer."""
+    if t.action == COMPUTE:
+        _compute(ctx, t)
+    else:
+        _copy(ctx, t)
+
+
+def _copy(ctx: ShardContext, t: PlannedTensor) -> None:
+    src = t.inputs[0].ref  # the plan copies from exactly one input
+    chunk = max(min(ctx.budget, memory.COPY_CHUNK), 1)
+    for start in range(0, src.nbytes, chunk):
+        stop = min(start + chunk, src.nbytes)
+        # The kernel copies file to file; the writer's hash thread reads the mapped bytes,
+        # then drops their pages.
+        release = functools.partial(ctx.reader.release, src, start, stop)
+        source = (ctx.reader.fd(src.file), src.offset + start)
+        raw = ctx.reader.raw(src, start, stop)
+        ctx.writer.copy(t.offset + start, source, raw, after=release)
+        ctx.step(stop - start)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """How a computed tensor is cut: blocks of `rows` (one output buffer each), computed
+    `step` rows at a time."""
+
+    rows: int
+    step: int
+
+    def chunks(self, r0: int, r1: int) -> range:
+        return range(r0, r1, self.step)
+
+
+def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
+    assert t.method is not None  # the plan gives every computed tensor its method
+    rows = memory.block_rows(t, ctx.budget)
+    cut = _Blocks(rows, rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows))
+    factors = [ctx.source.factors(i) for i in t.inputs]
+    stats = _first_pass(ctx, t, factors, cut)
+    row_bytes = t.nbytes // t.rows if t.rows else 0
+    for r0 in range(0, t.rows, rows):
+        r1 = min(r0 + rows, t.rows)
+        out = ctx.scratch.output((r1 - r0, *t.shape[1:]), DTYPES[t.dtype])
+        # Chunk by chunk (a multiple of LORA_ROWS), each combined and cast while in cache.
+        for c0 in cut.chunks(r0, r1):
+            c1 = min(c0 + cut.step, r1)
+            acc = t.method.combine(TensorBlock(ctx.source, t, factors, c0, c1), stats)
+            ctx.scratch.cast(out[c0 - r0 : c1 - r0], acc)
+        _check_finite(ctx, t, out, (r0, r1))
+        view = out.reshape(-1).view(torch.uint8).numpy().data
+        give_back = functools.partial(ctx.scratch.give_back, out)
+        ctx.writer.write(t.offset + r0 * row_bytes, view, after=give_back)
+        ctx.step((r1 - r0) * row_bytes)
+
+
+def _first_pass(
+    ctx: ShardContext, t: PlannedTensor, factors: list[list[Factor]], cut: _Blocks
+) -> Any:
+    """The method's whole-tensor statistics, from every block in order (None if it
+    needs none); the same blocks and chunks the second pass uses."""
+    assert t.method is not None
+    acc = t.method.first_pass()
+    if acc is None:
+        return None
+    for c0 in cut.chunks(0, t.rows):
+        acc.update(TensorBlock(ctx.source, t, factors, c0, min(c0 + cut.step, t.rows)))
+    return acc.result()
+
+
+def _check_finite(
+    ctx: ShardContext, t: PlannedTensor, out: torch.Tensor, span: tuple[int, int]
+) -> None:
+    """NaN/Inf in a block stops the merge, naming the tensor, unless allow_nonfinite."""
+    if _finite(out):
+        return
+    if t.name not in ctx.nonfinite:
+        ctx.nonfinite.append(t.name)
+    if ctx.allow_nonfinite:
+        return
+    bad = int((~torch.isfinite(out)).sum())
+    ctx.scratch.give_back(out)
+    raise NumericsError(
+        f"{t.name}: {bad} NaN/Inf values in rows {span[0]}-{span[1] - 1} of the merged tensor "
+        f"({t.dtype}: an overflow, or non-finite inputs); --allow-nonfinite writes it anyway"
+    )
+
+
+def _finite(out: torch.Tensor) -> bool:
+    """No NaN/Inf in `out`. One min/max pass, no temporaries: NaN propagates into both,
+    an Inf is the min or the max (10-40x cheaper than isfinite().all() here)."""
+    if not out.is_floating_point() or out.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(out)
+    return math.isfinite(lo) and math.isfinite(hi)

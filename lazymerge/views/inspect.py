@@ -1,0 +1,83 @@
+"""`lazymerge inspect`: what a checkpoint or an adapter holds, from its metadata alone."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from lazymerge.meaning.adapters import CONFIG, LoraAdapter
+from lazymerge.meaning.layers import layer_count, natural_key
+from lazymerge.read.checkpoint import CheckpointIndex
+from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.tensorref import TensorRef, itemsize
+from lazymerge.views.report import human_bytes
+
+SHORT_LISTING = 12
+
+
+def describe(path: Path, show_all: bool = False) -> str:
+    """A checkpoint's or an adapter's summary and tensor listing."""
+    if (path / CONFIG).is_file():
+        return _adapter(path, show_all)
+    return _checkpoint(path, show_all)
+
+
+def _listing(refs: list[TensorRef], show_all: bool) -> list[str]:
+    refs = sorted(refs, key=lambda r: natural_key(r.name))
+    shown = refs if show_all else refs[:SHORT_LISTING]
+    width = max((len(r.name) for r in shown), default=0)
+    lines = [f"  {r.name:<{width}}  {r.dtype:<4} {list(r.shape)}" for r in shown]
+    if len(shown) < len(refs):
+        lines.append(f"  ... {len(refs) - len(shown)} more (--all lists every tensor)")
+    return lines
+
+
+def _dtypes(refs: list[TensorRef]) -> str:
+    return ", ".join(f"{d} x{n}" for d, n in Counter(r.dtype for r in refs).most_common())
+
+
+def _checkpoint(path: Path, show_all: bool) -> str:
+    index = CheckpointIndex.open(path)
+    refs = list(index)
+    params = sum(r.nbytes // itemsize(r.dtype) for r in refs)
+    cfg = read_config(model_dir(index.path))
+    arch = ""
+    if cfg is not None:
+        arch = f"{(cfg.get('architectures') or ['?'])[0]} ({cfg.get('model_type', '?')})"
+    lines = [
+        f"checkpoint: {index.path}",
+        f"format: {index.note or index.format}, {len(index.files)} file(s): "
+        + ", ".join(f.name for f in index.files[:4])
+        + (" ..." if len(index.files) > 4 else ""),
+        *([f"architecture: {arch}"] if arch else []),
+        f"tensors: {len(refs)} ({_dtypes(refs)}); parameters: {params:,}; "
+        f"decoder layers: {layer_count(index.tensors)}; tensor bytes: {human_bytes(index.nbytes)}",
+        *_listing(refs, show_all),
+    ]
+    return "\n".join(lines)
+
+
+def _adapter(path: Path, show_all: bool) -> str:
+    adapter = LoraAdapter.open(path)
+    config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    terms = sorted(adapter.terms, key=lambda t: natural_key(t.target))
+    ranks = Counter(t.rank for t in terms if t.rank)
+    modules = sorted({t.target.removesuffix(".weight").rsplit(".", 1)[-1] for t in terms})
+    refs = [ref for t in terms for ref in t.refs()]
+    lines = [
+        f"adapter: {path} ({next(iter(refs)).file.name if refs else 'no tensors'})",
+        f"LoRA: r {', '.join(f'{r} (x{n})' for r, n in ranks.most_common())}; "
+        f"lora_alpha {config.get('lora_alpha')}; rsLoRA {bool(config.get('use_rslora'))}; "
+        f"base model {config.get('base_model_name_or_path') or '?'}",
+        f"targets: {', '.join(modules)} ({len(terms)} base tensors, {_dtypes(refs)})",
+        "touches:",
+    ]
+    shown = terms if show_all else terms[:SHORT_LISTING]
+    lines += [
+        f"  {t.target}  {list(t.shape)}  {t.kind}{' + DoRA' if t.magnitude else ''}  scale {t.scale:g}"
+        for t in shown
+    ]
+    if len(shown) < len(terms):
+        lines.append(f"  ... {len(terms) - len(shown)} more (--all lists every tensor)")
+    return "\n".join(lines)
