@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the samples and phases here")
     args = parser.parse_args(argv)
 
-    from lazymerge.run import merge, shard
     from lazymerge.plan import build_plan
     from lazymerge.recipe import load_recipe
+    from lazymerge.run import merge, shard
+    from lazymerge.run.options import MergeOptions
 
     plan = build_plan(load_recipe(args.recipe))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     shard.write_tensor = traced
     try:
         with sampler:
-            result = merge.run_merge(
-                plan, args.out, merge.MergeOptions(overwrite=True, progress=False)
-            )
+            result = merge.run_merge(plan, args.out, MergeOptions(overwrite=True, progress=False))
             sampler.current = "finish"
     finally:
         shard.write_tensor = write_tensor

@@ -111,6 +111,13 @@ def unknown_dtype(h: dict[str, Any]) -> None:
     h[tensors_of(h)[0]]["dtype"] = "Q4_K"
 
 
+def config_text(text: str) -> Callable[[Path], None]:
+    def mutate(base: Path) -> None:
+        (base / "config.json").write_text(text)
+
+    return mutate
+
+
 def index_edit(edit: Callable[[dict[str, str], str], None]) -> Callable[[Path], None]:
     def mutate(base: Path) -> None:
         path = base / "model.safetensors.index.json"
@@ -232,6 +239,14 @@ CASES: dict[str, tuple[Build, str]] = {
         broken_base(index_edit(escape("/etc/passwd"))),
         "must be a file name inside",
     ),
+    "config.json not JSON": (
+        broken_base(config_text('{"model_type": "llama",')),
+        "config.json: not valid JSON (Expecting property name",
+    ),
+    "config.json not an object": (
+        broken_base(config_text("[1, 2]")),
+        "config.json: not a JSON object; fix or remove it",
+    ),
     "adapter targets a missing module": (
         broken_adapter(stray_target),
         "targets model.layers.99.mlp.up_proj.weight, which",
@@ -269,6 +284,24 @@ def test_hostile_input_is_refused(
     args, inputs = build(models, tmp_path)
     out = tmp_path / "out"
     refused(capsys, [*args, "-o", out, "-q"], inputs, out, message)
+    assert not out.exists()  # refused from headers and configs, before the output is touched
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [('{"model_type": "llama",', "not valid JSON"), ("[1, 2]", "not a JSON object")],
+)
+def test_inspect_refuses_a_malformed_config(
+    text: str,
+    why: str,
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(models["base"], base)
+    config_text(text)(base)
+    refused(capsys, ["inspect", base], [base], None, f"{base / 'config.json'}: {why}")
 
 
 def refused(

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lazymerge.run.budget import DEFAULT_MAX_MEMORY, estimate_peak
 from lazymerge.plan import build_plan
 from lazymerge.recipe import load_recipe
+from lazymerge.run.budget import DEFAULT_MAX_MEMORY, estimate_peak
 from lazymerge.testing import LlamaShape
 
 from conftest import synthetic_job

@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from lazymerge.errors import RecipeError
-from lazymerge.recipe import GradientRule
-from lazymerge.recipe import load_recipe, parse_size
+from lazymerge.recipe import GradientRule, load_recipe, parse_size
 
 FOUNDING = Path(__file__).resolve().parents[1] / "examples" / "airolima-chronos.yaml"
 

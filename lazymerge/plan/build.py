@@ -112,12 +112,7 @@ def _lora_terms(spec: ModelSpec, index: CheckpointIndex) -> Terms:
 def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
     rule = first_rule(ref.name, src.recipe.gradient)
     if not ref.is_float:
-        # Integer/bool buffers are not blended: the base's values, as they are.
-        action, method = (COPY_BASE, None) if ref.contiguous else (COMPUTE, Linear((1.0,)))
-        inputs = (Input("base", ref),)
-        return PlannedTensor(
-            ref.name, ref.dtype, ref.shape, ref.nbytes, action, inputs, method, rule=rule
-        )
+        return _plan_buffer(ref, rule)
     dtype = src.recipe.output.dtype or ref.dtype
     other_ref = _other_ref(ref, src.other) if src.other is not None and ratio > 0 else None
     shared = min(ref.rows, other_ref.rows) if other_ref is not None else ref.rows
@@ -127,13 +122,25 @@ def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
     base = Input("base", ref, base_loras)
     other = Input("other", other_ref, other_loras) if other_ref is not None else None
     action = _action(ratio, base, other, dtype)
-    inputs = (base,) if other is None else (other,) if action == COPY_OTHER else (base, other)
     method = None
+    if other is None:
+        inputs: tuple[Input, ...] = (base,)
+    else:
+        inputs = (other,) if action == COPY_OTHER else (base, other)
     if action == COMPUTE:
         method = Linear((1.0 - ratio, ratio) if other is not None else (1.0,))
     nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
     return PlannedTensor(
         ref.name, dtype, ref.shape, nbytes, action, inputs, method, ratio, rule, shared_rows=shared
+    )
+
+
+def _plan_buffer(ref: TensorRef, rule: int | None) -> PlannedTensor:
+    """Integer/bool buffers are not blended: the base's values, as they are."""
+    action, method = (COPY_BASE, None) if ref.contiguous else (COMPUTE, Linear((1.0,)))
+    inputs = (Input("base", ref),)
+    return PlannedTensor(
+        ref.name, ref.dtype, ref.shape, ref.nbytes, action, inputs, method, rule=rule
     )
 
 

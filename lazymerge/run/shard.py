@@ -12,6 +12,8 @@ from lazymerge.run.budget import WRITE_QUEUE
 from lazymerge.run.device import Scratch, resolve_device
 from lazymerge.run.options import MergeOptions
 from lazymerge.run.tensor import ShardContext, Step, write_tensor
+
+__all__ = ["write_shard", "write_tensor"]  # write_tensor: what tests and the timeline wrap
 from lazymerge.write.safetensors import ShardResult, ShardWriter
 
 

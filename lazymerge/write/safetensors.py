@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-
 PARTIAL = ".partial"
 # copy_file_range's ways of saying "not between these two files": fall back to pwrite.
 COPY_RANGE_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
