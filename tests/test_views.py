@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,45 @@ def test_card_without_matplotlib_still_written(
     assert "# out" in card and "## Per-layer blend" in card
     assert "blend.png" not in card and not (tmp_path / "out" / "blend.png").exists()
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_lora_in_a_peft_subfolder_shows_its_own_weight(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PEFT saves a named adapter in a subfolder; the recipe names the folder above it.
+    plan, the card and the plot must show the recipe's weight times the layer's share
+    (0.25 x 0.9 at layer 0), not the share alone."""
+    from lazymerge.plan import build_plan
+    from lazymerge.views.report import layer_rows
+
+    shutil.copytree(models["lora"], tmp_path / "adapters" / "mine")
+    data = {
+        "base": str(models["base"]),
+        "other": {"model": str(models["other"]), "loras": [{"path": "adapters", "weight": 0.25}]},
+        "gradient": {"values": [0.9, 0.0], "layers": [0, 5]},
+    }
+    path = tmp_path / "sub.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert run_cli("plan", path, "--json") == 0
+    rows = {r["layer"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert rows[0]["loras"] == {"other: mine": pytest.approx(0.225)}
+    assert rows[4]["loras"] == {}  # ratio 0 there: the other, and its LoRA, are not read
+    pictured = {r.layer: r.loras for r in layer_rows(build_plan(load_recipe(path)))}
+    assert pictured[0] == {"other: mine": pytest.approx(0.225)}
+    assert run_cli("merge", path, "-o", tmp_path / "out", "-q") == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "other: mine 0.2250" in card and "0.9000" in card
+
+
+def test_plan_says_which_rule_decided_each_tensor(
+    recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("plan", recipe, "--json") == 0
+    tensors = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
+    assert tensors["model.layers.3.self_attn.k_proj.weight"]["rule"] == 0
+    assert tensors["model.layers.3.mlp.up_proj.weight"]["rule"] == 1
+    assert tensors["model.layers.3.input_layernorm.weight"]["rule"] is None
+    # mlp: 0.9 falling to 0 over layers 0-4, so 0.9 * (1 - 3/4) of the other at layer 3
+    assert tensors["model.layers.3.mlp.up_proj.weight"]["method"] == "linear 0.7750, 0.2250"
+    # No rule: ratio 0, the base alone (cast from float32 to the recipe's float16)
+    assert tensors["model.layers.3.input_layernorm.weight"]["method"] == "linear 1.0000"
