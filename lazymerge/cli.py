@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
 )
 @_plan_options
 @_write_options
-def gradient(
+def gradient(  # click passes each argument and flag as a parameter
     base: Path, other: Path, values: str, layers: str | None, rest: str, **opts: Any
 ) -> None:
     """Blend OTHER into BASE with a layer gradient (BlockMerge_Gradient's flags).
@@ -206,43 +207,48 @@ def _plan(
     return build_plan(recipe), budget
 
 
-def _run(
-    recipe: Recipe,
-    title: str,
-    *,
-    out: Path,
-    dtype: str | None,
-    shard_size: str | None,
-    max_memory: str | None,
-    overwrite: bool,
-    resume: bool,
-    allow_nonfinite: bool,
-    device: str,
-    quiet: bool,
-    as_json: bool,
-) -> None:
+@dataclass(frozen=True)
+class _WriteFlags:
+    """The flags of a command that writes a model (_plan_options and _write_options):
+    click hands each over as a keyword argument, and they travel on together."""
+
+    out: Path
+    dtype: str | None
+    shard_size: str | None
+    max_memory: str | None
+    overwrite: bool
+    resume: bool
+    allow_nonfinite: bool
+    device: str
+    quiet: bool
+    as_json: bool
+
+
+def _run(recipe: Recipe, title: str, **opts: Any) -> None:
+    """Plan, merge (drawing the card's picture meanwhile), report."""
     from lazymerge.views.card import ModelCard, start_picture
     from lazymerge.views.report import result_json, summary
 
-    if resume and overwrite:
+    flags = _WriteFlags(**opts)
+    if flags.resume and flags.overwrite:
         raise RecipeError(
             "--resume keeps an earlier attempt's shards, --overwrite discards them: choose one"
         )
-    the_plan, budget = _plan(recipe, dtype, shard_size, max_memory)
+    the_plan, budget = _plan(recipe, flags.dtype, flags.shard_size, flags.max_memory)
     picture = start_picture(the_plan, title)
     options = MergeOptions(
-        max_memory=budget, overwrite=overwrite, resume=resume, progress=not quiet,
-        allow_nonfinite=allow_nonfinite, device=device,
+        max_memory=budget, overwrite=flags.overwrite, resume=flags.resume,
+        progress=not flags.quiet, allow_nonfinite=flags.allow_nonfinite, device=flags.device,
         card=ModelCard(the_plan, title, picture),
     )  # fmt: skip
     try:
-        result = run_merge(the_plan, out, options)
+        result = run_merge(the_plan, flags.out, options)
     finally:
         if picture is not None:
             picture.discard()
-    if as_json:
+    if flags.as_json:
         click.echo(json.dumps(result_json(result)))
-    elif not quiet:
+    elif not flags.quiet:
         click.echo(summary(the_plan, result))
     for name in result.nonfinite:
         click.echo(f"lazymerge: warning: {name} holds NaN/Inf values (--allow-nonfinite)", err=True)
