@@ -1,6 +1,6 @@
 """PEFT adapters: every change an adapter makes to a base tensor, as a term.
 
-Kinds of term, in the order the engine applies them to one tensor:
+Kinds of term, in the order the executor (run/rows.py) applies them to one tensor:
 - REPLACE: `modules_to_save` weights, trained biases, saved embedding layers
   (`<module>.base_layer.weight`): `W <- W + weight * (S - W)`, i.e. S itself at weight 1;
 - LORA: `weight * scale * (B @ A)`, `scale = alpha / r` (rsLoRA: `alpha / sqrt(r)`);
@@ -8,7 +8,7 @@ Kinds of term, in the order the engine applies them to one tensor:
   `fan_in_fan_out` (GPT-2 Conv1D) adapters;
 - and for DoRA a LORA term carries the magnitude vector m: after the delta,
   `W' = m / ||W + ΔW||_row * (W + ΔW)` (exact at weight 1; other weights are refused).
-Only references are kept; the engine reads the bytes.
+Only references are kept; the executor reads the bytes.
 """
 
 from __future__ import annotations

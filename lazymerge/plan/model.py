@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lazymerge.meaning.adapters import LoraTerm
 from lazymerge.meaning.methods import Method
@@ -27,6 +27,7 @@ class Action(StrEnum):
 
 
 COPY_BASE, COPY_OTHER, COMPUTE = Action.COPY_BASE, Action.COPY_OTHER, Action.COMPUTE
+Role = Literal["base", "other"]  # which of the recipe's models an input is
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Input:
     """One model's tensor as a merge reads it: its bytes and the adapter terms applied to
     them on the fly (` in DESIGN §2)."""
 
-    role: str  # "base" or "other"
+    role: Role
     ref: TensorRef
     terms: tuple[LoraTerm, ...] = ()
 
@@ -75,11 +76,11 @@ class PlannedTensor:
         refs = [i.ref for i in self.inputs]
         return refs + [r for i in self.inputs for term in i.terms for r in term.refs()]
 
-    def side(self, role: str) -> Input | None:
+    def side(self, role: Role) -> Input | None:
         """The input of model `role` ("base", "other"), if this tensor reads it."""
         return next((i for i in self.inputs if i.role == role), None)
 
-    def terms(self, role: str) -> tuple[LoraTerm, ...]:
+    def terms(self, role: Role) -> tuple[LoraTerm, ...]:
         """The adapter terms applied to model `role`'s tensor here."""
         side = self.side(role)
         return side.terms if side is not None else ()

@@ -1,6 +1,6 @@
 """Where the arithmetic runs: the device (`--device`), and the block buffers on it.
 
-On the CPU the engine computes each block in cache-sized chunks of rows, in reused host
+On the CPU the executor computes each block in cache-sized chunks of rows, in reused host
 buffers; on a GPU, whole blocks in reused device buffers fed through one pinned staging
 buffer, with the cast to the output dtype done on the device before the (smaller) bytes
 come down.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lazymerge.meaning.layers import layer_of
-from lazymerge.plan.model import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor
+from lazymerge.plan.model import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor, Role
 from lazymerge.recipe.spec import DTYPE_LABELS, GradientRule
 from lazymerge.run.budget import INTERPRETER, estimate_peak
 from lazymerge.run.merge import MergeResult
@@ -51,7 +51,8 @@ def _row(plan: MergePlan, layer: int | None, tensors: list[PlannedTensor]) -> La
     loras: dict[str, float] = {}
     for t in tensors:
         by_rule.setdefault(len(rules) if t.rule is None else t.rule, t.ratio)
-        for side, share in (("base", 1 - t.ratio), ("other", t.ratio)):
+        shares: tuple[tuple[Role, float], ...] = (("base", 1 - t.ratio), ("other", t.ratio))
+        for side, share in shares:
             for term in t.terms(side):
                 key = f"{side}: {term.adapter.name}"
                 loras[key] = max(loras.get(key, 0.0), term.weight * share)

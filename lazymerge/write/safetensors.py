@@ -107,7 +107,7 @@ class ShardWriter:
     in order, so they overlap each other and the computation of the next block (plain
     copies are bound by them: an 8-layer 13B-shaped merge took 29.3 s with one thread
     doing both, 21.2 s with two); the bytes queued at once are bounded by `inflight`. A queued buffer must stay
-    untouched until written (the engine hands over fresh tensors and read-only maps);
+    untouched until written (the executor hands over fresh tensors and read-only maps);
     `after` callbacks run once their bytes are hashed and on their way to disk (or
     dropped after an error).
     """
@@ -198,7 +198,7 @@ class ShardWriter:
             try:
                 if self._error is None:  # after one, items are only let go
                     self._handle(lane, item)
-            except BaseException as e:  # handed to the engine's thread at its next call
+            except BaseException as e:  # handed to the executor's thread at its next call
                 self._error = self._error or e
             self._done(item)
 
