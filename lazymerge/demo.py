@@ -4,12 +4,18 @@ sister on them.
 The founding recipe (examples/airolima-chronos.yaml) is scaled to the demo's depth:
 its span [0, 25) of 40 layers becomes [0, 5) of 8. The merge runs as a separate
 `lazymerge merge` process so the peak memory it reports is the merge's own.
+
+The example recipes ship inside the package (lazymerge/examples, package data; the
+repository's top-level examples/ links to it), so the demo runs alike from a clone
+and from an installed wheel.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ import yaml
 
 from lazymerge.testing import LlamaShape, write_llama, write_lora
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = files("lazymerge") / "examples"
 FOUNDING = EXAMPLES / "airolima-chronos.yaml"
 SISTER = EXAMPLES / "chronolima-airo.yaml"  # LimaRP on the base instead
 FOUNDING_LAYERS = 40  # Llama 2 13B
@@ -51,7 +57,7 @@ def main(workdir: str = ".demo") -> int:
     return 0
 
 
-def run_recipe(root: Path, source: Path, out: str, layers: int) -> int:
+def run_recipe(root: Path, source: Traversable, out: str, layers: int) -> int:
     """Scale a shipped recipe to the demo's depth, merge with it, load the result."""
     recipe = scaled_recipe(yaml.safe_load(source.read_text()), layers, "5MB")
     recipe_path = root / source.name

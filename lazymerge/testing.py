@@ -1,7 +1,13 @@
-"""Random checkpoints with real Llama key names and layout, for the demo, tests, benchmarks.
+"""Fixture code for the tests, `make demo` and the benchmarks: not part of the merge.
 
-They are written shard by shard through the safetensors library, so a generator's own
-memory is bounded by one shard, never the model.
+Builds random checkpoints with real Llama key names and layout, and random PEFT LoRA
+adapters, so the merge has something to run on without downloading a 13B model.
+Nothing in the merge path imports this module. It reuses the planner's shard split and
+file names (lazymerge.plan.shards), so the checkpoints it builds are sharded exactly
+as the merge's own output would be.
+
+safetensors shards are streamed piece by piece, so a generator's own memory is bounded
+by one piece, never a shard or the model.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lazymerge.plan.shards import shard_name, split
 from lazymerge.read.checkpoint import BIN_INDEX, SAFETENSORS_INDEX
 from lazymerge.read.tensorref import DTYPES
 from lazymerge.write.safetensors import build_header
@@ -123,14 +130,17 @@ def write_llama(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    groups = _split([_llama_spec(*t) for t in shape.tensors()], dtype, shard_size)
+    specs = [_llama_spec(*t) for t in shape.tensors()]
+    groups = [
+        [specs[i] for i in r] for r in split([_nbytes(s.shape, dtype) for s in specs], shard_size)
+    ]
     weight_map: dict[str, str] = {}
     for k, group in enumerate(groups):
         if fmt == "safetensors":
-            name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            name = shard_name(k, len(groups))
             _stream_safetensors(out / name, group, gen, dtype)
         else:
-            name = f"pytorch_model-{k + 1:05d}-of-{len(groups):05d}.bin"
+            name = shard_name(k, len(groups), "pytorch_model", "bin")
             torch.save({t.name: _random(t, gen, dtype) for t in group}, out / name)
         weight_map.update(dict.fromkeys((t.name for t in group), name))
     total = sum(_nbytes(dims, dtype) for _, dims in shape.tensors())
@@ -147,19 +157,6 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _split(specs: list[_Spec], dtype: torch.dtype, shard_size: int) -> list[list[_Spec]]:
-    groups: list[list[_Spec]] = [[]]
-    size = 0
-    for spec in specs:
-        n = _nbytes(spec.shape, dtype)
-        if groups[-1] and size + n > shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += n
-    return groups
 
 
 def _stream_safetensors(
