@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,6 +25,7 @@ from lazymerge.read.checkpoint import BIN_INDEX, SAFETENSORS_INDEX
 from lazymerge.read.tensorref import DTYPES
 from lazymerge.write.safetensors import build_header
 
+Format = Literal["safetensors", "bin"]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -112,14 +114,14 @@ def _random(spec: _Spec, gen: torch.Generator, dtype: torch.dtype) -> torch.Tens
     return torch.cat(list(_random_pieces(spec, gen, dtype))).reshape(spec.shape)
 
 
-def write_llama(
+def write_llama(  # a fixture's settings: keyword-only, each with a default but the seed
     directory: str | Path,
     shape: LlamaShape,
     *,
     seed: int,
     dtype: torch.dtype = torch.float16,
     shard_size: int = 2 * 10**9,
-    fmt: str = "safetensors",
+    fmt: Format = "safetensors",
 ) -> Path:
     """A random Llama checkpoint: shards of at most `shard_size` + index + config.json.
 
@@ -174,7 +176,7 @@ def _stream_safetensors(
                 f.write(piece.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def write_lora(
+def write_lora(  # a fixture's settings: keyword-only, each with a default but the seed
     directory: str | Path,
     shape: LlamaShape,
     *,
