@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -19,10 +21,12 @@ import pytest
 import torch
 import yaml
 
-from lazymerge.run.batch import BatchSettings, Merge, run_batch
-from lazymerge.errors import InputError
-from lazymerge.testing import LlamaShape
+from lazymerge import __version__
+from lazymerge.errors import InputError, MachineError
+from lazymerge.run import batch as batch_module
+from lazymerge.run.batch import FAILED, BatchSettings, Merge, batch_table, run_batch
 from lazymerge.run.workers import LocalExecutor, RayExecutor, ShardTask, make_shard
+from lazymerge.testing import LlamaShape
 
 from conftest import run_cli, synthetic_job
 
@@ -147,6 +151,92 @@ def test_a_worker_refuses_inputs_it_cannot_see_or_that_differ(
         make_shard(replace(task, expect={**task.expect, "inputs": changed}))
 
 
+def test_a_worker_of_another_version_is_a_machine_error(small: list[Path], tmp_path: Path) -> None:
+    task, _ = planned_task(small[0], tmp_path)
+    with pytest.raises(MachineError) as caught:
+        make_shard(replace(task, expect={**task.expect, "lazymerge_version": "0.0.1"}))
+    assert str(caught.value) == (
+        f"on worker {socket.gethostname()}: lazymerge {__version__}, the driver runs 0.0.1; "
+        "install the same version on every worker"
+    )
+
+
+def lie_about_the_first_input(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the driver tell workers a wrong size for one input (the driver only: workers
+    are spawned); the path it lies about goes into the list returned."""
+    real = batch_module._expect
+    lied: list[str] = []
+
+    def lie(record: Any) -> dict[str, Any]:
+        expect = real(record)
+        path = next(iter(expect["inputs"]))
+        lied.append(path)
+        inputs = {**expect["inputs"], path: {**expect["inputs"][path], "size": -1}}
+        return {**expect, "inputs": inputs}
+
+    monkeypatch.setattr(batch_module, "_expect", lie)
+    return lied
+
+
+def test_lazymerge_debug_adds_the_driver_and_worker_tracebacks(
+    small: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One recipe fails while planning (in the driver), one in its workers: one line each,
+    or with LAZYMERGE_DEBUG, the same line and then the traceback from where it was raised."""
+    broken = small[0].parent / "unplannable.yaml"  # its paths are relative to its folder
+    recipe = yaml.safe_load(small[0].read_text())
+    recipe["other"]["model"] = str(tmp_path / "no-such-model")
+    broken.write_text(yaml.safe_dump(recipe))
+    lied = lie_about_the_first_input(monkeypatch)
+
+    def run(out: str) -> list[str]:
+        """The errors of a batch of the two; stderr says each after its recipe."""
+        recipes = [broken, small[0]]
+        rc = run_cli("batch", *recipes, "--out-root", tmp_path / out, "-j", "1", "-q", "--json")
+        captured = capsys.readouterr()
+        report = json.loads(captured.out)  # still well-formed with tracebacks in it
+        assert rc == 1 and [m["status"] for m in report["merges"]] == ["failed"] * 2
+        errors = [m["error"] for m in report["merges"]]
+        assert captured.err == "".join(
+            f"lazymerge: error: {r}: {e}\n" for r, e in zip(recipes, errors, strict=True)
+        )
+        return errors
+
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
+    planning, working = run("plain")
+    assert planning == f"{broken}: other.model: {tmp_path / 'no-such-model'} does not exist"
+    assert re.fullmatch(
+        r"model-00001-of-\d{5}\.safetensors: "
+        + re.escape(
+            f"on worker {socket.gethostname()}: {lied[0]} is not the file the driver planned "
+            "with (size, mtime or header differ); batch workers must see the driver's paths "
+            "and files (shared storage)"
+        ),
+        working,
+    ), working
+
+    monkeypatch.setenv("LAZYMERGE_DEBUG", "1")
+    planning_tb, working_tb = run("debug")
+    assert planning_tb.startswith(planning + "\nTraceback (most recent call last):\n")
+    assert ", in _open\n" in planning_tb and planning_tb.endswith(f"RecipeError: {planning}")
+    assert working_tb.startswith(working + "\n")
+    # The worker's own traceback, brought back by the process pool.
+    remote = working_tb.split("_RemoteTraceback: ")[1]
+    assert ", in make_shard\n" in remote and ", in _worker_plan\n" in remote
+
+
+def test_a_multi_line_error_stays_under_its_row() -> None:
+    merge = Merge(Path("sweep-0.yaml"), Path("out"), status=FAILED, error="why\nTraceback")
+    assert batch_table([merge], 1.0).splitlines()[1:4] == [
+        "sweep-0  failed      0.0       0 B  0       -",
+        "         why",  # under the status column: the recipe column is 7 wide
+        "         Traceback",
+    ]
+
+
 class Recorder:
     """An executor that runs nothing: it keeps the tasks it was given."""
 
@@ -239,12 +329,39 @@ def test_ray_batch_of_three_writes_serial_bytes(
 
 
 def test_ray_task_errors_are_one_line_and_not_retried(
-    ray_cluster: None, small: list[Path], tmp_path: Path
+    ray_cluster: None, small: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task, _ = planned_task(small[0], tmp_path / "plan")
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
     ((_, outcome),) = RayExecutor(None, 2, retries=3).run([unmounted(task, tmp_path)])
     assert isinstance(outcome, str)
     assert "shared storage" in outcome and "\n" not in outcome
+    monkeypatch.setenv("LAZYMERGE_DEBUG", "1")  # then the worker's traceback follows
+    ((_, traced),) = RayExecutor(None, 2, retries=3).run([unmounted(task, tmp_path)])
+    assert isinstance(traced, str) and traced.startswith(outcome + "\n")
+    assert "ray::make_shard()" in traced and ", in _worker_plan\n" in traced
+
+
+def test_ray_not_installed_is_a_machine_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MachineError) as caught:
+        RayExecutor(None, 1, retries=0)
+    assert str(caught.value) == "--executor ray needs Ray: pip install 'lazymerge[ray]'"
+
+
+def test_no_ray_cluster_at_the_address_is_a_machine_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = pytest.importorskip("ray")
+
+    def refuse(**kwargs: object) -> None:
+        raise ConnectionError("could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # even with ray_cluster up
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(MachineError) as caught:
+        list(RayExecutor("ray://head:10001", 1, retries=0).run([]))
+    assert str(caught.value) == (
+        "cannot reach Ray at ray://head:10001: could not find any running Ray instance"
+    )
 
 
 def test_ray_missing_or_misused_is_one_line(

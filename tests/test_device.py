@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lazymerge.errors import MachineError, RecipeError
 from lazymerge.plan import PlannedTensor
 from lazymerge.run import budget, process, shard
+from lazymerge.run.device import parse_device, resolve_device
 from lazymerge.testing import LlamaShape
 
 from conftest import run_cli, synthetic_job
@@ -35,14 +37,32 @@ def shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
+def no_gpu(name: str) -> str:
+    built = "with" if torch.backends.cuda.is_built() else "without"
+    return (
+        f"--device {name}: no CUDA GPU here (torch {torch.__version__}, built {built} CUDA); "
+        "use --device cpu or auto"
+    )
+
+
+@pytest.mark.skipif(GPU, reason="this machine has a GPU")
+def test_a_missing_gpu_is_the_machine_a_bad_name_the_recipe() -> None:
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(MachineError) as missing:
+            resolve_device(name)
+        assert str(missing.value) == no_gpu(name)
+    with pytest.raises(RecipeError) as bad:
+        parse_device("tpu")
+    assert str(bad.value) == "--device tpu: expected cpu, cuda, cuda:N or auto"
+
+
 @pytest.mark.skipif(GPU, reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_one_line_and_touches_nothing(
     job: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "--device", "cuda") == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--device cuda: no CUDA GPU here" in err
+    assert capsys.readouterr().err == f"lazymerge: error: {no_gpu('cuda')}\n"
     assert not out.exists()
 
 

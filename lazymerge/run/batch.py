@@ -26,7 +26,7 @@ from lazymerge.plan.model import MergePlan
 from lazymerge.read.checkpoint import SAFETENSORS_INDEX
 from lazymerge.recipe.parse import load_recipe
 from lazymerge.run.budget import DEFAULT_MAX_MEMORY
-from lazymerge.run.workers import Executor, ShardDone, ShardTask, one_line
+from lazymerge.run.workers import Executor, ShardDone, ShardTask, failure_text
 from lazymerge.write.manifest import Record, file_sha256, is_complete
 from lazymerge.write.output import Card, Output, output_errors, prepare_dir
 from lazymerge.write.safetensors import ShardResult, build_header
@@ -109,10 +109,8 @@ def run_batch(
     for i, m in enumerate(merges):
         try:
             tasks += _open(i, m, settings)
-        except LazyMergeError as e:
-            m.fail(str(e))
-        except OSError as e:
-            m.fail(one_line(e))
+        except (LazyMergeError, OSError) as e:
+            m.fail(failure_text(e))
     waiting = collections.Counter(t.merge for t in tasks)
     for i, m in enumerate(merges):
         if m.status == RUNNING and not waiting[i]:  # every shard kept; the index was missing
@@ -146,10 +144,8 @@ def _settle(m: Merge, card: CardFor) -> None:
         return
     try:
         _finish(m, card)
-    except LazyMergeError as e:
-        m.fail(str(e))
-    except OSError as e:
-        m.fail(one_line(e))
+    except (LazyMergeError, OSError) as e:
+        m.fail(failure_text(e))
 
 
 def _refuse_same_names(recipes: Sequence[Path]) -> None:
@@ -272,8 +268,8 @@ def batch_table(merges: Sequence[Merge], seconds: float) -> str:
             f"{m.name:<{width}}  {m.status:<7} {m.seconds:7.1f} {human_bytes(m.bytes_written):>9}"
             f"  {count:<{cw}}  {m.index_sha256[:16] or '-'}"
         )
-        if m.error:
-            lines.append(f"{'':<{width}}  {m.error}")
+        # One line, or (LAZYMERGE_DEBUG) a traceback: kept under the recipe's row.
+        lines += [f"{'':<{width}}  {line}" for line in m.error.splitlines()]
     failed = sum(m.status == FAILED for m in merges)
     lines.append(
         f"{len(merges) - failed} of {len(merges)} merge(s) complete in {seconds:.1f} s"

@@ -8,8 +8,10 @@ import concurrent.futures as cf
 import json
 import logging
 import multiprocessing
+import os
 import socket
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,7 @@ class ShardDone:
     host: str
 
 
-# What an executor yields per task: its result, or the one line saying why it failed.
+# What an executor yields per task: its result, or why it failed (see failure_text).
 Outcome = ShardDone | str
 
 
@@ -137,8 +139,19 @@ def _start_worker(threads: int) -> None:
     tune_process_memory()
 
 
+def failure_text(e: BaseException, carried: BaseException | None = None) -> str:
+    """A failure as a batch reports it: one line, naming `carried` (the worker's own
+    exception) where `e` only brought it back, as Ray's RayTaskError does. With
+    LAZYMERGE_DEBUG set, e's whole traceback follows the line; the worker's is part of
+    it (a process pool's `_RemoteTraceback` cause, a RayTaskError's text)."""
+    line = one_line(carried if carried is not None else e)
+    if not os.environ.get("LAZYMERGE_DEBUG"):  # as the single-process CLI (cli.main)
+        return line
+    return line + "\n" + "".join(traceback.format_exception(e)).rstrip("\n")
+
+
 def one_line(e: BaseException) -> str:
-    """An exception as the one line a batch reports."""
+    """An exception as one line."""
     if isinstance(e, LazyMergeError):
         return str(e)
     if isinstance(e, OSError) and e.strerror:
@@ -205,7 +218,7 @@ class LocalExecutor:
                         else:
                             queue.appendleft(task)
                     except Exception as e:
-                        yield task, one_line(e)
+                        yield task, failure_text(e)
                 if broken and not running:
                     pool.shutdown(wait=True)
                     pool = None
@@ -266,7 +279,7 @@ class RayExecutor:
                     try:
                         yield task, ray.get(ref)
                     except RayTaskError as e:
-                        yield task, one_line(e.cause if e.cause is not None else e)
+                        yield task, failure_text(e, e.cause)
                     except RayError:
                         yield task, _died(self.retries + 1)
         finally:
