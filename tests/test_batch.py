@@ -24,9 +24,11 @@ import yaml
 from lazymerge import __version__
 from lazymerge.errors import InputError, MachineError
 from lazymerge.run import batch as batch_module
-from lazymerge.run.batch import FAILED, BatchSettings, Merge, batch_table, run_batch
+from lazymerge.run.batch import FAILED, BatchSettings, Merge, run_batch
 from lazymerge.run.workers import LocalExecutor, RayExecutor, ShardTask, make_shard
 from lazymerge.testing import LlamaShape
+from lazymerge.views.batch import batch_table
+from lazymerge.views.card import drawn_here
 
 from conftest import run_cli, synthetic_job
 
@@ -251,7 +253,7 @@ class Recorder:
 def planned_task(recipe: Path, out_root: Path) -> tuple[ShardTask, Merge]:
     """The first shard task of a one-recipe batch, and its merge, as the driver made them."""
     recorder = Recorder()
-    (merge,) = run_batch([recipe], out_root, BatchSettings(progress=False), recorder)
+    (merge,) = run_batch([recipe], out_root, BatchSettings(progress=False), recorder, drawn_here)
     return recorder.tasks[0], merge
 
 
@@ -295,7 +297,7 @@ def batch_with_a_kill(recipes: list[Path], out_root: Path, executor: Any) -> lis
     watcher = threading.Thread(target=lambda: killed.extend(kill_first_writer(out_root, stop)))
     watcher.start()
     try:
-        merges = run_batch(recipes, out_root, BatchSettings(progress=False), executor)
+        merges = run_batch(recipes, out_root, BatchSettings(progress=False), executor, drawn_here)
     finally:
         stop.set()
         watcher.join()
@@ -321,7 +323,7 @@ def test_ray_batch_of_three_writes_serial_bytes(
     ray_cluster: None, small: list[Path], tmp_path: Path
 ) -> None:
     merges = run_batch(
-        small, tmp_path, BatchSettings(progress=False), RayExecutor(None, 2, retries=1)
+        small, tmp_path, BatchSettings(progress=False), RayExecutor(None, 2, retries=1), drawn_here
     )
     assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
     assert_serial(small, tmp_path)

@@ -96,12 +96,11 @@ def run_batch(
     out_root: Path,
     settings: BatchSettings,
     executor: Executor,
-    card: CardFor | None = None,
+    card: CardFor,
 ) -> list[Merge]:
     """Run every recipe's merge into out_root/<recipe stem>/; one failing does not stop
-    the others. `card(plan, title)` is each output's model card; by default the one
-    `lazymerge merge` writes."""
-    card = card or _model_card
+    the others. `card(plan, title)` is each output's model card (the command line's:
+    lazymerge.views.card.drawn_here)."""
     _refuse_same_names(recipes)
     out_root = out_root.expanduser().resolve()
     merges = [Merge(Path(r), out_root / Path(r).stem) for r in recipes]
@@ -130,12 +129,6 @@ def run_batch(
             if not waiting[task.merge]:
                 _settle(m, card)
     return merges
-
-
-def _model_card(plan: MergePlan, title: str) -> Card:
-    from lazymerge.views.card import DrawHere, ModelCard, wants_picture
-
-    return ModelCard(plan, title, DrawHere(plan, title) if wants_picture(plan) else None)
 
 
 def _settle(m: Merge, card: CardFor) -> None:
@@ -227,52 +220,3 @@ def _finish(m: Merge, card: CardFor) -> None:
     with output_errors(m.out, "re-run the batch"):
         m.output.finish(_in_order(m), card(plan, m.name), m.nonfinite)
     m.status, m.index_sha256 = MERGED, file_sha256(m.out / SAFETENSORS_INDEX)
-
-
-def batch_json(merges: Sequence[Merge], seconds: float) -> dict[str, Any]:
-    return {
-        "ok": all(m.status != FAILED for m in merges),
-        "seconds": round(seconds, 3),
-        "merges": [
-            {
-                "recipe": str(m.recipe_path),
-                "out": str(m.out),
-                "status": m.status,
-                "error": m.error or None,
-                "seconds": round(m.seconds, 3),
-                "bytes_written": m.bytes_written,
-                "shards": len(m.shards),
-                "kept": m.kept,
-                "redone": m.redone,
-                "peak_rss": m.peak_rss,
-                "index_sha256": m.index_sha256 or None,
-            }
-            for m in merges
-        ],
-    }
-
-
-def batch_table(merges: Sequence[Merge], seconds: float) -> str:
-    from lazymerge.views.report import human_bytes
-
-    def shards(m: Merge) -> str:
-        notes = [f"{n} {what}" for n, what in ((m.kept, "kept"), (m.redone, "redone")) if n]
-        return f"{len(m.shards)}" + (f" ({', '.join(notes)})" if notes else "")
-
-    width = max([len(m.name) for m in merges] + [6])
-    counts = [shards(m) for m in merges]
-    cw = max([len(c) for c in counts] + [6])
-    lines = [f"{'recipe':<{width}}  status   work s   written  {'shards':<{cw}}  index sha256"]
-    for m, count in zip(merges, counts, strict=True):
-        lines.append(
-            f"{m.name:<{width}}  {m.status:<7} {m.seconds:7.1f} {human_bytes(m.bytes_written):>9}"
-            f"  {count:<{cw}}  {m.index_sha256[:16] or '-'}"
-        )
-        # One line, or (LAZYMERGE_DEBUG) a traceback: kept under the recipe's row.
-        lines += [f"{'':<{width}}  {line}" for line in m.error.splitlines()]
-    failed = sum(m.status == FAILED for m in merges)
-    lines.append(
-        f"{len(merges) - failed} of {len(merges)} merge(s) complete in {seconds:.1f} s"
-        + (f"; {failed} failed: fix and re-run, completed shards are kept" if failed else "")
-    )
-    return "\n".join(lines)

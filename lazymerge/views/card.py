@@ -63,6 +63,11 @@ class ModelCard:
         return card_text(self.plan, self.title, shown if picture else "")
 
 
+def drawn_here(plan: MergePlan, title: str) -> ModelCard:
+    """The card of one merge of a batch, its picture drawn by the driver when collected."""
+    return ModelCard(plan, title, DrawHere(plan, title) if wants_picture(plan) else None)
+
+
 def card_text(plan: MergePlan, title: str, picture: str = "") -> str:
     recipe = plan.recipe
     models = [recipe.base] + ([recipe.other] if recipe.other else [])

@@ -1,0 +1,161 @@
+"""The command line's flags: the options commands share, and what they become (a budget,
+MergeOptions' parts, BatchSettings, an executor)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from lazymerge.errors import RecipeError
+from lazymerge.plan.build import build_plan
+from lazymerge.plan.model import MergePlan
+from lazymerge.recipe.parse import parse_dtype, parse_size
+from lazymerge.recipe.spec import Recipe
+from lazymerge.run.budget import DEFAULT_MAX_MEMORY
+from lazymerge.run.device import parse_device, resolve_device
+
+if TYPE_CHECKING:  # batch's modules are imported by `batch` alone (start-up time)
+    from lazymerge.run.batch import BatchSettings
+    from lazymerge.run.workers import Executor
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def apply(options: list[Decorator]) -> Decorator:
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+# What shapes the plan: every command that plans takes these.
+plan_options = apply([
+    click.option("--dtype", help="Output dtype: float16, bfloat16 or float32 (default: the recipe's, else the base's)."),
+    click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
+    click.option("--max-memory", default=None,
+                 help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
+                 "larger tensors are processed in row blocks (of at least 64 rows)."),
+])  # fmt: skip
+# What writing a model needs besides.
+write_options = apply([
+    click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+                 help="Output model directory (created if missing)."),
+    click.option("--overwrite", is_flag=True, help="Replace the merge files of a non-empty output directory."),
+    click.option("--resume", is_flag=True,
+                 help="Continue an interrupted merge: keep the shards whose sha256 matches lazymerge.json, redo the rest."),
+    click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors even if they hold NaN/Inf (default: stop, naming the tensor)."),
+    click.option("--device", default="cpu", show_default=True,
+                 help="Where the arithmetic runs: cpu, cuda, cuda:N, or auto (a GPU if there is one). "
+                 "GPU output equals CPU output except LoRA and DoRA tensors, within 1 ulp there."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print one JSON summary on stdout (time, peak RSS, bytes, shards, sha256s)."),
+])  # fmt: skip
+
+
+batch_options = apply([
+    click.option("--out-root", required=True, type=click.Path(path_type=Path),
+                 help="Each merge goes to OUT_ROOT/<recipe file name without extension>/."),
+    click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="local: worker processes here; ray: tasks on a Ray cluster (pip install 'lazymerge[ray]')."),
+    click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Shards written at once (local), or CPUs of the Ray instance started here."),
+    click.option("--address", help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start one here)."),
+    click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+                 help="Times a shard is redone after its worker dies."),
+    click.option("--overwrite", is_flag=True, help="Redo every merge, even complete ones (default: keep complete merges and shards)."),
+    click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors even if they hold NaN/Inf."),
+    click.option("--device", default="cpu", show_default=True,
+                 help="Where each task's arithmetic runs: cpu, cuda, cuda:N or auto (on Ray, cuda asks one GPU per task)."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table."),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+])  # fmt: skip
+
+
+def floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise RecipeError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
+
+
+def plan_from(
+    recipe: Recipe, dtype: str | None, shard_size: str | None, max_memory: str | None
+) -> tuple[MergePlan, int]:
+    recipe = recipe.with_output(
+        parse_dtype(dtype, "--dtype") if dtype is not None else None,
+        parse_size(shard_size, "--shard-size") if shard_size is not None else None,
+    )
+    budget = parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY
+    return build_plan(recipe), budget
+
+
+@dataclass(frozen=True)
+class WriteFlags:
+    """The flags of a command that writes a model (plan_options and write_options):
+    click hands each over as a keyword argument, and they travel on together."""
+
+    out: Path
+    dtype: str | None
+    shard_size: str | None
+    max_memory: str | None
+    overwrite: bool
+    resume: bool
+    allow_nonfinite: bool
+    device: str
+    quiet: bool
+    as_json: bool
+
+
+@dataclass(frozen=True)
+class BatchFlags:
+    """`batch`'s flags (batch_options and plan_options), as click hands them over."""
+
+    out_root: Path
+    executor: str
+    jobs: int
+    address: str | None
+    retries: int
+    dtype: str | None
+    shard_size: str | None
+    max_memory: str | None
+    overwrite: bool
+    allow_nonfinite: bool
+    device: str
+    quiet: bool
+    as_json: bool
+
+    def __post_init__(self) -> None:
+        if self.address is not None and self.executor != "ray":
+            raise RecipeError("--address is for --executor ray")
+
+    def settings(self) -> BatchSettings:
+        from lazymerge.run.batch import BatchSettings
+
+        return BatchSettings(
+            dtype=parse_dtype(self.dtype, "--dtype") if self.dtype else None,
+            shard_size=parse_size(self.shard_size, "--shard-size") if self.shard_size else None,
+            max_memory=parse_size(self.max_memory, "--max-memory")
+            if self.max_memory
+            else DEFAULT_MAX_MEMORY,
+            overwrite=self.overwrite,
+            allow_nonfinite=self.allow_nonfinite,
+            progress=not self.quiet,
+            device=self.device,
+        )
+
+    def executor_here(self) -> Executor:
+        """The executor the flags ask for, its device checked as far as this machine can."""
+        from lazymerge.run.workers import LocalExecutor, RayExecutor
+
+        # Local workers have this machine's GPUs; Ray's may have others: the name only.
+        (resolve_device if self.executor == "local" else parse_device)(self.device)
+        if self.executor == "ray":
+            return RayExecutor(self.address, self.jobs, self.retries)
+        return LocalExecutor(self.jobs, self.retries)
