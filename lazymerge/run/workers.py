@@ -13,7 +13,7 @@ import socket
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -180,51 +180,66 @@ class LocalExecutor:
         )
 
     def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[ShardTask, Outcome]]:
-        queue = collections.deque(tasks)
-        deaths: collections.Counter[tuple[int, int]] = collections.Counter()
-        running: dict[cf.Future[ShardDone], ShardTask] = {}
+        flight = _Flight(collections.deque(tasks))
         pool: cf.ProcessPoolExecutor | None = None
-        broken, stillborn = False, 0
+        stillborn = 0  # pools in a row that broke before taking a task
         try:
-            while queue or running:
+            while flight.queue or flight.running:
                 if pool is None:
-                    pool, broken = self._pool(), False
-                # No more in flight than workers: a pool that breaks takes only tasks
-                # that had started with it.
-                while queue and not broken and len(running) < self.jobs:
-                    try:
-                        running[pool.submit(make_shard, queue[0])] = queue[0]
-                        queue.popleft()
-                    except cf.process.BrokenProcessPool:  # broke since the last check
-                        broken = True
-                if not running:  # the pool broke before taking a task
+                    pool, flight.broken = self._pool(), False
+                flight.submit(pool, self.jobs)
+                if not flight.running:  # the pool broke before taking a task
                     pool.shutdown(wait=True)
                     pool, stillborn = None, stillborn + 1
                     if stillborn > self.retries:
-                        while queue:
-                            yield queue.popleft(), "worker processes die as they start"
+                        while flight.queue:
+                            yield flight.queue.popleft(), "worker processes die as they start"
                     continue
                 stillborn = 0
-                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for future in done:
-                    task = running.pop(future)
-                    try:
-                        yield task, future.result()
-                    except cf.process.BrokenProcessPool:
-                        broken = True
-                        deaths[task.key] += 1
-                        if deaths[task.key] > self.retries:
-                            yield task, _died(deaths[task.key])
-                        else:
-                            queue.appendleft(task)
-                    except Exception as e:
-                        yield task, failure_text(e)
-                if broken and not running:
+                yield from flight.collect(self.retries)
+                if flight.broken and not flight.running:
                     pool.shutdown(wait=True)
                     pool = None
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Flight:
+    """LocalExecutor's tasks: queued, running in the current pool, and deaths so far."""
+
+    queue: collections.deque[ShardTask]
+    running: dict[cf.Future[ShardDone], ShardTask] = field(default_factory=dict)
+    deaths: collections.Counter[tuple[int, int]] = field(default_factory=collections.Counter)
+    broken: bool = False  # the current pool lost a worker
+
+    def submit(self, pool: cf.ProcessPoolExecutor, jobs: int) -> None:
+        """No more in flight than workers: a pool that breaks takes only tasks that had
+        started with it."""
+        while self.queue and not self.broken and len(self.running) < jobs:
+            try:
+                self.running[pool.submit(make_shard, self.queue[0])] = self.queue[0]
+                self.queue.popleft()
+            except cf.process.BrokenProcessPool:  # broke since the last check
+                self.broken = True
+
+    def collect(self, retries: int) -> Iterator[tuple[ShardTask, Outcome]]:
+        """Wait for a task to end; those whose worker died go back to the queue."""
+        done, _ = cf.wait(self.running, return_when=cf.FIRST_COMPLETED)
+        for future in done:
+            task = self.running.pop(future)
+            try:
+                yield task, future.result()
+            except cf.process.BrokenProcessPool:
+                self.broken = True
+                self.deaths[task.key] += 1
+                if self.deaths[task.key] > retries:
+                    yield task, _died(self.deaths[task.key])
+                else:
+                    self.queue.appendleft(task)
+            except Exception as e:
+                yield task, failure_text(e)
 
 
 def _died(times: int) -> str:
