@@ -26,3 +26,8 @@ class NumericsError(LazyMergeError):
 class MachineError(LazyMergeError):
     """This machine or cluster cannot do what was asked: no such GPU, no Ray or no Ray
     cluster at the address, another lazymerge version on a worker."""
+
+
+class NoopError(LazyMergeError):
+    """The recipe, as planned, would not do what it says: an adapter or a rule that changes
+    nothing, or an output equal to the base (`--allow-noop` merges anyway)."""

@@ -18,9 +18,11 @@ from lazymerge.plan.model import (
     COPY_BASE,
     COPY_OTHER,
     Action,
+    AdapterUse,
     Input,
     MergePlan,
     PlannedTensor,
+    Role,
     Shard,
 )
 from lazymerge.plan.shards import shard_name, split
@@ -56,8 +58,11 @@ def build_plan(recipe: Recipe) -> MergePlan:
     other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
     if other is not None:
         _check_layers(recipe, base, other, n_layers)
-    base_terms = _lora_terms(recipe.base, base)
-    other_terms = _lora_terms(recipe.other, other) if recipe.other and other else {}
+    base_terms, uses = _lora_terms("base", recipe.base, base)
+    other_terms: Terms = {}
+    if recipe.other and other:
+        other_terms, other_uses = _lora_terms("other", recipe.other, other)
+        uses += other_uses
     sources = _Sources(recipe, other, base_terms, other_terms)
     kept = sorted(
         (r for r in base if not DROPPED.search(r.name)), key=lambda r: natural_key(r.name)
@@ -67,7 +72,9 @@ def build_plan(recipe: Recipe) -> MergePlan:
     tensors, shards = _shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
     notes = vocab_notes(tensors)
-    return MergePlan(recipe, base, other, n_layers, tensors, shards, config, dropped, notes)
+    return MergePlan(
+        recipe, base, other, n_layers, tensors, shards, config, dropped, notes, tuple(uses)
+    )
 
 
 def _check_layers(
@@ -88,11 +95,17 @@ def _check_layers(
             )
 
 
-def _lora_terms(spec: ModelSpec, index: CheckpointIndex) -> Terms:
+def _lora_terms(
+    role: Role, spec: ModelSpec, index: CheckpointIndex
+) -> tuple[Terms, list[AdapterUse]]:
+    """Every term of model `role`'s adapters, by target, in the order they apply; and
+    what each adapter was found to hold."""
     terms: Terms = {}
+    uses = []
     for lo in spec.loras:
         adapter = LoraAdapter.open(lo.path, lo.weight)
         adapter.check_against(index)
+        uses.append(AdapterUse(role, lo, adapter.path, len(adapter.terms)))
         for term in adapter.terms:
             if not index[term.target].is_float:
                 raise InputError(f"{lo.path}: targets {term.target}, which is not a float tensor")
@@ -106,7 +119,7 @@ def _lora_terms(spec: ModelSpec, index: CheckpointIndex) -> Terms:
                 f"{target}: a DoRA adapter and another adapter both change it; DoRA's "
                 "magnitude is defined for its own delta only, so merge them one at a time"
             )
-    return terms
+    return terms, uses
 
 
 def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:

@@ -15,7 +15,7 @@ from lazymerge.meaning.adapters import LoraTerm
 from lazymerge.meaning.methods import Method
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.tensorref import TensorRef
-from lazymerge.recipe.spec import Recipe
+from lazymerge.recipe.spec import LoraSpec, Recipe
 
 
 class Action(StrEnum):
@@ -96,6 +96,16 @@ class PlannedTensor:
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """One adapter of the recipe as the plan opened it."""
+
+    role: Role  # the model it sits on
+    spec: LoraSpec  # as the recipe names it
+    path: Path  # the directory opened (PEFT may keep it in a subfolder of spec.path)
+    terms: int  # tensors it changes, before the gradient drops any
+
+
+@dataclass(frozen=True)
 class Shard:
     name: str
     tensors: tuple[PlannedTensor, ...]
@@ -116,6 +126,7 @@ class MergePlan:
     config: dict[str, Any] | None = None  # the base's config.json, checked
     dropped: tuple[str, ...] = ()  # base tensors deliberately left out (see build.DROPPED)
     notes: tuple[str, ...] = ()  # what the user should know (vocabulary mismatches)
+    adapters: tuple[AdapterUse, ...] = ()  # every adapter of the recipe, in recipe order
 
     @property
     def bytes_to_write(self) -> int:
