@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
-
 from lazymerge.errors import NoopError
 from lazymerge.meaning.adapters import REPLACE, LoraTerm
 from lazymerge.plan.model import AdapterUse, MergePlan
-from lazymerge.read.mapped import MappedReader
 from lazymerge.read.tensorref import TensorRef
 
 ALLOW = "--allow-noop merges anyway"
@@ -83,6 +80,10 @@ def _zero(ref: TensorRef | None) -> bool:
     """Whether every value of a factor is zero (reads until the first non-zero chunk)."""
     if ref is None:
         return False
+    import torch  # here, not at start-up: only an adapter's factors are read
+
+    from lazymerge.read.mapped import MappedReader
+
     rows = max(1, CHUNK // max(ref.row_nbytes, 1))
     with MappedReader() as reader:
         for r0 in range(0, ref.rows, rows):

@@ -6,11 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lazymerge.errors import OutputError
 from lazymerge.read.checkpoint import SAFETENSORS_INDEX
-from lazymerge.read.mapped import MappedReader
 from lazymerge.read.safetensors import read_header
 from lazymerge.read.tensorref import TensorRef
 from lazymerge.views.report import human_bytes
@@ -88,6 +85,10 @@ def _check_index(
 
 
 def _check_finite(tensors: list[TensorRef]) -> None:
+    import torch  # --deep alone reads values: torch is loaded for it only
+
+    from lazymerge.read.mapped import MappedReader
+
     with MappedReader() as reader:
         for ref in tensors:
             if not ref.is_float:

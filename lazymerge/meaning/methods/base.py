@@ -13,9 +13,10 @@ first, then hands its `result()` to `combine` for each block of the second pass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
+if TYPE_CHECKING:  # methods only touch tensors they are given: no torch at import
+    import torch
 
 
 class Block(Protocol):

@@ -12,10 +12,12 @@ is never read, and a sum of one term is that term, copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lazymerge.meaning.methods.base import Block, Method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
