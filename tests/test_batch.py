@@ -75,6 +75,13 @@ def files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
+def beside(recipes: list[Path], tmp_path: Path) -> Path:
+    """An out root next to the serial merges' (the recipes' folder/serial), named for the
+    test: each model card writes its recipe's paths relative to its output directory, so
+    outputs at the same depth have the same cards."""
+    return recipes[0].parent / tmp_path.name
+
+
 def assert_serial(recipes: list[Path], out_root: Path) -> None:
     """Every file of every merge equals the serial `lazymerge merge` output."""
     for r in recipes:
@@ -89,6 +96,7 @@ def batch(*args: object, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[
 def test_local_batch_writes_serial_bytes_and_a_rerun_skips(
     small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    tmp_path = beside(small, tmp_path)
     rc, report = batch(*small, "--out-root", tmp_path, "-j", "2", capsys=capsys)
     assert rc == 0 and report["ok"]
     assert [m["status"] for m in report["merges"]] == ["merged"] * 3
@@ -120,6 +128,7 @@ def test_one_failed_recipe_does_not_stop_the_others(
     recipe = yaml.safe_load(small[0].read_text())
     recipe["other"]["model"] = str(small[0].parent / "no-such-model")
     broken.write_text(yaml.safe_dump(recipe))
+    tmp_path = beside(small, tmp_path)
     rc = run_cli("batch", small[0], broken, small[1], "--out-root", tmp_path, "-q")
     err = capsys.readouterr().err
     assert rc == 1
@@ -313,6 +322,7 @@ def test_a_worker_killed_mid_shard_is_retried(
     if kind == "ray":
         request.getfixturevalue("ray_cluster")
     executor = RayExecutor(None, 2, retries=2) if kind == "ray" else LocalExecutor(2, retries=2)
+    tmp_path = beside(slow, tmp_path)
     merges = batch_with_a_kill(slow, tmp_path, executor)
     assert [m.status for m in merges] == ["merged"] * 3, [m.error for m in merges]
     assert sum(m.redone for m in merges) >= 1
@@ -322,6 +332,7 @@ def test_a_worker_killed_mid_shard_is_retried(
 def test_ray_batch_of_three_writes_serial_bytes(
     ray_cluster: None, small: list[Path], tmp_path: Path
 ) -> None:
+    tmp_path = beside(small, tmp_path)
     merges = run_batch(
         small, tmp_path, BatchSettings(progress=False), RayExecutor(None, 2, retries=1), drawn_here
     )
@@ -386,7 +397,7 @@ def test_ray_missing_or_misused_is_one_line(
 def test_batch_device_cuda_without_a_gpu_is_refused_before_writing(
     small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "out"
+    out = beside(small, tmp_path)
     assert run_cli("batch", small[0], "--out-root", out, "--device", "cuda", "-q") == 1
     assert "no CUDA GPU here" in capsys.readouterr().err
     assert not out.exists()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
+from lazymerge.cli import INTERRUPTED
 from lazymerge.testing import LlamaShape
 
 from conftest import interrupt_after, run_cli, synthetic_job
@@ -63,10 +64,17 @@ def test_resume_after_ctrl_c_keeps_finished_shards_and_matches(
     finished = {name: (out / name).stat().st_mtime_ns for name in done["shards"]}
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q") == 1  # not without --resume
     assert "pass --resume" in capsys.readouterr().err
+    capsys.readouterr()
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "--resume", "--json") == 0
     assert {
         name: (out / name).stat().st_mtime_ns for name in finished
     } == finished  # kept, not rewritten
+    # Kept shards are reported apart from the ones this run wrote.
+    result = json.loads(capsys.readouterr().out)
+    sizes = {s["name"]: s["size"] for s in result["shards"]}
+    assert result["kept"] == sorted(finished) and not result["already_complete"]
+    assert result["bytes_kept"] == sum(sizes[n] for n in finished)
+    assert result["bytes_written"] == sum(n for name, n in sizes.items() if name not in finished)
     assert_same_as_reference(job, out)
     assert json.loads((out / "lazymerge.json").read_text())["status"] == "complete"
 
@@ -81,6 +89,22 @@ def test_resume_redoes_a_damaged_shard(
     data[-1] ^= 0xFF  # a bit flipped on disk
     (out / first).write_bytes(bytes(data))
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q", "--resume") == 0
+    assert_same_as_reference(job, out)
+
+
+def test_the_summary_tells_kept_shards_from_written_ones(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    interrupted(job, out, monkeypatch, after=40)
+    kept = sorted(json.loads((out / "lazymerge.json").read_text())["shards"])
+    total = len(shards(job / "reference"))
+    capsys.readouterr()
+    assert run_cli("merge", job / "recipe.yaml", "-o", out, "--resume") == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = f"wrote {total - len(kept)} shard(s), kept {len(kept)} from the interrupted attempt,"
+    assert f"{head} to {out}:" in lines
+    assert [line.split()[0] for line in lines if line.endswith("(kept)")] == kept
     assert_same_as_reference(job, out)
 
 
@@ -112,7 +136,7 @@ def wait_for_first_shard(out: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_resume_after_a_killed_process(job: Path, tmp_path: Path, sig: int) -> None:
     out = tmp_path / "out"
     proc = run_merge_child(job, out)
@@ -121,8 +145,9 @@ def test_resume_after_a_killed_process(job: Path, tmp_path: Path, sig: int) -> N
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the merge finished before the signal arrived")
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    if sig != signal.SIGKILL:  # SIGTERM 143, Ctrl-C 130: 128 + the signal, as shells say
+        assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+        assert err.strip() == INTERRUPTED  # one line (after click's empty one)
     assert not (out / "model.safetensors.index.json").exists()
     assert run_cli("merge", job / "recipe.yaml", "-o", out, "-q", "--resume") == 0
     assert_same_as_reference(job, out)

@@ -121,7 +121,9 @@ def test_inspect_checkpoint_and_adapter(
         "targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (56 base tensors"
         in text
     )
-    assert "model.layers.0.self_attn.q_proj.weight  [64, 64]  lora  scale 2" in text
+    assert "model.layers.0.self_attn.q_proj.weight  [64, 64]   lora  scale 2" in text
+    touches = text.split("touches:\n")[1].splitlines()[:-1]  # the last: "... 44 more"
+    assert len({row.index(" lora ") for row in touches}) == 1  # the columns line up
 
 
 def test_model_card(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,8 +132,7 @@ def test_model_card(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert run_cli("merge", recipe, "-o", out, "-q") == 0
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front == {
-        "base_model": ["base", "other"],
+    assert front == {  # no base_model: the inputs' metadata names no Hub id
         "tags": ["merge", "lazymerge", "lora"],
         "library_name": "transformers",
     }
@@ -141,10 +142,12 @@ def test_model_card(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         and (out / "blend.png").stat().st_size > 10_000
     )
     assert "LoRA `lora` at weight 0.25" in card
-    # The recipe in the card is a recipe: it loads back to the one that was run.
+    # The recipe in the card is a recipe: it loads back to the one that was run, its
+    # paths relative to the output directory.
     block = card.split("```yaml\n")[1].split("```")[0]
-    assert parse_recipe(yaml.safe_load(block), Path("/")) == load_recipe(recipe)
-    assert "lazymerge merge recipe.yaml -o airolima-rules" in card
+    assert parse_recipe(yaml.safe_load(block), out) == load_recipe(recipe)
+    assert str(tmp_path) not in block
+    assert "lazymerge merge recipe.yaml -o ../out-again" in card
 
 
 def test_merge_json_on_stdout_progress_on_stderr(

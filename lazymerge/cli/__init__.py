@@ -8,7 +8,7 @@ import signal
 
 import click
 
-from lazymerge.cli.commands import cli
+from lazymerge.cli.commands import Terminated, cli, interrupt_status
 from lazymerge.errors import LazyMergeError
 
 __all__ = ["cli", "main"]
@@ -21,20 +21,21 @@ INTERRUPTED = (
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: the same clean, resumable path
+    raise Terminated  # SIGTERM stops like Ctrl-C: the same clean, resumable path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: every expected failure is one line on stderr and a non-zero exit."""
+    """Entry point: every expected failure is one line on stderr and a non-zero exit
+    (Ctrl-C 130, SIGTERM 143: 128 + the signal, as a shell reports a process it killed)."""
     debug = bool(os.environ.get("LAZYMERGE_DEBUG"))
     signal.signal(signal.SIGTERM, _terminate)
     try:
         rc = cli.main(args=argv, prog_name="lazymerge", standalone_mode=False)
-    except click.exceptions.Abort:  # click's form of KeyboardInterrupt (Ctrl-C)
+    except click.exceptions.Abort as e:  # click's form of KeyboardInterrupt (and SIGTERM)
         if debug:
             raise
         click.echo(INTERRUPTED, err=True)
-        return 130
+        return interrupt_status(e.__cause__ or e)
     except click.ClickException as e:
         e.show()
         return e.exit_code
@@ -43,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"lazymerge: error: {e}", err=True)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
         click.echo(INTERRUPTED, err=True)
-        return 130
+        return interrupt_status(e)
     except OSError as e:  # not one we anticipated and named: still one line
         if debug:
             raise

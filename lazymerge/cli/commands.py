@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from lazymerge.cli.flags import (
     BatchFlags,
     WriteFlags,
     batch_options,
+    flag_plan_options,
     floats,
     plan_from,
     plan_options,
+    warn_limits,
     write_options,
 )
 from lazymerge.errors import RecipeError
@@ -24,6 +27,15 @@ from lazymerge.recipe.parse import load_recipe, parse_recipe
 from lazymerge.recipe.spec import Recipe
 from lazymerge.run.merge import run_merge
 from lazymerge.run.options import MergeOptions
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, to stop as cleanly as Ctrl-C does."""
+
+
+def interrupt_status(e: BaseException) -> int:
+    """The exit status of an interrupted command: 128 + the signal (SIGINT 2, SIGTERM 15)."""
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +63,7 @@ def merge(recipe: Path, **opts: Any) -> None:
 @click.option(
     "--weight", type=float, default=1.0, show_default=True, help="Multiplier of the LoRA delta."
 )
-@plan_options
+@flag_plan_options
 @write_options
 def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
     """Merge one PEFT LoRA ADAPTER into BASE at --weight.
@@ -75,7 +87,7 @@ def lora(base: Path, adapter: Path, weight: float, **opts: Any) -> None:
     show_default=True,
     help="Ratio of OTHER outside the span and outside the layers.",
 )
-@plan_options
+@flag_plan_options
 @write_options
 def gradient(  # click passes each argument and flag as a parameter
     base: Path, other: Path, values: str, layers: str | None, rest: str, **opts: Any
@@ -100,8 +112,13 @@ def gradient(  # click passes each argument and flag as a parameter
 @click.option(
     "--json", "as_json", is_flag=True, help="The whole plan as JSON, every tensor included."
 )
-def plan(
-    recipe: Path, dtype: str | None, shard_size: str | None, max_memory: str | None, as_json: bool
+def plan(  # click passes each flag as a parameter
+    recipe: Path,
+    dtype: str | None,
+    shard_size: str | None,
+    max_memory: str | None,
+    allow_noop: bool,
+    as_json: bool,
 ) -> None:
     """Show what `merge` will do, from headers alone: per-layer ratios, copied and
     computed tensors, LoRA terms, bytes, shards, expected peak memory.
@@ -110,7 +127,8 @@ def plan(
     """
     from lazymerge.views.report import plan_json, plan_text
 
-    the_plan, budget = plan_from(load_recipe(recipe), dtype, shard_size, max_memory)
+    the_plan, budget = plan_from(load_recipe(recipe), dtype, shard_size, max_memory, allow_noop)
+    warn_limits(the_plan, budget)
     click.echo(
         json.dumps(plan_json(the_plan, budget), indent=2)
         if as_json
@@ -135,7 +153,8 @@ def plot(recipe: Path, out: Path) -> None:
     """
     from lazymerge.views.plot import plot_blend
 
-    the_plan, _ = plan_from(load_recipe(recipe), None, None, None)
+    # Drawing a blend that changes nothing harms nothing: no --allow-noop needed here.
+    the_plan, _ = plan_from(load_recipe(recipe), None, None, None, allow_noop=True)
     click.echo(f"wrote {plot_blend(the_plan, out, recipe.stem)}")
 
 
@@ -163,7 +182,10 @@ def _run(recipe: Recipe, title: str, **opts: Any) -> None:
         raise RecipeError(
             "--resume keeps an earlier attempt's shards, --overwrite discards them: choose one"
         )
-    the_plan, budget = plan_from(recipe, flags.dtype, flags.shard_size, flags.max_memory)
+    the_plan, budget = plan_from(
+        recipe, flags.dtype, flags.shard_size, flags.max_memory, flags.allow_noop
+    )
+    warn_limits(the_plan, budget)
     picture = start_picture(the_plan, title)
     options = MergeOptions(
         max_memory=budget, overwrite=flags.overwrite, resume=flags.resume,
@@ -204,14 +226,17 @@ def batch(recipes: tuple[Path, ...], **opts: Any) -> int:  # click passes each f
     start = time.monotonic()
     try:
         merges = run_batch(recipes, flags.out_root, settings, runner, drawn_here)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         click.echo(
             "lazymerge: interrupted; unfinished merges have no index; run the same batch "
             "again to continue (completed shards are kept)",
             err=True,
         )
-        return 130
+        return interrupt_status(e)
     seconds = time.monotonic() - start
+    for m in merges:
+        if m.plan is not None and m.output is not None:  # planned, and run (not skipped)
+            warn_limits(m.plan, settings.max_memory, f"{m.recipe_path}: ")
     if flags.as_json:
         click.echo(json.dumps(batch_json(merges, seconds)))
     elif not flags.quiet:

@@ -13,9 +13,16 @@ import click
 from lazymerge.errors import RecipeError
 from lazymerge.plan.build import build_plan
 from lazymerge.plan.model import MergePlan
+from lazymerge.plan.noop import refuse_noop
+from lazymerge.plan.shards import largest_oversized
 from lazymerge.recipe.parse import parse_dtype, parse_size
 from lazymerge.recipe.spec import Recipe
-from lazymerge.run.budget import DEFAULT_MAX_MEMORY
+from lazymerge.run.budget import (
+    DEFAULT_MAX_MEMORY,
+    LORA_ROWS,
+    estimate_peak,
+    least_effective_budget,
+)
 from lazymerge.run.device import parse_device, resolve_device
 
 if TYPE_CHECKING:  # batch's modules are imported by `batch` alone (start-up time)
@@ -34,21 +41,39 @@ def apply(options: list[Decorator]) -> Decorator:
     return wrap
 
 
-# What shapes the plan: every command that plans takes these.
-plan_options = apply([
-    click.option("--dtype", help="Output dtype: float16, bfloat16 or float32 (default: the recipe's, else the base's)."),
-    click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
-    click.option("--max-memory", default=None,
-                 help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
-                 "larger tensors are processed in row blocks (of at least 64 rows)."),
-])  # fmt: skip
+RECIPE_DTYPE = (
+    "Output dtype: float16, bfloat16 or float32 (default: the recipe's, else the base's)."
+)
+BASE_DTYPE = "Output dtype: float16, bfloat16 or float32 (default: the base's)."
+ALLOW_NOOP = (
+    "Merge even when the recipe changes nothing (an untrained LoRA, a rule no tensor "
+    "matches, all ratios 0)."
+)
+
+
+def _plan_options(dtype_help: str) -> Decorator:
+    return apply([
+        click.option("--dtype", help=dtype_help),
+        click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
+        click.option("--max-memory", default=None,
+                     help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
+                     "larger tensors are processed in row blocks (of at least 64 rows)."),
+        click.option("--allow-noop", is_flag=True, help=ALLOW_NOOP),
+    ])  # fmt: skip
+
+
+# What shapes the plan: every command that plans takes these (`lora` and `gradient`,
+# which take no recipe, with their own --dtype help).
+plan_options = _plan_options(RECIPE_DTYPE)
+flag_plan_options = _plan_options(BASE_DTYPE)
 # What writing a model needs besides.
 write_options = apply([
     click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
                  help="Output model directory (created if missing)."),
     click.option("--overwrite", is_flag=True, help="Replace the merge files of a non-empty output directory."),
     click.option("--resume", is_flag=True,
-                 help="Continue an interrupted merge: keep the shards whose sha256 matches lazymerge.json, redo the rest."),
+                 help="Continue an interrupted merge: keep the shards whose sha256 matches lazymerge.json, redo the rest "
+                 "(a complete merge of the same recipe and inputs is left as it is)."),
     click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors even if they hold NaN/Inf (default: stop, naming the tensor)."),
     click.option("--device", default="cpu", show_default=True,
                  help="Where the arithmetic runs: cpu, cuda, cuda:N, or auto (a GPU if there is one). "
@@ -86,14 +111,52 @@ def floats(text: str, flag: str) -> list[float]:
 
 
 def plan_from(
-    recipe: Recipe, dtype: str | None, shard_size: str | None, max_memory: str | None
+    recipe: Recipe,
+    dtype: str | None,
+    shard_size: str | None,
+    max_memory: str | None,
+    allow_noop: bool = False,
 ) -> tuple[MergePlan, int]:
+    """The plan and the working budget the flags ask for; a plan that would change nothing
+    is refused (NoopError) unless `allow_noop`."""
     recipe = recipe.with_output(
         parse_dtype(dtype, "--dtype") if dtype is not None else None,
         parse_size(shard_size, "--shard-size") if shard_size is not None else None,
     )
     budget = parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY
-    return build_plan(recipe), budget
+    plan = build_plan(recipe)
+    if not allow_noop:
+        refuse_noop(plan)
+    return plan, budget
+
+
+def limit_warnings(plan: MergePlan, budget: int) -> list[str]:
+    """What the shard size and the memory budget cannot do for this plan, and what is used
+    instead: one line each, for stderr."""
+    from lazymerge.views.report import human_bytes
+
+    lines = []
+    shard_size = plan.recipe.output.shard_size
+    largest = largest_oversized([t.nbytes for t in plan.tensors], shard_size)
+    if largest is not None:
+        lines.append(
+            f"shard size {human_bytes(shard_size)} is below the largest tensor "
+            f"({human_bytes(largest)}): tensors larger than a shard get a shard of their "
+            f"own ({len(plan.shards)} shards)"
+        )
+    least = least_effective_budget(plan)
+    if budget < least:
+        lines.append(
+            f"--max-memory {human_bytes(budget)} is below one {LORA_ROWS}-row block of the "
+            f"widest tensor ({human_bytes(least)}): blocks of {LORA_ROWS} rows are used, "
+            f"about {human_bytes(estimate_peak(plan, budget))} peak"
+        )
+    return lines
+
+
+def warn_limits(plan: MergePlan, budget: int, prefix: str = "") -> None:
+    for line in limit_warnings(plan, budget):
+        click.echo(f"lazymerge: warning: {prefix}{line}", err=True)
 
 
 @dataclass(frozen=True)
@@ -105,6 +168,7 @@ class WriteFlags:
     dtype: str | None
     shard_size: str | None
     max_memory: str | None
+    allow_noop: bool
     overwrite: bool
     resume: bool
     allow_nonfinite: bool
@@ -125,6 +189,7 @@ class BatchFlags:
     dtype: str | None
     shard_size: str | None
     max_memory: str | None
+    allow_noop: bool
     overwrite: bool
     allow_nonfinite: bool
     device: str
@@ -146,6 +211,7 @@ class BatchFlags:
             else DEFAULT_MAX_MEMORY,
             overwrite=self.overwrite,
             allow_nonfinite=self.allow_nonfinite,
+            allow_noop=self.allow_noop,
             progress=not self.quiet,
             device=self.device,
         )

@@ -27,3 +27,10 @@ def split(sizes: Sequence[int], shard_size: int) -> list[range]:
 def shard_name(k: int, n: int, stem: str = "model", suffix: str = "safetensors") -> str:
     """The k-th (0-based) of n shard files: model-00001-of-00003.safetensors."""
     return f"{stem}-{k + 1:05d}-of-{n:05d}.{suffix}"
+
+
+def largest_oversized(sizes: Sequence[int], shard_size: int) -> int | None:
+    """The largest item when it is larger than `shard_size` (split gives such items a
+    shard of their own, whatever the size asked); None when every item fits a shard."""
+    largest = max(sizes, default=0)
+    return largest if largest > shard_size else None

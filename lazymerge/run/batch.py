@@ -23,6 +23,7 @@ from tqdm import tqdm
 from lazymerge.errors import LazyMergeError, OutputError, RecipeError
 from lazymerge.plan.build import build_plan
 from lazymerge.plan.model import MergePlan
+from lazymerge.plan.noop import refuse_noop
 from lazymerge.read.checkpoint import SAFETENSORS_INDEX
 from lazymerge.recipe.parse import load_recipe
 from lazymerge.run.budget import DEFAULT_MAX_MEMORY
@@ -54,6 +55,7 @@ class BatchSettings:
     max_memory: int = DEFAULT_MAX_MEMORY
     overwrite: bool = False
     allow_nonfinite: bool = False
+    allow_noop: bool = False  # merge even a recipe that would change nothing
     progress: bool = True
     device: str = "cpu"
 
@@ -155,6 +157,8 @@ def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
     """Plan one merge and prepare its output; the tasks of the shards it still needs."""
     recipe = load_recipe(m.recipe_path).with_output(settings.dtype, settings.shard_size)
     m.plan = plan = build_plan(recipe)
+    if not settings.allow_noop:
+        refuse_noop(plan)
     record = Record(plan)
     if not settings.overwrite and is_complete(m.out, plan, record):
         m.status, m.index_sha256 = SKIPPED, file_sha256(m.out / SAFETENSORS_INDEX)

@@ -78,3 +78,13 @@ def estimate_peak(plan: MergePlan, budget: int) -> int:
     """Expected peak RSS of `lazymerge merge`: interpreter and torch, plus the largest
     working set of any one tensor."""
     return INTERPRETER + max((working_memory(t, budget) for t in plan.tensors), default=0)
+
+
+def least_effective_budget(plan: MergePlan) -> int:
+    """The smallest `--max-memory` every computed tensor's row block fits in. A block never
+    has fewer than LORA_ROWS rows (or the whole tensor, when shorter), so a budget below
+    this is exceeded by the widest such block, whatever it says."""
+    return max(
+        (min(t.rows, LORA_ROWS) * _per_row(t) for t in plan.tensors if t.action == COMPUTE),
+        default=0,
+    )

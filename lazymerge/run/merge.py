@@ -21,43 +21,66 @@ from lazymerge.run.options import MergeOptions
 from lazymerge.run.process import compute_threads, peak_rss, torch_threads, tune_process_memory
 from lazymerge.run.shard import write_shard
 from lazymerge.write.manifest import Record
-from lazymerge.write.output import Output, output_errors, prepare_dir
+from lazymerge.write.output import (
+    Output,
+    check_dir,
+    complete_merge,
+    output_errors,
+    prepare_dir,
+)
 from lazymerge.write.safetensors import ShardResult
 
 
 @dataclass(frozen=True)
 class MergeResult:
     out: Path
-    shards: tuple[ShardResult, ...]
+    shards: tuple[ShardResult, ...]  # every shard of the output, kept ones included
     seconds: float
     peak_rss: int  # bytes, the whole process
-    bytes_read: int
-    bytes_written: int
-    kept: tuple[str, ...] = ()  # shards an earlier attempt had completed
+    bytes_read: int  # by this run (a kept shard's inputs are not read again)
+    bytes_written: int  # by this run: kept shards not counted
+    kept: tuple[str, ...] = ()  # shards an earlier attempt had completed, left as they were
     nonfinite: tuple[str, ...] = ()  # tensors written with NaN/Inf (allow_nonfinite)
+    bytes_kept: int = 0  # the kept shards' bytes
+    already_complete: bool = False  # --resume found this merge finished: nothing written
 
 
 def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -> MergeResult:
-    """Write the merged model described by `plan` into directory `out`."""
+    """Write the merged model described by `plan` into directory `out`.
+
+    With `options.resume`, an output that already holds this very merge, complete, is left
+    as it is (`already_complete`); an interrupted one keeps its intact shards.
+    """
     opts = options or MergeOptions()
     resolve_device(opts.device)  # refuse a missing GPU before the output is touched
     start = time.monotonic()
     tune_process_memory()
-    path = prepare_dir(out, plan.recipe.inputs(), opts.overwrite, opts.resume)
+    path = check_dir(out, plan.recipe.inputs())
+    record = Record(plan)
+    done = complete_merge(path, plan, record) if opts.resume else None
+    if done is not None:
+        names = tuple(s.name for s in done)
+        return MergeResult(
+            path, tuple(done), time.monotonic() - start, peak_rss(), 0, 0, names,
+            bytes_kept=sum(s.size for s in done), already_complete=True,
+        )  # fmt: skip
+    path = prepare_dir(path, plan.recipe.inputs(), opts.overwrite, opts.resume)
     with output_errors(path), torch_threads(compute_threads()):
-        output = Output(path, plan, Record(plan))
+        output = Output(path, plan, record)
         kept = output.start(opts.resume)
         results, nonfinite = _write_shards(output, opts, kept)
         output.finish(results, opts.card, nonfinite)
+    todo = [s for s in plan.shards if s.name not in kept]
     return MergeResult(
         path,
         tuple(results),
         time.monotonic() - start,
         peak_rss(),
-        plan.bytes_to_read,
-        sum(s.size for s in results),
-        tuple(kept),
+        sum(ref.nbytes for s in todo for t in s.tensors for ref in t.reads()),
+        sum(s.size for s in results if s.name not in kept),
+        tuple(s.name for s in results if s.name in kept),
         tuple(nonfinite),
+        bytes_kept=sum(s.size for s in kept.values()),
     )
 
 

@@ -4,14 +4,16 @@ lifecycle (lazymerge.write.output) writes them."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import yaml
 
 from lazymerge import __version__
 from lazymerge.errors import LazyMergeError
 from lazymerge.plan.model import MergePlan
+from lazymerge.read.config import model_dir, read_config
 from lazymerge.views.plot import PictureJob, plot_blend
 from lazymerge.views.report import human_bytes, ratio_table
 
@@ -58,9 +60,9 @@ class ModelCard:
     def picture(self, dest: Path) -> bool:
         return self._picture is not None and self._picture.collect(dest)
 
-    def text(self, picture: str | None) -> str:
+    def text(self, picture: str | None, out: Path | None = None) -> str:
         shown = f"![per-layer blend: base in blue, other in green]({picture})\n\n"
-        return card_text(self.plan, self.title, shown if picture else "")
+        return card_text(self.plan, self.title, shown if picture else "", out)
 
 
 def drawn_here(plan: MergePlan, title: str) -> ModelCard:
@@ -68,12 +70,15 @@ def drawn_here(plan: MergePlan, title: str) -> ModelCard:
     return ModelCard(plan, title, DrawHere(plan, title) if wants_picture(plan) else None)
 
 
-def card_text(plan: MergePlan, title: str, picture: str = "") -> str:
+def card_text(plan: MergePlan, title: str, picture: str = "", out: Path | None = None) -> str:
+    """README.md's text. Model paths in its recipe are relative to `out`, the output
+    directory (absolute without it), so the card names no one's home directory."""
     recipe = plan.recipe
     models = [recipe.base] + ([recipe.other] if recipe.other else [])
     loras = [lo for m in models for lo in m.loras]
-    front = {
-        "base_model": [m.path.name for m in models],
+    hub_ids = [i for m in models for i in hub_ids_of(m.path)]
+    front: dict[str, Any] = {"base_model": list(dict.fromkeys(hub_ids))} if hub_ids else {}
+    front |= {
         "tags": ["merge", "lazymerge"] + (["lora"] if loras else []),
         "library_name": "transformers",
     }
@@ -85,19 +90,88 @@ def card_text(plan: MergePlan, title: str, picture: str = "") -> str:
         if recipe.other
         else "",
         "## Recipe\n",
-        "```yaml\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False) + "```\n",
+        "Paths are relative to this directory.\n" if out is not None else "",
+        "```yaml\n" + yaml.safe_dump(_relative(recipe.to_dict(), out), sort_keys=False) + "```\n",
         "## Reproduce\n",
-        "With the inputs at the paths above, save the recipe as `recipe.yaml` and run\n\n"
-        f"```sh\npip install lazymerge=={__version__}\nlazymerge merge recipe.yaml -o {title}\n```\n\n"
+        f"Install lazymerge {__version__} from its source (it is not on PyPI), save the "
+        "recipe above as `recipe.yaml` in this directory and, with the inputs at its paths, "
+        "run:\n\n"
+        f"```sh\npip install .    # in a checkout of lazymerge {__version__}'s source\n"
+        f"lazymerge merge recipe.yaml -o ../{out.name if out is not None else title}-again"
+        "    # in this directory\n```\n\n"
         "`lazymerge.json` next to this card lists every input file's size and header hash and "
         "every output shard's sha256; the same inputs give the same bytes.\n",
     ]
     return "\n".join(p for p in parts if p)
 
 
+# A Hugging Face Hub repository id: "owner/name", letters, digits, '-', '_', '.'.
+HUB_ID = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+)
+
+
+def hub_ids_of(model: Path) -> list[str]:
+    """The Hub id a model directory's own metadata gives it: `_name_or_path` in its
+    config.json, else `base_model` in its README's front matter. A local path says
+    nothing a Hub reader can use: none then (never an id made up from a folder name)."""
+    directory = model_dir(model)
+    try:
+        config = read_config(directory) or {}
+    except LazyMergeError:
+        config = {}
+    named = config.get("_name_or_path")
+    ids = [named] if isinstance(named, str) else _front_matter(directory).get("base_model")
+    if isinstance(ids, str):
+        ids = [ids]
+    if not isinstance(ids, list):
+        return []
+    return [i for i in ids if isinstance(i, str) and _is_hub_id(i)]
+
+
+def _is_hub_id(name: str) -> bool:
+    return (
+        HUB_ID.fullmatch(name) is not None
+        and ".." not in name
+        and "--" not in name
+        and len(name) <= 96
+        and not Path(name).exists()  # a relative local path that looks like one
+    )
+
+
+def _front_matter(directory: Path) -> dict[str, Any]:
+    """The YAML front matter of `directory`'s README.md ({} when there is none)."""
+    try:
+        text = (directory / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---\n") or "\n---" not in text[3:]:
+        return {}
+    try:
+        front = yaml.safe_load(text[4 : text.index("\n---", 3)])
+    except yaml.YAMLError:
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+def _relative(data: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """The recipe's model and adapter paths relative to `out` (recipe.to_dict's form)."""
+    if out is None:
+        return data
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, out)
+
+    def model(m: dict[str, Any]) -> dict[str, Any]:
+        loras = [{**lo, "path": rel(lo["path"])} for lo in m["loras"]]
+        return {**m, "model": rel(m["model"]), "loras": loras}
+
+    return {k: model(v) if k in ("base", "other") else v for k, v in data.items()}
+
+
 def _description(plan: MergePlan) -> str:
     recipe = plan.recipe
-    lines = [f"A merge made with [lazymerge](https://pypi.org/project/lazymerge/) {__version__}:\n"]
+    lines = [f"A merge made with lazymerge {__version__}:\n"]
     for role, model in (("base", recipe.base), ("other", recipe.other)):
         if model is None:
             continue

@@ -69,15 +69,24 @@ def _adapter(path: Path, show_all: bool) -> str:
         f"adapter: {path} ({next(iter(refs)).file.name if refs else 'no tensors'})",
         f"LoRA: r {', '.join(f'{r} (x{n})' for r, n in ranks.most_common())}; "
         f"lora_alpha {config.get('lora_alpha')}; rsLoRA {bool(config.get('use_rslora'))}; "
-        f"base model {config.get('base_model_name_or_path') or '?'}",
+        f"base model {config.get('base_model_name_or_path') or 'not recorded'}",
         f"targets: {', '.join(modules)} ({len(terms)} base tensors, {_dtypes(refs)})",
         "touches:",
     ]
     shown = terms if show_all else terms[:SHORT_LISTING]
-    lines += [
-        f"  {t.target}  {list(t.shape)}  {t.kind}{' + DoRA' if t.magnitude else ''}  scale {t.scale:g}"
+    lines += _table([
+        [t.target, str(list(t.shape)), t.kind + (" + DoRA" if t.magnitude else ""), f"scale {t.scale:g}"]
         for t in shown
-    ]
+    ])  # fmt: skip
     if len(shown) < len(terms):
         lines.append(f"  ... {len(terms) - len(shown)} more (--all lists every tensor)")
     return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells, each column padded to its widest cell, two spaces between."""
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)] if rows else []
+    return [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]

@@ -48,10 +48,13 @@ class PictureJob:
             stdin.write(rows)
 
     def collect(self, dest: Path) -> bool:
-        """Wait for the picture and move it to `dest`; False when it could not be drawn."""
+        """Wait for the picture and copy it to `dest`; False when it could not be drawn."""
         ok = self._proc.wait() == 0 and self.path.stat().st_size > 0
         if ok:
-            shutil.move(self.path, dest)
+            # Copied into a file open() creates, not moved: mkstemp made ours 0600, and
+            # the output's files get 0666 & ~umask like every other file the merge writes.
+            dest.unlink(missing_ok=True)
+            shutil.copyfile(self.path, dest)
         self.discard()
         return ok
 

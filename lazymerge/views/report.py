@@ -187,24 +187,44 @@ def _tensor_json(plan: MergePlan, t: PlannedTensor) -> dict[str, Any]:
 
 
 def summary(plan: MergePlan, result: MergeResult) -> str:
+    if result.already_complete:
+        return (
+            f"{result.out}: already complete (this recipe, these inputs); nothing rewritten "
+            f"({len(result.shards)} shard(s), {human_bytes(result.bytes_kept)}; "
+            f"lazymerge verify {result.out} rehashes them)"
+        )
+    kept = set(result.kept)
+    done = f"wrote {len(result.shards) - len(kept)} shard(s)"
+    if kept:
+        done += f", kept {len(kept)} from the interrupted attempt,"
     lines = [
         *inputs(plan),
         *(ratio_table(plan) if plan.other is not None else []),
         _counts(plan),
-        f"wrote {len(result.shards)} shard(s) to {result.out}:",
-        *(f"  {s.name}  {human_bytes(s.size)}  sha256 {s.sha256[:16]}" for s in result.shards),
-        f"read {human_bytes(result.bytes_read)}, wrote {human_bytes(result.bytes_written)} "
-        f"in {result.seconds:.2f} s; peak memory (RSS) {human_bytes(result.peak_rss)}",
+        f"{done} to {result.out}:",
+        *(
+            f"  {s.name}  {human_bytes(s.size)}  sha256 {s.sha256[:16]}"
+            + ("  (kept)" if s.name in kept else "")
+            for s in result.shards
+        ),
+        f"read {human_bytes(result.bytes_read)}, wrote {human_bytes(result.bytes_written)}"
+        + (f" (kept {human_bytes(result.bytes_kept)})" if kept else "")
+        + f" in {result.seconds:.2f} s; peak memory (RSS) {human_bytes(result.peak_rss)}",
     ]
     return "\n".join(lines)
 
 
 def result_json(result: MergeResult) -> dict[str, Any]:
+    """`merge --json`: bytes_written counts this run's shards only; kept shards (--resume)
+    are named in `kept` and counted in bytes_kept."""
     return {
         "out": str(result.out),
+        "already_complete": result.already_complete,
         "seconds": round(result.seconds, 3),
         "peak_rss": result.peak_rss,
         "bytes_read": result.bytes_read,
         "bytes_written": result.bytes_written,
+        "bytes_kept": result.bytes_kept,
+        "kept": list(result.kept),
         "shards": [{"name": s.name, "size": s.size, "sha256": s.sha256} for s in result.shards],
     }

@@ -1,7 +1,9 @@
 """The output directory's lifecycle, and the only code that writes lazymerge.json,
 config.json, the tokenizer files, the model card and the index.
 
-    prepare_dir      checks (no overlap with an input), clears a previous merge's files
+    check_dir        the output resolved; no overlap with an input, not a file
+    complete_merge   this very merge, already finished there (--resume leaves it be)
+    prepare_dir      creates it (or says why it cannot), clears a previous merge's files
     Output.start     the first manifest (recipe hash, input fingerprints); shards a resume keeps
     Output.progress  the manifest again after each shard
     Output.finish    config, tokenizer files, complete manifest, card, and last the index
@@ -27,7 +29,7 @@ from lazymerge.plan.model import MergePlan
 from lazymerge.read.checkpoint import SAFETENSORS_INDEX
 from lazymerge.read.config import CONFIG, model_dir
 from lazymerge.recipe.spec import DTYPE_LABELS
-from lazymerge.write.manifest import MANIFEST, Record, completed_shards
+from lazymerge.write.manifest import MANIFEST, Record, completed_shards, is_complete
 from lazymerge.write.safetensors import PARTIAL, ShardResult
 
 CARD = "README.md"
@@ -49,16 +51,15 @@ class Card(Protocol):
         """Put the blend picture at `dest`; False when there is none."""
         ...
 
-    def text(self, picture: str | None) -> str:
-        """README.md's text; `picture` is the picture's file name when there is one."""
+    def text(self, picture: str | None, out: Path) -> str:
+        """README.md's text; `picture` is the picture's file name when there is one, `out`
+        the output directory (the card's paths are relative to it)."""
         ...
 
 
-def prepare_dir(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool = False) -> Path:
-    """Check the output directory is safe to use and clear what a previous merge left.
-
-    With `resume`, a previous attempt's files stay for the resume logic to judge.
-    """
+def check_dir(out: Path, inputs: Sequence[Path]) -> Path:
+    """The output directory, resolved, once it is known not to be, hold or lie inside an
+    input, nor to be a file; nothing is created or changed."""
     out = out.expanduser().resolve()
     for p in inputs:
         p = p.resolve()
@@ -66,9 +67,23 @@ def prepare_dir(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool
             raise OutputError(f"output {out} overlaps input {p}; choose another directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prepare_dir(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool = False) -> Path:
+    """Check the output directory is safe to use and clear what a previous merge left.
+
+    With `resume`, a previous attempt's files stay for the resume logic to judge.
+    """
+    out = check_dir(out, inputs)
+    _make_dir(out)
     existing = sorted(out.iterdir())
     if existing and not (overwrite or resume):
+        if _holds_complete_merge(out):
+            raise OutputError(
+                f"output {out} already holds a complete merge (lazymerge verify {out} "
+                "checks it); pass --overwrite to replace it"
+            )
         raise OutputError(
             f"output {out} is not empty; pass --resume to continue an interrupted merge "
             "or --overwrite to replace its merge files"
@@ -85,6 +100,56 @@ def prepare_dir(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool
         ):
             f.unlink()
     return out
+
+
+def complete_merge(out: Path, plan: MergePlan, record: Record) -> list[ShardResult] | None:
+    """The shards of `out` when it already holds this very merge, finished (same recipe,
+    inputs and lazymerge: manifest.is_complete), as its manifest records them; else None.
+    Refuses (OutputError) a finished merge there from another recipe or other inputs."""
+    if not out.is_dir() or not is_complete(out, plan, record):
+        return None
+    recorded = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["shards"]
+    return [
+        ShardResult(s.name, recorded[s.name]["size"], recorded[s.name]["sha256"])
+        for s in plan.shards
+    ]
+
+
+def _holds_complete_merge(out: Path) -> bool:
+    """Whether `out` looks like a finished merge: an index and a complete manifest."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        (out / SAFETENSORS_INDEX).is_file()
+        and isinstance(manifest, dict)
+        and manifest.get("status") == "complete"
+    )
+
+
+def _make_dir(out: Path) -> None:
+    """Create the output directory (and its parents); if that fails, one line saying why."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {out}: {_why_not(out, e)}") from None
+
+
+def _why_not(out: Path, e: OSError) -> str:
+    """Why a directory cannot be made at `out`, from the nearest ancestor that exists."""
+    parent = next((p for p in out.parents if p.exists()), Path(out.anchor))
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if e.errno == errno.ENOENT:  # the parent exists, yet refuses new entries: /proc, /sys
+        return f"{parent} does not accept new directories; choose a directory on a disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to create it in {parent}"
+    if e.errno == errno.EROFS:
+        return f"{parent} is on a read-only filesystem"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device of {parent}"
+    return f"{e.strerror or e} (in {parent})"
 
 
 @dataclass(frozen=True)
@@ -122,7 +187,7 @@ class Output:
         write_json(out / MANIFEST, self.record.data(shards, complete=True, **extra))
         if card is not None:
             picture = PICTURE if card.picture(out / PICTURE) else None
-            (out / CARD).write_text(card.text(picture), encoding="utf-8")
+            (out / CARD).write_text(card.text(picture, out), encoding="utf-8")
         weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
         index = {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map}
         write_json(out / SAFETENSORS_INDEX, index)
