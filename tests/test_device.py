@@ -110,8 +110,8 @@ def test_cache_chunks_do_not_change_the_bytes(
     chunks: list[int] = []
     real = budget.chunk_rows
 
-    def spy(t: PlannedTensor, rows: int) -> int:
-        chunks.append(real(t, rows))
+    def spy(t: PlannedTensor, rows: int, threads: int) -> int:
+        chunks.append(real(t, rows, threads))
         return chunks[-1]
 
     monkeypatch.setattr(budget, "CACHE_CHUNK", 1)

@@ -25,8 +25,6 @@ from lazymerge.cli.flags import (
 from lazymerge.errors import RecipeError
 from lazymerge.recipe.parse import load_recipe, parse_recipe
 from lazymerge.recipe.spec import Recipe
-from lazymerge.run.merge import run_merge
-from lazymerge.run.options import MergeOptions
 
 
 class Terminated(KeyboardInterrupt):
@@ -174,6 +172,9 @@ def inspect(path: Path, show_all: bool) -> None:
 
 def _run(recipe: Recipe, title: str, **opts: Any) -> None:
     """Plan, merge (drawing the card's picture meanwhile), report."""
+    # Imported here: torch comes with them, and plan, inspect, verify, --help need none.
+    from lazymerge.run.merge import run_merge
+    from lazymerge.run.options import MergeOptions
     from lazymerge.views.card import ModelCard, start_picture
     from lazymerge.views.report import result_json, summary
 

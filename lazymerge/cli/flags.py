@@ -23,7 +23,6 @@ from lazymerge.run.budget import (
     estimate_peak,
     least_effective_budget,
 )
-from lazymerge.run.device import parse_device, resolve_device
 
 if TYPE_CHECKING:  # batch's modules are imported by `batch` alone (start-up time)
     from lazymerge.run.batch import BatchSettings
@@ -218,9 +217,10 @@ class BatchFlags:
 
     def executor_here(self) -> Executor:
         """The executor the flags ask for, its device checked as far as this machine can."""
+        # Local workers have this machine's GPUs; Ray's may have others: the name only.
+        from lazymerge.run.device import parse_device, resolve_device
         from lazymerge.run.workers import LocalExecutor, RayExecutor
 
-        # Local workers have this machine's GPUs; Ray's may have others: the name only.
         (resolve_device if self.executor == "local" else parse_device)(self.device)
         if self.executor == "ray":
             return RayExecutor(self.address, self.jobs, self.retries)

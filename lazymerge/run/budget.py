@@ -4,7 +4,7 @@ estimate the executor lives by."""
 
 from __future__ import annotations
 
-import torch
+import os
 
 from lazymerge.meaning.adapters import REPLACE
 from lazymerge.plan.model import COMPUTE, MergePlan, PlannedTensor
@@ -46,22 +46,32 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
     return max(1, min(t.rows, max(rows, LORA_ROWS)))
 
 
-def chunk_rows(t: PlannedTensor, rows: int) -> int:
+def chunk_rows(t: PlannedTensor, rows: int, threads: int) -> int:
     """Rows blended at a time within a block of `rows` on the CPU: about CACHE_CHUNK of
-    fp32 per torch thread, a multiple of LORA_ROWS, so that the upcast, products, blend
-    and cast of a chunk run in cache rather than each streaming a whole block through
-    memory. Element-wise arithmetic and fixed LoRA chunks: the bytes do not depend on it."""
+    fp32 for each of torch's `threads`, a multiple of LORA_ROWS, so that the upcast,
+    products, blend and cast of a chunk run in cache rather than each streaming a whole
+    block through memory. Element-wise arithmetic and fixed LoRA chunks: the bytes do not
+    depend on it."""
     width = max(t.nbytes // itemsize(t.dtype) // max(t.rows, 1), 1)
-    fit = CACHE_CHUNK * torch.get_num_threads() // (4 * width)
+    fit = CACHE_CHUNK * threads // (4 * width)
     return min(rows, max(LORA_ROWS, fit // LORA_ROWS * LORA_ROWS))
 
 
-def working_memory(t: PlannedTensor, budget: int) -> int:
-    """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU."""
+def merge_threads() -> int:
+    """The torch threads a merge will compute with (run.process.compute_threads: a core
+    left to the writer), as far as it is known without importing torch (whose own
+    count, its ceiling, is about the cores): `lazymerge plan` estimates with it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+def working_memory(t: PlannedTensor, budget: int, threads: int) -> int:
+    """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU
+    with `threads` torch threads."""
     if t.action != COMPUTE:
         return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
     rows = block_rows(t, budget)
-    chunk = chunk_rows(t, rows)
+    chunk = chunk_rows(t, rows, threads)
     # Two output blocks (one filled, one queued for the writer), and one chunk's fp32
     # rows and mapped input rows.
     total = 2 * rows * (t.nbytes // max(t.rows, 1)) + chunk * _per_row(t)
@@ -74,10 +84,12 @@ def working_memory(t: PlannedTensor, budget: int) -> int:
     return total
 
 
-def estimate_peak(plan: MergePlan, budget: int) -> int:
+def estimate_peak(plan: MergePlan, budget: int, threads: int | None = None) -> int:
     """Expected peak RSS of `lazymerge merge`: interpreter and torch, plus the largest
-    working set of any one tensor."""
-    return INTERPRETER + max((working_memory(t, budget) for t in plan.tensors), default=0)
+    working set of any one tensor (computed with `threads`, default merge_threads())."""
+    threads = merge_threads() if threads is None else threads
+    working = (working_memory(t, budget, threads) for t in plan.tensors)
+    return INTERPRETER + max(working, default=0)
 
 
 def least_effective_budget(plan: MergePlan) -> int:

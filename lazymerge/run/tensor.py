@@ -83,7 +83,8 @@ class _Blocks:
 def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
     assert t.method is not None  # the plan gives every computed tensor its method
     rows = memory.block_rows(t, ctx.budget)
-    cut = _Blocks(rows, rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows))
+    step = rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows, torch.get_num_threads())
+    cut = _Blocks(rows, step)
     factors = [ctx.source.factors(i) for i in t.inputs]
     stats = _first_pass(ctx, t, factors, cut)
     row_bytes = t.nbytes // t.rows if t.rows else 0

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge.meaning.layers import layer_of
 from lazymerge.plan.model import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor, Role
 from lazymerge.recipe.spec import DTYPE_LABELS, GradientRule
 from lazymerge.run.budget import INTERPRETER, estimate_peak
-from lazymerge.run.merge import MergeResult
 from lazymerge.write.safetensors import build_header
+
+if TYPE_CHECKING:  # a merge's result: run.merge brings torch, which plan's views need not
+    from lazymerge.run.merge import MergeResult
 
 
 @dataclass(frozen=True)
