@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
+import re
 import shutil
+import struct
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -253,3 +258,204 @@ def test_legacy_format_is_refused_with_a_conversion_recipe(tmp_path: Path) -> No
     msg = str(e.value)
     assert "legacy (pre-1.6) torch.save format" in msg and "weights_only=True" in msg
     assert "st.save_file" in msg
+
+
+# Ambiguous .bin files: each is refused; what torch.load does with it is checked alongside.
+
+
+class DupState:
+    """Pickles as an OrderedDict filled from `pairs`, as they are: a key may come twice."""
+
+    def __init__(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        self.pairs = pairs
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return collections.OrderedDict, (), None, None, iter(self.pairs)
+
+
+def two_tensors() -> dict[str, torch.Tensor]:
+    return {"first": torch.tensor([1.0, 2.0, 3.0, 4.0]), "secnd": torch.tensor([5.0, 6.0]).half()}
+
+
+def zip_entries(path: Path) -> tuple[str, list[tuple[str, bytes]]]:
+    """The archive's folder prefix ("archive/") and its entries, in order."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    return entries[0][0].split("/")[0] + "/", entries
+
+
+def write_zip(path: Path, entries: list[tuple[str, bytes]]) -> None:
+    with warnings.catch_warnings():  # zipfile warns of a duplicate name, and writes it
+        warnings.simplefilter("ignore")
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in entries:
+                z.writestr(name, data)
+
+
+def key_twice(path: Path) -> None:
+    torch.save(DupState([*two_tensors().items(), ("first", torch.zeros(4))]), path)
+
+
+def storage_twice(path: Path) -> None:
+    """secnd's storage record names storage 0 (first's, F32) as an F16 storage."""
+    torch.save(two_tensors(), path)
+    prefix, entries = zip_entries(path)
+    key = b"X\x01\x00\x00\x00"  # BINUNICODE of a one-character string: the storage key
+    pkl = {n: d for n, d in entries}[prefix + "data.pkl"]
+    assert pkl.count(key + b"1") == 1
+    write_zip(
+        path, [(n, pkl.replace(key + b"1", key + b"0") if d is pkl else d) for n, d in entries]
+    )
+
+
+def record_too_long(path: Path) -> None:
+    torch.save(two_tensors(), path)
+    prefix, entries = zip_entries(path)
+    write_zip(path, [(n, d + b"\0" * 4 if n == prefix + "data/0" else d) for n, d in entries])
+
+
+def entry_twice(path: Path) -> None:
+    torch.save(two_tensors(), path)
+    prefix, entries = zip_entries(path)
+    write_zip(path, [*entries, (prefix + "data/0", struct.pack("<4f", 9, 9, 9, 9))])
+
+
+def central_entry(raw: bytes, name: bytes) -> int:
+    at = raw.find(b"PK\x01\x02")
+    while raw[at + 46 : at + 46 + len(name)] != name:
+        at = raw.find(b"PK\x01\x02", at + 1)
+    return at
+
+
+def local_name_differs(path: Path) -> None:
+    torch.save(two_tensors(), path)
+    prefix, _ = zip_entries(path)
+    raw = bytearray(path.read_bytes())
+    name = f"{prefix}data/1".encode()
+    (at,) = struct.unpack("<L", raw[central_entry(raw, name) + 42 :][:4])
+    raw[at + 30 : at + 30 + len(name)] = name[:-1] + b"7"
+    path.write_bytes(bytes(raw))
+
+
+def storages_overlap(path: Path) -> None:
+    """Record data/1's local header, then its bytes, hidden inside record data/0 (a uint8
+    tensor), and the central directory pointed there: two storages over the same bytes."""
+    secnd = torch.tensor([5.0, 6.0]).half()
+    torch.save({"x": secnd}, path)
+    prefix, _ = zip_entries(path)
+    name, data = f"{prefix}data/1".encode(), secnd.numpy().tobytes()
+    local = struct.pack(
+        "<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
+        len(name), 0,
+    ) + name + data  # fmt: skip
+    blob = torch.frombuffer(bytearray(bytes(8) + local), dtype=torch.uint8)
+    torch.save({"blob": blob, "secnd": secnd}, path)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        at = z.getinfo(f"{prefix}data/0").header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[at + 26 : at + 30])
+    hidden = at + 30 + name_len + extra_len + 8
+    entry = central_entry(raw, name)
+    raw[entry + 42 : entry + 46] = struct.pack("<L", hidden)
+    path.write_bytes(bytes(raw))
+
+
+RESAVE = "re-save it from the model (save_pretrained, or torch.save of its state_dict)"
+# Each file: what we say, and what torch.load(weights_only=True) reads from it.
+AMBIGUOUS_BINS = {
+    "a key twice": (
+        key_twice,
+        "key 'first' is set twice in one dict (torch.load keeps the last)",
+        {"first": [0.0] * 4, "secnd": [5.0, 6.0]},
+    ),
+    "a storage declared twice": (
+        storage_twice,
+        "storage 0 is declared as F32 x 4 and as F16 x 2",
+        {"first": [1.0, 2.0, 3.0, 4.0], "secnd": [1.0, 2.0]},  # secnd read as F32!
+    ),
+    "a record longer than its storage": (
+        record_too_long,
+        "tensor 'first' uses storage 0 of 4 F32 (16 bytes) but its record has 20 bytes",
+        "record size (20 bytes) does not match expected size",
+    ),
+    "a zip entry twice": (
+        entry_twice,
+        "data/0 appears twice",
+        {"first": [9.0] * 4, "secnd": [5.0, 6.0]},  # the last one
+    ),
+    "a record whose local header names another": (
+        local_name_differs,
+        "data/1's local header names another file",
+        {"first": [1.0, 2.0, 3.0, 4.0], "secnd": [5.0, 6.0]},  # (zipfile refuses to open it)
+    ),
+    "two storages over the same bytes": (
+        storages_overlap,
+        "storages 0 and 1 (of tensors 'blob' and 'secnd') overlap in the archive",
+        {"secnd": [5.0, 6.0]},  # and blob, whose bytes hold secnd's record
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(AMBIGUOUS_BINS))
+def test_ambiguous_bin_is_refused(case: str, tmp_path: Path) -> None:
+    from lazymerge.errors import InputError
+
+    make, message, torch_reads = AMBIGUOUS_BINS[case]
+    path = tmp_path / "model.bin"
+    make(path)
+    with pytest.raises(InputError) as e:
+        CheckpointIndex.open(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+    assert str(e.value).endswith(f"; {RESAVE}") and "\n" not in str(e.value)
+    if isinstance(torch_reads, str):
+        with pytest.raises(RuntimeError, match=re.escape(torch_reads)):
+            torch.load(path, weights_only=True)
+    else:
+        state = torch.load(path, weights_only=True)
+        for name, values in torch_reads.items():
+            assert state[name].tolist() == values, name
+
+
+def test_tied_and_overlapping_views_of_one_storage_are_fine(tmp_path: Path) -> None:
+    base = torch.randn(6, 4)
+    state = {"embed": base, "head": base, "top": base[:4], "bottom": base[2:], "t": base.t()}
+    torch.save(state, tmp_path / "model.bin")
+    index = CheckpointIndex.open(tmp_path / "model.bin")
+    expected = torch.load(tmp_path / "model.bin", weights_only=True)
+    with MappedReader() as reader:
+        for name, want in expected.items():
+            assert torch.equal(reader.rows(index[name], 0, index[name].rows), want), name
+
+
+@pytest.fixture(scope="module")
+def ambiguous_dirs(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Each ambiguous file as a model directory's pytorch_model.bin, beside a real config."""
+    root = tmp_path_factory.mktemp("ambiguous")
+    dirs = {}
+    for case, (make, _, _) in AMBIGUOUS_BINS.items():
+        d = root / case.replace(" ", "-")
+        d.mkdir()
+        shutil.copy(models["base"] / "config.json", d)
+        make(d / "pytorch_model.bin")
+        dirs[case] = d
+    return dirs
+
+
+@pytest.mark.parametrize("case", list(AMBIGUOUS_BINS))
+def test_ambiguous_bin_through_the_cli(
+    case: str,
+    ambiguous_dirs: dict[str, Path],
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from test_hostile import refused
+
+    bad, message = ambiguous_dirs[case], AMBIGUOUS_BINS[case][1]
+    refused(capsys, ["inspect", bad], [bad], None, message)
+    out = tmp_path / "out"
+    args = ["gradient", bad, models["other"], "--values", "0.5", "-o", out, "-q"]
+    refused(capsys, args, [bad, models["other"]], out, message)
+    assert not out.exists()

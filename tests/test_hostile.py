@@ -208,6 +208,53 @@ def setter(*path: str, value: object) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def raw_first_header(
+    edit: Callable[[list[tuple[str, str]]], list[tuple[str, str]]],
+) -> Callable[[Path], None]:
+    """Rewrite the first shard's header from (key, value as JSON text) pairs: a key may
+    come twice, which a dict cannot say."""
+
+    def mutate(base: Path) -> None:
+        f = first_shard(base)
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        pairs = edit([(k, json.dumps(v)) for k, v in json.loads(raw[8 : 8 + n]).items()])
+        body = ("{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}").encode()
+        f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+
+    return mutate
+
+
+def drop_tensor(i: int) -> Callable[[dict[str, Any]], None]:
+    def edit(h: dict[str, Any]) -> None:
+        del h[tensors_of(h)[i]]
+
+    return edit
+
+
+def trailing_bytes(base: Path) -> None:
+    f = first_shard(base)
+    f.write_bytes(f.read_bytes() + bytes(16))
+
+
+NORM = "model.norm.weight"  # in the fixture's fifth shard
+
+
+def norm_listed_twice(base: Path) -> None:
+    path = base / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    listing = [*index["weight_map"].items(), (NORM, first_shard(base).name)]
+    pairs = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in listing)
+    path.write_text(f'{{"metadata": {json.dumps(index["metadata"])}, "weight_map": {{{pairs}}}}}')
+
+
+def norm_in_two_shards(base: Path) -> None:
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    tensors = load_file(str(first_shard(base)))
+    tensors[NORM] = load_file(str(base / index["weight_map"][NORM]))[NORM]
+    save_file(tensors, str(first_shard(base)), metadata={"format": "pt"})
+
+
 CASES: dict[str, tuple[Build, str]] = {
     "truncated shard": (broken_base(truncate), "the file is truncated"),
     "header length past the file": (
@@ -272,6 +319,38 @@ CASES: dict[str, tuple[Build, str]] = {
     "recipe non-numeric value": (
         recipe(setter("gradient", "values", value=[0.9, "lots"])),
         "expected a number, got 'lots'",
+    ),
+    "ambiguous: a tensor twice in a header": (
+        broken_base(raw_first_header(lambda pairs: [*pairs, pairs[-1]])),
+        "appears 2 times in the header, so readers may disagree on which entry counts",
+    ),
+    "ambiguous: a key twice in a header entry": (
+        broken_base(
+            raw_first_header(lambda p: [*p[:-1], (p[-1][0], '{"shape": [1], ' + p[-1][1][1:])])
+        ),
+        "has key 'shape' 2 times in the header; re-save it with safetensors.torch.save_file",
+    ),
+    "ambiguous: a gap between tensors": (
+        broken_base(edit_first_shard(drop_tensor(1))),
+        "belong to no tensor (safetensors refuses gaps)",
+    ),
+    "ambiguous: data not starting at 0": (
+        broken_base(edit_first_shard(drop_tensor(0))),
+        "data offsets 0 to ",
+    ),
+    "ambiguous: bytes after the last tensor": (
+        broken_base(trailing_bytes),
+        "the last 16 bytes of the file belong to no tensor",
+    ),
+    "ambiguous: index lists a tensor twice": (
+        broken_base(norm_listed_twice),
+        f"tensor '{NORM}' is listed 2 times in weight_map (model-00005-of-00006.safetensors "
+        "and model-00001-of-00006.safetensors)",
+    ),
+    "ambiguous: a tensor in two shards": (
+        broken_base(norm_in_two_shards),
+        f"tensor '{NORM}' is in two shards, model-00001-of-00006.safetensors and "
+        "model-00005-of-00006.safetensors (the index lists it in model-00005",
     ),
 }
 

@@ -9,14 +9,13 @@ sizes. The bytes are read later, through mapped.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from lazymerge.errors import InputError
-from lazymerge.read.safetensors import read_header
+from lazymerge.read.safetensors import JsonObject, load_json, read_header
 from lazymerge.read.tensorref import TensorRef
 from lazymerge.read.torchzip import is_torch_zip, metadata_digest, read_bin
 
@@ -109,21 +108,21 @@ def _open_dir(directory: Path, index_name: str, single: str) -> dict[str, Tensor
 
 
 def _open_sharded(directory: Path, index_path: Path) -> dict[str, TensorRef]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{index_path}: not a valid index ({type(e).__name__}: {e})") from None
-    if not isinstance(weight_map, dict):
-        raise InputError(f"{index_path}: weight_map is not a JSON object")
-    # The weight map is the checkpoint, as for transformers: a tensor a shard holds but
-    # the map does not list is not part of the model.
+    weight_map = _weight_map(index_path)
     headers = {
         shard: read_tensor_file(_shard_path(directory, index_path, shard))
-        for shard in sorted(set(weight_map.values()), key=str)
+        for shard in sorted(set(weight_map.values()))
     }
+    # The weight map is the checkpoint: a tensor a shard holds but the map does not list
+    # is not part of the model. (transformers' from_pretrained loads every tensor of every
+    # listed shard; such a stray tensor is then an unexpected key, or one it reads.)
+    holders: dict[str, str] = {}
     tensors: dict[str, TensorRef] = {}
     for shard, header in headers.items():
         for name, ref in header.items():
+            if name in holders:
+                raise InputError(_held_twice(index_path, name, holders[name], shard, weight_map))
+            holders[name] = shard
             if weight_map.get(name) == shard:
                 tensors[name] = ref
     for name, shard in weight_map.items():
@@ -133,6 +132,48 @@ def _open_sharded(directory: Path, index_path: Path) -> dict[str, TensorRef]:
                 "does not contain it"
             )
     return tensors
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        index = load_json(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        raise InputError(f"{index_path}: not a valid index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, JsonObject):
+        raise InputError(f"{index_path}: weight_map is not a JSON object")
+    if "weight_map" in index.repeated:
+        raise InputError(
+            f"{index_path}: 'weight_map' appears {len(index.repeated['weight_map'])} times; "
+            "keep one"
+        )
+    for name, shards in weight_map.repeated.items():
+        same = all(shard == shards[0] for shard in shards)
+        where = f"each time in {shards[0]}" if same else " and ".join(map(str, shards))
+        raise InputError(
+            f"{index_path}: tensor {name!r} is listed {len(shards)} times in weight_map "
+            f"({where}); list each tensor once, in the shard that holds it"
+        )
+    for shard in weight_map.values():
+        if not isinstance(shard, str):  # (and unhashable: [1] would break set())
+            raise InputError(
+                f"{index_path}: shard name {shard!r} must be a file name inside {index_path.parent}"
+            )
+    return weight_map
+
+
+def _held_twice(
+    index_path: Path, name: str, first: str, second: str, weight_map: dict[str, str]
+) -> str:
+    # Which copy is the model's? The map names one; transformers' from_pretrained loads
+    # both shards and keeps the last one's copy (shards in sorted order), whatever the
+    # map says, and its load_sharded_checkpoint keeps whichever it loads last: refuse.
+    listed = weight_map.get(name)
+    says = f"the index lists it in {listed}" if listed is not None else "the index omits it"
+    return (
+        f"{index_path}: tensor {name!r} is in two shards, {first} and {second} ({says}; "
+        f"transformers would load the copy in {second}); remove the stray copy from one shard"
+    )
 
 
 def _shard_path(directory: Path, index_path: Path, shard: object) -> Path:

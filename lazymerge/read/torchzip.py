@@ -13,13 +13,15 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import itertools
 import pickle
 import pickletools
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lazymerge.errors import InputError
 from lazymerge.read.tensorref import TensorRef, itemsize
@@ -32,61 +34,16 @@ _STORAGE_TYPES = {
     "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2",
 }  # fmt: skip
 # Opcodes a state dict needs (protocols 2-5). No INST/OBJ/NEWOBJ/EXT*, no buffers.
-_OPCODES = frozenset(
-    [
-        "PROTO",
-        "FRAME",
-        "STOP",
-        "MARK",
-        "GLOBAL",
-        "STACK_GLOBAL",
-        "REDUCE",
-        "BUILD",
-        "BINPERSID",
-        "PUT",
-        "BINPUT",
-        "LONG_BINPUT",
-        "MEMOIZE",
-        "GET",
-        "BINGET",
-        "LONG_BINGET",
-        "EMPTY_TUPLE",
-        "TUPLE",
-        "TUPLE1",
-        "TUPLE2",
-        "TUPLE3",
-        "EMPTY_LIST",
-        "APPEND",
-        "APPENDS",
-        "LIST",
-        "EMPTY_DICT",
-        "DICT",
-        "SETITEM",
-        "SETITEMS",
-        "NONE",
-        "NEWTRUE",
-        "NEWFALSE",
-        "INT",
-        "BININT",
-        "BININT1",
-        "BININT2",
-        "LONG",
-        "LONG1",
-        "LONG4",
-        "FLOAT",
-        "BINFLOAT",
-        "BINUNICODE",
-        "SHORT_BINUNICODE",
-        "BINUNICODE8",
-        "UNICODE",
-        "STRING",
-        "BINSTRING",
-        "SHORT_BINSTRING",
-        "BINBYTES",
-        "SHORT_BINBYTES",
-        "BINBYTES8",
-    ]
-)
+_OPCODES = frozenset([
+    "PROTO", "FRAME", "STOP", "MARK", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID",
+    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
+    "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS",
+    "NONE", "NEWTRUE", "NEWFALSE",
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+    "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+])  # fmt: skip
 # A torch.save written before PyTorch 1.6: a bare pickle starting with this magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 MAX_PICKLE_BYTES = 100_000_000
@@ -94,10 +51,15 @@ CONVERT_HINT = (
     'convert it once with: python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('IN.bin', weights_only=True), 'OUT.safetensors')\""
 )
+RESAVE = "re-save it from the model (save_pretrained, or torch.save of its state_dict)"
 
 
 class _Refused(Exception):
     """Raised inside the unpickler; becomes an InputError naming the file."""
+
+
+class _Ambiguous(_Refused):
+    """A pickle that torch.load would read one way and we another; an InputError too."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +109,55 @@ _GLOBALS: dict[str, object] = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+def _set_unique(d: object, key: object, value: object) -> None:
+    # A pickle may set one key twice: torch.load keeps the last value without a word.
+    if not isinstance(d, dict):
+        raise _Refused("SETITEM on something that is not a dict")
+    if key in d:
+        raise _Ambiguous(f"key {key!r:.80} is set twice in one dict (torch.load keeps the last)")
+    d[key] = value
+
+
+def _pairs(items: list[Any]) -> list[tuple[Any, Any]]:
+    if len(items) % 2:
+        raise _Refused("odd number of items for a dict")
+    return list(zip(items[::2], items[1::2], strict=True))
+
+
+class _Unpickler(pickle._Unpickler):
+    """The pure-Python unpickler (the C one fills dicts out of reach), with the three
+    opcodes that fill dicts replaced by ones that refuse a key given twice."""
+
+    # The pure-Python unpickler's working parts, which typeshed leaves out.
+    stack: list[Any]
+    append: Callable[[Any], None]
+    pop_mark: Callable[[], list[Any]]
+
+    def _setitem(self) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        _set_unique(self.stack[-1], key, value)
+
+    def _setitems(self) -> None:
+        for key, value in _pairs(self.pop_mark()):
+            _set_unique(self.stack[-1], key, value)
+
+    def _dict(self) -> None:
+        d: dict[object, object] = {}
+        for key, value in _pairs(self.pop_mark()):
+            _set_unique(d, key, value)
+        self.append(d)
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = {  # opcode byte -> its loader
+        **pickle._Unpickler.dispatch,
+        pickle.SETITEM[0]: _setitem,
+        pickle.SETITEMS[0]: _setitems,
+        pickle.DICT[0]: _dict,
+    }
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, _Storage] = {}
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGE_TYPES:
             return _STORAGE_TYPES[name]
@@ -167,7 +177,16 @@ class _Unpickler(pickle.Unpickler):
             and isinstance(pid[4], int)
         ):
             raise _Refused(f"refused persistent id {pid!r:.80}")
-        return _Storage(pid[2], pid[1], pid[4])
+        storage = _Storage(pid[2], pid[1], pid[4])
+        # torch.load builds a storage once, from its first record: a later one that says
+        # another dtype or size would be read as the first by torch and as itself by us.
+        first = self.storages.setdefault(storage.key, storage)
+        if first != storage:
+            raise _Ambiguous(
+                f"storage {storage.key} is declared as {first.dtype} x {first.numel} and as "
+                f"{storage.dtype} x {storage.numel}"
+            )
+        return storage
 
 
 def is_torch_zip(path: Path) -> bool:
@@ -193,7 +212,9 @@ def read_bin(path: Path) -> dict[str, TensorRef]:
         raise InputError(
             f"{path}: not a readable PyTorch zip checkpoint ({type(e).__name__}: {e})"
         ) from None
-    return {name: _ref(path, name, t, records) for name, t in state.items()}
+    refs = {name: _ref(path, name, t, records) for name, t in state.items()}
+    _check_disjoint(path, state, records)
+    return refs
 
 
 def metadata_digest(path: Path) -> str:
@@ -211,6 +232,11 @@ def _not_zip_message(path: Path) -> str:
 
 
 def _pickle_bytes(path: Path, zf: zipfile.ZipFile) -> tuple[str, bytes]:
+    seen: set[str] = set()
+    for name in zf.namelist():
+        if name in seen:  # zipfile and torch.load read the last one, others the first
+            raise InputError(f"{path}: zip entry {name} appears twice; {RESAVE}")
+        seen.add(name)
     names = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(names) != 1:
         raise InputError(f"{path}: zip has no single <name>/data.pkl; not a torch.save checkpoint")
@@ -237,7 +263,9 @@ def _unpickle(path: Path, data: bytes) -> dict[str, _Tensor]:
             # allocate gigabytes. A real pickle memoizes at most once per opcode.
             if op.name.endswith("PUT") and not (isinstance(arg, int) and 0 <= arg <= len(data)):
                 raise _Refused(f"refused memo index {arg} at byte {pos}")
-        state = _Unpickler(io.BytesIO(data)).load()
+        state = _Unpickler(data).load()
+    except _Ambiguous as e:
+        raise InputError(f"{path}: {e}; {RESAVE}") from None
     except _Refused as e:
         raise InputError(f"{path}: {e}; only plain tensor state dicts are read") from None
     except Exception as e:  # a malformed pickle can raise nearly anything
@@ -265,6 +293,13 @@ def _records(path: Path, zf: zipfile.ZipFile, prefix: str) -> dict[str, tuple[in
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise InputError(f"{path}: zip record {info.filename} has no local header")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
+            if f.read(name_len) != info.orig_filename.encode(
+                "utf-8" if info.flag_bits & 0x800 else "cp437"
+            ):  # the central directory and the record disagree on what this is
+                raise InputError(
+                    f"{path}: zip record {info.filename}'s local header names another file; "
+                    f"{RESAVE}"
+                )
             start = info.header_offset + 30 + name_len + extra_len
             if start + info.file_size > size:
                 raise InputError(f"{path}: record {info.filename} runs past the end of the file")
@@ -277,6 +312,12 @@ def _ref(path: Path, name: str, t: _Tensor, records: dict[str, tuple[int, int]])
         raise InputError(f"{path}: tensor {name!r} uses storage {t.storage.key}, which is missing")
     start, record_size = records[t.storage.key]
     width = itemsize(t.storage.dtype)
+    if record_size != t.storage.numel * width:  # torch.load refuses it too
+        raise InputError(
+            f"{path}: tensor {name!r} uses storage {t.storage.key} of {t.storage.numel} "
+            f"{t.storage.dtype} ({t.storage.numel * width} bytes) but its record has "
+            f"{record_size} bytes; {RESAVE}"
+        )
     numel = 1
     for d in t.shape:
         numel *= d
@@ -297,6 +338,21 @@ def _ref(path: Path, name: str, t: _Tensor, records: dict[str, tuple[int, int]])
         strides,
         extent * width,
     )
+
+
+def _check_disjoint(
+    path: Path, state: dict[str, _Tensor], records: dict[str, tuple[int, int]]
+) -> None:
+    """Two storages may not share bytes in the archive. Views of one storage are fine
+    (tied weights: one record, one key); two records over the same bytes are a forgery."""
+    users = {t.storage.key: name for name, t in reversed(state.items())}  # first user
+    spans = sorted((*records[key], key) for key in users if records[key][1] > 0)
+    for (start, size, key), (next_start, _, next_key) in itertools.pairwise(spans):
+        if next_start < start + size:
+            raise InputError(
+                f"{path}: storages {key} and {next_key} (of tensors {users[key]!r} and "
+                f"{users[next_key]!r}) overlap in the archive; {RESAVE}"
+            )
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
