@@ -22,7 +22,7 @@ import torch
 
 from lazymerge.plan.shards import shard_name, split
 from lazymerge.read.checkpoint import BIN_INDEX, SAFETENSORS_INDEX
-from lazymerge.read.tensorref import DTYPES
+from lazymerge.read.mapped import DTYPES
 from lazymerge.write.safetensors import build_header
 
 Format = Literal["safetensors", "bin"]

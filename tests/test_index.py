@@ -445,3 +445,12 @@ def test_inspect_refuses_ambiguous_checkpoints(
     args, _ = build(models, tmp_path)
     base = args[1]  # ["gradient", base, other, ...]
     refused(capsys, ["inspect", base], [base], None, message)
+
+
+def test_dtype_sizes_agree_with_torch() -> None:
+    """Headers are sized without torch (tensorref.ITEMSIZE); the bytes are read as torch's
+    dtypes (mapped.DTYPES): the two tables must say the same."""
+    from lazymerge.read.mapped import DTYPES
+    from lazymerge.read.tensorref import ITEMSIZE
+
+    assert {code: dtype.itemsize for code, dtype in DTYPES.items()} == ITEMSIZE

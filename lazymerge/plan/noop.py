@@ -2,17 +2,21 @@
 an untrained LoRA, a gradient rule that decides no tensor, an output equal to the base.
 
 Checked on the plan, before anything is written. Everything but the untrained LoRA comes
-from headers; that one reads the adapter's factors until it finds a non-zero value (an
+from headers; that one reads the adapter's factors until it finds a non-zero byte (an
 adapter that was trained: after its first few bytes; an untrained one: all of them).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+import numpy as np
 
 from lazymerge.errors import NoopError
 from lazymerge.meaning.adapters import REPLACE, LoraTerm
 from lazymerge.plan.model import AdapterUse, MergePlan
+from lazymerge.read.readahead import extent
 from lazymerge.read.tensorref import TensorRef
 
 ALLOW = "--allow-noop merges anyway"
@@ -77,17 +81,18 @@ def _zero_delta(term: LoraTerm) -> bool:
 
 
 def _zero(ref: TensorRef | None) -> bool:
-    """Whether every value of a factor is zero (reads until the first non-zero chunk)."""
+    """Whether every byte of a factor is zero (so every value is +0.0), read a chunk at a
+    time until the first non-zero one. Plain reads and numpy: `plan` loads no torch."""
     if ref is None:
         return False
-    import torch  # here, not at start-up: only an adapter's factors are read
-
-    from lazymerge.read.mapped import MappedReader
-
-    rows = max(1, CHUNK // max(ref.row_nbytes, 1))
-    with MappedReader() as reader:
-        for r0 in range(0, ref.rows, rows):
-            if bool(torch.any(reader.rows(ref, r0, min(r0 + rows, ref.rows)) != 0)):
+    fd = os.open(ref.file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pos, end = ref.offset, ref.offset + extent(ref)
+        while pos < end:
+            chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not chunk or np.frombuffer(chunk, dtype=np.uint8).any():
                 return False
-            reader.release(ref)
+            pos += len(chunk)
+    finally:
+        os.close(fd)
     return True

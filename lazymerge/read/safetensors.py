@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import InputError
-from lazymerge.read.tensorref import DTYPES, TensorRef, itemsize
+from lazymerge.read.tensorref import ITEMSIZE, TensorRef, itemsize
 
 # A header is JSON describing tensors; 100 MB is far above any real model's (~1 MB for 13B)
 # and keeps a corrupt length field from making us allocate gigabytes. (safetensors' limit.)
@@ -150,7 +150,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise InputError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise InputError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(_size(d) for d in shape)):
         raise InputError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")

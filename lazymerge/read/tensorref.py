@@ -5,28 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-# safetensors dtype code -> torch dtype. Sizes come from torch itself.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+# safetensors dtype code -> bytes per element (their torch dtypes: read/mapped.py, which
+# alone needs torch: headers, plans and views do not).
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 def itemsize(code: str) -> int:
-    return DTYPES[code].itemsize
+    return ITEMSIZE[code]
 
 
 @dataclass(frozen=True)

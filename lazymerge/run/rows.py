@@ -15,8 +15,8 @@ import torch
 
 from lazymerge.meaning.adapters import LORA, LORA_T, REPLACE, LoraTerm
 from lazymerge.plan.model import Input, PlannedTensor
-from lazymerge.read.mapped import MappedReader
-from lazymerge.read.tensorref import DTYPES, TensorRef
+from lazymerge.read.mapped import DTYPES, MappedReader
+from lazymerge.read.tensorref import TensorRef
 from lazymerge.run.budget import LORA_ROWS
 from lazymerge.run.device import Scratch
 

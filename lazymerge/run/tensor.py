@@ -18,8 +18,7 @@ import torch
 
 from lazymerge.errors import NumericsError
 from lazymerge.plan.model import COMPUTE, PlannedTensor
-from lazymerge.read.mapped import MappedReader
-from lazymerge.read.tensorref import DTYPES
+from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
 from lazymerge.run.device import Scratch
 from lazymerge.run.rows import Factor, Source, TensorBlock
