@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
+
+from conftest import run_cli
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lazymerge"
 # A room may import from its own modules and from rooms of a lower rank only.
@@ -90,3 +96,34 @@ def test_library_modules_stay_small() -> None:
         for n, p in modules().items()
         if len(p.read_text().splitlines()) > 400
     } == {}
+
+
+def test_commands_that_read_no_values_load_no_torch(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--version, --help, plan (an untrained-LoRA check included), inspect and verify start
+    in a fraction of torch's import time; their figures are in benchmarks/startup.py."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(models["base"]),
+                "other": {"model": str(models["other"]), "loras": [str(models["lora"])]},
+                "gradient": {"values": [0.9, 0.0]},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert run_cli("merge", recipe, "-o", out, "-q") == 0
+    for args in (
+        ["--version"], ["--help"], ["plan", str(recipe)], ["inspect", str(models["lora"])],
+        ["inspect", str(models["base"])], ["verify", str(out)],
+    ):  # fmt: skip
+        code = (
+            "import sys; from lazymerge.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules, file=sys.stderr)"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False
+        )
+        assert done.stderr.splitlines()[-1] == "0 False", (args, done.stderr)
