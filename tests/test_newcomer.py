@@ -242,8 +242,8 @@ def test_batch_says_it_too(
 
 
 def hub_named(models: dict[str, Path], root: Path) -> dict[str, Path]:
-    """Copies of the models whose metadata names their Hub ids: the base in its config's
-    _name_or_path, the other in its README's front matter."""
+    """Copies of the models whose config.json names their Hub ids (_name_or_path); the
+    other's README names its own parent as base_model, which is not the other's id."""
     base, other = (
         shutil.copytree(models["base"], root / "b"),
         shutil.copytree(models["other"], root / "o"),
@@ -252,7 +252,11 @@ def hub_named(models: dict[str, Path], root: Path) -> dict[str, Path]:
     (base / "config.json").write_text(
         json.dumps({**config, "_name_or_path": "TheBloke/Llama-2-13B-fp16"})
     )
-    (other / "README.md").write_text("---\nbase_model: jondurbin/airoboros-l2-13b-gpt4-2.0\n---\n")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps({**config, "_name_or_path": "jondurbin/airoboros-l2-13b-gpt4-2.0"})
+    )
+    (other / "README.md").write_text("---\nbase_model: meta-llama/Llama-2-13b-hf\n---\n")
     return {"base": base, "other": other, "lora": models["lora"]}
 
 
@@ -265,7 +269,7 @@ def test_the_card_names_hub_ids_from_metadata_and_paths_relative_to_it(
     assert run_cli("merge", recipe, "-o", out, "-q") == 0
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front["base_model"] == [
+    assert front["base_model"] == [  # not the other's parent, from its README
         "TheBloke/Llama-2-13B-fp16",
         "jondurbin/airoboros-l2-13b-gpt4-2.0",
     ]

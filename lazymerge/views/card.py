@@ -113,20 +113,15 @@ HUB_ID = re.compile(
 
 def hub_ids_of(model: Path) -> list[str]:
     """The Hub id a model directory's own metadata gives it: `_name_or_path` in its
-    config.json, else `base_model` in its README's front matter. A local path says
-    nothing a Hub reader can use: none then (never an id made up from a folder name)."""
-    directory = model_dir(model)
+    config.json. A local path says nothing a Hub reader can use: none then (never an id
+    made up from a folder name). Its README's `base_model` is not used: that names the
+    model it was made from, not the model itself."""
     try:
-        config = read_config(directory) or {}
+        config = read_config(model_dir(model)) or {}
     except LazyMergeError:
         config = {}
     named = config.get("_name_or_path")
-    ids = [named] if isinstance(named, str) else _front_matter(directory).get("base_model")
-    if isinstance(ids, str):
-        ids = [ids]
-    if not isinstance(ids, list):
-        return []
-    return [i for i in ids if isinstance(i, str) and _is_hub_id(i)]
+    return [named] if isinstance(named, str) and _is_hub_id(named) else []
 
 
 def _is_hub_id(name: str) -> bool:
@@ -137,21 +132,6 @@ def _is_hub_id(name: str) -> bool:
         and len(name) <= 96
         and not Path(name).exists()  # a relative local path that looks like one
     )
-
-
-def _front_matter(directory: Path) -> dict[str, Any]:
-    """The YAML front matter of `directory`'s README.md ({} when there is none)."""
-    try:
-        text = (directory / "README.md").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return {}
-    if not text.startswith("---\n") or "\n---" not in text[3:]:
-        return {}
-    try:
-        front = yaml.safe_load(text[4 : text.index("\n---", 3)])
-    except yaml.YAMLError:
-        return {}
-    return front if isinstance(front, dict) else {}
 
 
 def _relative(data: dict[str, Any], out: Path | None) -> dict[str, Any]:
