@@ -3,14 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lazymerge.meaning.layers import layer_count, layer_of
+from lazymerge.meaning.layers import LayerStack, find_stack
 from lazymerge.meaning.ratios import all_ratios, anchor_ratio
 from lazymerge.recipe import GradientRule
 
 
 def ratio_for(name: str, rules: list[GradientRule], n_layers: int) -> float:
     """One tensor's ratio through the function the planner uses."""
-    return all_ratios([name], rules, n_layers)[name]
+    return all_ratios([name], rules, LayerStack("model.layers", n_layers))[name]
 
 
 def test_two_anchors_are_linspace() -> None:
@@ -68,10 +68,12 @@ def test_first_matching_rule_wins_and_unmatched_tensors_keep_the_base() -> None:
 
 
 def test_layer_of_and_layer_count() -> None:
+    names = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.39.b", "lm_head.weight"]
+    stack = find_stack(names, "m")
+    layer_of = stack.layer_of
     assert layer_of("model.layers.12.mlp.up_proj.weight") == 12
     assert layer_of("model.embed_tokens.weight") is None
     assert layer_of("model.norm.weight") is None
     assert layer_of("model.notlayers.3.x") is None
-    names = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.39.b", "lm_head.weight"]
-    assert layer_count(names) == 40
-    assert layer_count(["lm_head.weight"]) == 0
+    assert stack.count == 40
+    assert find_stack(["lm_head.weight"], "m").count == 0

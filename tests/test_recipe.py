@@ -59,7 +59,7 @@ def with_(path: tuple[str, ...], value: object) -> dict:  # type: ignore[type-ar
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({**GOOD, "colour": "blue"}, "recipe.yaml: unknown key 'colour'; allowed: ['base', 'gradient', 'other', 'output']"),
+        ({**GOOD, "colour": "blue"}, "recipe.yaml: unknown key 'colour'; allowed: ['base', 'gradient', 'layers_prefix', 'other', 'output']"),
         (with_(("gradient", "valeus"), [1]), "gradient: unknown key 'valeus'"),
         (with_(("gradient", "values"), ["a", 0]), "gradient.values[0]: expected a number, got 'a'"),
         (with_(("gradient", "values"), [1.5]), "gradient.values[0]: 1.5 is outside [0.0, 1.0]"),

@@ -1,12 +1,38 @@
-"""Where a tensor sits in the model: its decoder layer, and the model's natural order."""
+"""Where a tensor sits in the model: which stack of numbered blocks holds the decoder
+layers, a tensor's layer in it, and the model's natural order.
+
+The stack is decided, never guessed: among the numbered stacks a checkpoint holds
+(`<prefix>.<n>.<rest>`), the decoder's is the one whose prefix is a known decoder stack
+of the families transformers ships. Other stacks (a multimodal model's vision or audio
+tower) are not decoder layers. Two known stacks, or only unknown ones, is an error that
+names them and the recipe key that settles it (`layers_prefix`).
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-# Hugging Face decoder layers: "model.layers.12.mlp.up_proj.weight" (Llama, Mistral, Qwen...).
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from lazymerge.errors import InputError, RecipeError
+
+# Decoder stacks as checkpoints name them (the prefix before the layer number): Llama,
+# Mistral, Qwen, Gemma, Phi-3, Mixtral, OLMo, Cohere...; GPT-2, Falcon, BLOOM, GPT-J and
+# StarCoder (`transformer.h`, or `h` in checkpoints saved without the base model's
+# prefix); GPT-NeoX/Pythia; OPT; Mamba; MPT; and multimodal language models as older
+# (`language_model.model.layers`) and newer (`model.language_model.layers`) transformers
+# save them.
+DECODER_STACKS = frozenset({
+    "model.layers", "layers",
+    "transformer.h", "h",
+    "gpt_neox.layers",
+    "model.decoder.layers", "decoder.layers",
+    "backbone.layers",
+    "transformer.blocks",
+    "language_model.model.layers", "model.language_model.layers", "language_model.layers",
+})  # fmt: skip
+# The first `.<number>.` of a name: what comes before it is the stack's prefix.
+_NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<n>\d+)\.")
 # A Llama-family decoder layer's modules in the order the architecture (and so
 # `state_dict()`) lists them; modules not named here follow, by name.
 MODULE_ORDER = (
@@ -16,32 +42,95 @@ MODULE_ORDER = (
 )  # fmt: skip
 
 
-def layer_of(name: str) -> int | None:
-    """Decoder layer index of a tensor, or None for embeddings, final norm, lm_head."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+@dataclass(frozen=True)
+class LayerStack:
+    """The decoder's layers: their prefix (None: the model has none) and count, and the
+    other numbered stacks, which are not decoder layers (vision/audio towers)."""
+
+    prefix: str | None
+    count: int
+    towers: tuple[str, ...] = ()
+
+    def layer_of(self, name: str) -> int | None:
+        """Decoder layer index of a tensor, or None (embeddings, final norm, lm_head,
+        a tower's blocks)."""
+        m = _NUMBERED.match(name)
+        return int(m["n"]) if m is not None and m["prefix"] == self.prefix else None
+
+    def describe(self) -> str:
+        """For `plan` and `inspect`: the stack used, and the stacks left out."""
+        if self.prefix is None:
+            return "decoder layers: none"
+        text = f"decoder layers: {self.prefix}.0-{self.count - 1} ({self.count})"
+        if self.towers:
+            text += "; not decoder layers: " + ", ".join(self.towers)
+        return text
 
 
-def layer_count(names: Iterable[str]) -> int:
-    """Number of decoder layers, from the highest layer index in the tensor names."""
-    layers = [i for i in map(layer_of, names) if i is not None]
-    return max(layers) + 1 if layers else 0
+def numbered_stacks(names: Iterable[str]) -> dict[str, int]:
+    """Every stack of numbered blocks in `names`: prefix -> block count (highest + 1)."""
+    stacks: dict[str, int] = {}
+    for name in names:
+        m = _NUMBERED.match(name)
+        if m is not None:
+            stacks[m["prefix"]] = max(stacks.get(m["prefix"], 0), int(m["n"]) + 1)
+    return stacks
 
 
-def natural_key(name: str) -> tuple[int, int, int, list[str | int]]:
-    """The model's natural order, also the output's: embeddings, each layer in number
-    order with its modules in architecture order (weight before bias), the final norm,
-    lm_head. Names are compared with their numbers as numbers (h.2 before h.10), so the
-    order never depends on the input format's."""
-    layer = layer_of(name)
+def find_stack(names: Iterable[str], where: str, explicit: str | None = None) -> LayerStack:
+    """The decoder layer stack of the checkpoint `where` whose tensors are `names`;
+    `explicit` (the recipe's `layers_prefix`) settles it when given."""
+    stacks = numbered_stacks(names)
+    if explicit is not None:
+        if explicit not in stacks:
+            found = ", ".join(sorted(stacks)) or "none"
+            raise RecipeError(
+                f"layers_prefix {explicit!r}: {where} has no tensor <prefix>.<n>.* under it "
+                f"(numbered stacks there: {found})"
+            )
+        return _stack(explicit, stacks)
+    known = sorted(p for p in stacks if p in DECODER_STACKS)
+    if len(known) == 1:
+        return _stack(known[0], stacks)
+    if not stacks:
+        return LayerStack(None, 0)
+    listing = ", ".join(f"{p} ({n})" for p, n in sorted(stacks.items()))
+    what = "two decoder layer stacks" if known else "no known decoder layer stack"
+    raise InputError(
+        f"{where}: {what} among its numbered stacks: {listing}; name the decoder's in the "
+        "recipe, e.g. layers_prefix: " + (known[0] if known else next(iter(sorted(stacks))))
+    )
+
+
+def _stack(prefix: str, stacks: dict[str, int]) -> LayerStack:
+    towers = tuple(sorted(p for p in stacks if p != prefix))
+    return LayerStack(prefix, stacks[prefix], towers)
+
+
+def natural_key(
+    name: str, stack: LayerStack | None = None
+) -> tuple[int, int, int, list[str | int]]:
+    """The model's natural order, also the output's: embeddings, each decoder layer in
+    number order with its modules in architecture order (weight before bias), then the
+    rest (final norm, towers), lm_head. Names are compared with their numbers as numbers
+    (h.2 before h.10), so the order never depends on the input format's. Without a stack,
+    the stack is found from the name alone (the known decoder prefixes)."""
+    layer = _layer(name, stack)
     if layer is not None:
-        module = _LAYER.split(name, maxsplit=1)[-1]
+        module = name.split(f".{layer}.", 1)[-1]
         rank = next(
             (i for i, m in enumerate(MODULE_ORDER) if module.startswith(m + ".")), len(MODULE_ORDER)
         )
         return (1, layer, rank, _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
-    section = 0 if "embed" in name or ".wte." in name else 3 if "lm_head" in name else 2
+    section = 0 if "embed" in name or "wte." in name else 3 if "lm_head" in name else 2
     return (section, 0, 0, _digits(name))
+
+
+def _layer(name: str, stack: LayerStack | None) -> int | None:
+    if stack is not None:
+        return stack.layer_of(name)
+    m = _NUMBERED.match(name)
+    return int(m["n"]) if m is not None and m["prefix"] in DECODER_STACKS else None
 
 
 def _digits(text: str) -> list[str | int]:

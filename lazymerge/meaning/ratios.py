@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lazymerge.meaning.layers import layer_of, natural_key
+from lazymerge.meaning.layers import LayerStack, natural_key
 from lazymerge.recipe.spec import GradientRule
 
 
@@ -24,10 +24,11 @@ def anchor_ratio(values: Sequence[float], start: int, end: int, layer: int) -> f
     return float(np.interp(x, range(k + 1), values))
 
 
-def rule_ratio(rule: GradientRule, name: str, n_layers: int) -> float:
-    """Ratio one rule gives a tensor: anchors inside its span, `rest` outside it."""
-    start, end = rule.layers if rule.layers is not None else (0, n_layers)
-    layer = layer_of(name)
+def rule_ratio(rule: GradientRule, name: str, stack: LayerStack) -> float:
+    """Ratio one rule gives a tensor: anchors inside its span of decoder layers, `rest`
+    outside it (and outside the layers)."""
+    start, end = rule.layers if rule.layers is not None else (0, stack.count)
+    layer = stack.layer_of(name)
     if layer is None or not start <= layer < end:
         return rule.rest
     return anchor_ratio(rule.values, start, end, layer)
@@ -50,7 +51,7 @@ def tensor_ratios(values: Sequence[float], n: int) -> list[float]:
 
 
 def all_ratios(
-    names: Sequence[str], rules: Sequence[GradientRule], n_layers: int
+    names: Sequence[str], rules: Sequence[GradientRule], stack: LayerStack
 ) -> dict[str, float]:
     """Every tensor's ratio. A tensor-mode rule needs them all: its anchors are spread
     over the tensors it decides, in natural order."""
@@ -59,8 +60,8 @@ def all_ratios(
     for i, rule in enumerate(rules):
         mine = [n for n in names if owner[n] == i]
         if rule.over == "tensors":
-            mine.sort(key=natural_key)
+            mine.sort(key=lambda n: natural_key(n, stack))
             out.update(zip(mine, tensor_ratios(rule.values, len(mine)), strict=True))
         else:
-            out.update((n, rule_ratio(rule, n, n_layers)) for n in mine)
+            out.update((n, rule_ratio(rule, n, stack)) for n in mine)
     return out

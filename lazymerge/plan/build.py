@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.adapters import REPLACE, LoraAdapter, LoraTerm
-from lazymerge.meaning.layers import layer_count, natural_key
+from lazymerge.meaning.layers import LayerStack, find_stack, natural_key, numbered_stacks
 from lazymerge.meaning.methods import Linear
 from lazymerge.meaning.ratios import all_ratios, first_rule
 from lazymerge.plan.model import (
@@ -54,10 +54,8 @@ def build_plan(recipe: Recipe) -> MergePlan:
     """Open every input's headers (and the base's config.json) and decide the whole merge."""
     base = CheckpointIndex.open(recipe.base.path)
     config = read_config(model_dir(base.path))
-    n_layers = layer_count(base.tensors)
     other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
-    if other is not None:
-        _check_layers(recipe, base, other, n_layers)
+    stack = _layer_stack(recipe, base, other)
     base_terms, uses = _lora_terms("base", recipe.base, base)
     other_terms: Terms = {}
     if recipe.other and other:
@@ -65,27 +63,50 @@ def build_plan(recipe: Recipe) -> MergePlan:
         uses += other_uses
     sources = _Sources(recipe, other, base_terms, other_terms)
     kept = sorted(
-        (r for r in base if not DROPPED.search(r.name)), key=lambda r: natural_key(r.name)
+        (r for r in base if not DROPPED.search(r.name)), key=lambda r: natural_key(r.name, stack)
     )
-    ratios = all_ratios([r.name for r in kept], recipe.gradient, n_layers) if other else {}
+    ratios = all_ratios([r.name for r in kept], recipe.gradient, stack) if other else {}
     planned = [_plan_tensor(sources, ref, ratios.get(ref.name, 0.0)) for ref in kept]
     tensors, shards = _shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
     notes = vocab_notes(tensors)
     return MergePlan(
-        recipe, base, other, n_layers, tensors, shards, config, dropped, notes, tuple(uses)
+        recipe, base, other, stack, tensors, shards, config, dropped, notes, tuple(uses)
     )
 
 
+def _layer_stack(
+    recipe: Recipe, base: CheckpointIndex, other: CheckpointIndex | None
+) -> LayerStack:
+    """The base's decoder layers (see meaning/layers.py), the same in the other model. A
+    merge whose rules never name a layer (an adapter alone, tensor-mode rules) goes on
+    where the stack can't be told: it then has no layers to show."""
+    needed = other is not None and any(r.over == "layers" for r in recipe.gradient)
+    try:
+        stack = find_stack(base.tensors, f"base {base.path}", recipe.layers_prefix)
+    except InputError:
+        if needed:
+            raise
+        return LayerStack(None, 0, tuple(sorted(numbered_stacks(base.tensors))))
+    if other is not None and needed:
+        theirs = find_stack(other.tensors, f"other {other.path}", recipe.layers_prefix)
+        _check_layers(recipe, (base, stack), (other, theirs))
+    return stack
+
+
 def _check_layers(
-    recipe: Recipe, base: CheckpointIndex, other: CheckpointIndex, n_layers: int
+    recipe: Recipe,
+    base: tuple[CheckpointIndex, LayerStack],
+    other: tuple[CheckpointIndex, LayerStack],
 ) -> None:
-    n_other = layer_count(other.tensors)
-    if n_other != n_layers:
+    (index, mine), (their_index, theirs) = base, other
+    if theirs.count != mine.count or theirs.prefix != mine.prefix:
+        where = f" in {theirs.prefix}" if theirs.prefix != mine.prefix else ""
         raise InputError(
-            f"base {base.path} has {n_layers} layers but other {other.path} has {n_other}; "
-            "a layer gradient needs models of the same depth"
+            f"base {index.path} has {mine.count} layers but other {their_index.path} has "
+            f"{theirs.count}{where}; a layer gradient needs models of the same depth"
         )
+    n_layers = mine.count
     for i, rule in enumerate(recipe.gradient):
         if rule.layers is not None and rule.layers[1] > n_layers:
             start, end = rule.layers

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lazymerge.meaning.adapters import LoraTerm
+from lazymerge.meaning.layers import LayerStack
 from lazymerge.meaning.methods import Method
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.tensorref import TensorRef
@@ -120,13 +121,17 @@ class MergePlan:
     recipe: Recipe
     base: CheckpointIndex
     other: CheckpointIndex | None
-    n_layers: int
+    stack: LayerStack  # the decoder layers
     tensors: tuple[PlannedTensor, ...]
     shards: tuple[Shard, ...]
     config: dict[str, Any] | None = None  # the base's config.json, checked
     dropped: tuple[str, ...] = ()  # base tensors deliberately left out (see build.DROPPED)
     notes: tuple[str, ...] = ()  # what the user should know (vocabulary mismatches)
     adapters: tuple[AdapterUse, ...] = ()  # every adapter of the recipe, in recipe order
+
+    @property
+    def n_layers(self) -> int:
+        return self.stack.count
 
     @property
     def bytes_to_write(self) -> int:

@@ -45,7 +45,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
     """Validate recipe data (already parsed from YAML) into a Recipe."""
-    d = _mapping(data, source, {"base", "other", "gradient", "output"})
+    d = _mapping(data, source, {"base", "other", "gradient", "output", "layers_prefix"})
     if "base" not in d:
         raise RecipeError(f"{source}: 'base' is required (a model path)")
     base = _model(d["base"], root, f"{source}: base")
@@ -56,7 +56,13 @@ def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
     if other is not None and not gradient:
         raise RecipeError(f"{source}: 'other' is given but no 'gradient' says how to blend it")
     output = _output(d.get("output") or {}, f"{source}: output")
-    return Recipe(base, other, gradient, output)
+    prefix = d.get("layers_prefix")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix.strip(".")):
+        raise RecipeError(
+            f"{source}: layers_prefix: expected the decoder layers' name prefix, e.g. "
+            f"transformer.h, got {prefix!r}"
+        )
+    return Recipe(base, other, gradient, output, prefix)
 
 
 def _mapping(value: object, where: str, allowed: set[str]) -> dict[str, Any]:

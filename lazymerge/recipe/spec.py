@@ -66,6 +66,7 @@ class Recipe:
     other: ModelSpec | None = None
     gradient: tuple[GradientRule, ...] = ()
     output: OutputSpec = field(default_factory=OutputSpec)
+    layers_prefix: str | None = None  # the decoder layers' stack, when the names can't say
 
     def inputs(self) -> list[Path]:
         """Every input path, models and adapters."""
@@ -106,4 +107,6 @@ class Recipe:
         if self.output.dtype is not None:
             output["dtype"] = DTYPE_LABELS[self.output.dtype]
         data["output"] = output
+        if self.layers_prefix is not None:
+            data["layers_prefix"] = self.layers_prefix
         return data

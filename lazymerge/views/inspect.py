@@ -6,8 +6,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from lazymerge.errors import LazyMergeError
 from lazymerge.meaning.adapters import CONFIG, LoraAdapter
-from lazymerge.meaning.layers import layer_count, natural_key
+from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.config import model_dir, read_config
 from lazymerge.read.tensorref import TensorRef, itemsize
@@ -23,8 +24,8 @@ def describe(path: Path, show_all: bool = False) -> str:
     return _checkpoint(path, show_all)
 
 
-def _listing(refs: list[TensorRef], show_all: bool) -> list[str]:
-    refs = sorted(refs, key=lambda r: natural_key(r.name))
+def _listing(refs: list[TensorRef], show_all: bool, stack: LayerStack | None = None) -> list[str]:
+    refs = sorted(refs, key=lambda r: natural_key(r.name, stack))
     shown = refs if show_all else refs[:SHORT_LISTING]
     width = max((len(r.name) for r in shown), default=0)
     lines = [f"  {r.name:<{width}}  {r.dtype:<4} {list(r.shape)}" for r in shown]
@@ -40,6 +41,7 @@ def _dtypes(refs: list[TensorRef]) -> str:
 def _checkpoint(path: Path, show_all: bool) -> str:
     index = CheckpointIndex.open(path)
     refs = list(index)
+    stack, why = _stack(index)
     params = sum(r.nbytes // itemsize(r.dtype) for r in refs)
     cfg = read_config(model_dir(index.path))
     arch = ""
@@ -52,10 +54,19 @@ def _checkpoint(path: Path, show_all: bool) -> str:
         + (" ..." if len(index.files) > 4 else ""),
         *([f"architecture: {arch}"] if arch else []),
         f"tensors: {len(refs)} ({_dtypes(refs)}); parameters: {params:,}; "
-        f"decoder layers: {layer_count(index.tensors)}; tensor bytes: {human_bytes(index.nbytes)}",
-        *_listing(refs, show_all),
+        f"decoder layers: {stack.count if stack else '?'}; tensor bytes: {human_bytes(index.nbytes)}",
+        stack.describe() if stack else f"decoder layers: cannot tell ({why})",
+        *_listing(refs, show_all, stack),
     ]
     return "\n".join(lines)
+
+
+def _stack(index: CheckpointIndex) -> tuple[LayerStack | None, str]:
+    """The checkpoint's decoder layers, or why they can't be told from its names."""
+    try:
+        return find_stack(index.tensors, str(index.path)), ""
+    except LazyMergeError as e:
+        return None, str(e).split(": ", 1)[-1]
 
 
 def _adapter(path: Path, show_all: bool) -> str:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lazymerge.meaning.layers import layer_of
 from lazymerge.plan.model import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor, Role
 from lazymerge.recipe.spec import DTYPE_LABELS, GradientRule
 from lazymerge.run.budget import INTERPRETER, estimate_peak
@@ -42,7 +41,7 @@ def human_bytes(n: float) -> str:
 def layer_rows(plan: MergePlan) -> list[LayerRow]:
     groups: dict[int | None, list[PlannedTensor]] = {}
     for t in plan.tensors:
-        groups.setdefault(layer_of(t.name), []).append(t)
+        groups.setdefault(plan.stack.layer_of(t.name), []).append(t)
     keys = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
     return [_row(plan, k, groups[k]) for k in keys]
 
@@ -96,6 +95,7 @@ def inputs(plan: MergePlan) -> list[str]:
     for role, index in (("base", plan.base), ("other", plan.other)):
         if index is not None:
             lines.append(f"{role}: {index.path} ({index.note or index.format})")
+    lines.append(plan.stack.describe())
     lines += list(plan.notes)
     if plan.dropped:
         lines.append(
@@ -156,6 +156,11 @@ def plan_json(plan: MergePlan, budget: int) -> dict[str, Any]:
             }
             for r in layer_rows(plan)
         ],
+        "layer_stack": {
+            "prefix": plan.stack.prefix,
+            "layers": plan.stack.count,
+            "not_decoder_layers": list(plan.stack.towers),
+        },
         "tensors": [_tensor_json(plan, t) for t in plan.tensors],
         "dropped": list(plan.dropped),
         "notes": list(plan.notes),
