@@ -1,0 +1,96 @@
+"""Which numbered stack holds the decoder layers: decided from known prefixes, never
+guessed; towers are not layers; ambiguity and the unknown are errors naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lazymerge.errors import InputError, RecipeError
+from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
+
+
+def names(
+    prefix: str, n: int, modules: tuple[str, ...] = ("attn.weight", "mlp.weight")
+) -> list[str]:
+    return [f"{prefix}.{i}.{m}" for i in range(n) for m in modules]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "extra"),
+    [
+        ("model.layers", ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]),
+        ("transformer.h", ["transformer.wte.weight", "transformer.ln_f.weight"]),
+        ("h", ["wte.weight", "ln_f.weight"]),  # GPT-2 as its hub checkpoint stores it
+        ("gpt_neox.layers", ["gpt_neox.embed_in.weight", "embed_out.weight"]),
+        ("model.decoder.layers", ["model.decoder.embed_tokens.weight"]),
+        ("backbone.layers", ["backbone.embeddings.weight"]),
+    ],
+)
+def test_known_stacks(prefix: str, extra: list[str]) -> None:
+    stack = find_stack(names(prefix, 3) + extra, "m")
+    assert stack == LayerStack(prefix, 3)
+    assert [stack.layer_of(n) for n in names(prefix, 3)] == [0, 0, 1, 1, 2, 2]
+    assert all(stack.layer_of(n) is None for n in extra)
+
+
+def test_experts_belong_to_their_layer() -> None:
+    experts = [f"model.layers.{i}.mlp.experts.{e}.w1.weight" for i in range(2) for e in range(8)]
+    stack = find_stack(experts, "m")
+    assert stack == LayerStack("model.layers", 2)
+    assert stack.layer_of("model.layers.1.mlp.experts.7.w1.weight") == 1
+
+
+def test_a_multimodal_models_towers_are_not_layers() -> None:
+    text = names("model.language_model.layers", 4)
+    vision = names("model.vision_tower.vision_model.encoder.layers", 6)
+    stack = find_stack(text + vision, "m")
+    assert stack == LayerStack(
+        "model.language_model.layers", 4, ("model.vision_tower.vision_model.encoder.layers",)
+    )
+    assert all(stack.layer_of(n) is None for n in vision)
+    assert stack.describe() == (
+        "decoder layers: model.language_model.layers.0-3 (4); not decoder layers: "
+        "model.vision_tower.vision_model.encoder.layers"
+    )
+    # the towers sort after the decoder layers, not among them
+    ordered = sorted(vision + text, key=lambda n: natural_key(n, stack))
+    assert ordered[: len(text)] == sorted(text, key=lambda n: natural_key(n, stack))
+
+
+def test_two_known_stacks_are_ambiguous() -> None:
+    with pytest.raises(InputError) as e:
+        find_stack(names("model.layers", 2) + names("transformer.h", 2), "base /x")
+    assert str(e.value) == (
+        "base /x: two decoder layer stacks among its numbered stacks: model.layers (2), "
+        "transformer.h (2); name the decoder's in the recipe, e.g. layers_prefix: model.layers"
+    )
+
+
+def test_only_unknown_stacks_are_not_guessed() -> None:
+    with pytest.raises(InputError) as e:
+        find_stack(names("encoder.block", 2), "base /x")
+    assert str(e.value) == (
+        "base /x: no known decoder layer stack among its numbered stacks: encoder.block (2); "
+        "name the decoder's in the recipe, e.g. layers_prefix: encoder.block"
+    )
+
+
+def test_layers_prefix_settles_it() -> None:
+    both = names("model.layers", 2) + names("transformer.h", 3)
+    assert find_stack(both, "m", "transformer.h") == LayerStack(
+        "transformer.h", 3, ("model.layers",)
+    )
+    assert find_stack(names("encoder.block", 2), "m", "encoder.block").count == 2
+    with pytest.raises(RecipeError) as e:
+        find_stack(both, "base /x", "nope")
+    assert str(e.value) == (
+        "layers_prefix 'nope': base /x has no tensor <prefix>.<n>.* under it "
+        "(numbered stacks there: model.layers, transformer.h)"
+    )
+
+
+def test_no_numbered_stack_is_no_layers() -> None:
+    stack = find_stack(["embed.weight", "lm_head.weight"], "m")
+    assert stack == LayerStack(None, 0)
+    assert stack.layer_of("embed.weight") is None
+    assert stack.describe() == "decoder layers: none"
