@@ -3,10 +3,14 @@ guessed; towers are not layers; ambiguity and the unknown are errors naming the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
+
+from conftest import N_LAYERS, run_cli, tiny_config
 
 
 def names(
@@ -94,3 +98,20 @@ def test_no_numbered_stack_is_no_layers() -> None:
     assert stack == LayerStack(None, 0)
     assert stack.layer_of("embed.weight") is None
     assert stack.describe() == "decoder layers: none"
+
+
+def test_inspect_names_the_stack_and_the_head(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import LlamaForCausalLM
+
+    assert run_cli("inspect", models["base"]) == 0
+    text = capsys.readouterr().out
+    assert f"decoder layers: model.layers.0-{N_LAYERS - 1} ({N_LAYERS})\n" in text
+    assert "output head: lm_head (untied)\n" in text
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    assert run_cli("inspect", tmp_path / "tied") == 0
+    text = capsys.readouterr().out
+    assert "output head: none stored (tied to the input embeddings, as config.json says)\n" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from lazymerge.errors import LazyMergeError
 from lazymerge.meaning.adapters import CONFIG, LoraAdapter
@@ -56,9 +57,21 @@ def _checkpoint(path: Path, show_all: bool) -> str:
         f"tensors: {len(refs)} ({_dtypes(refs)}); parameters: {params:,}; "
         f"decoder layers: {stack.count if stack else '?'}; tensor bytes: {human_bytes(index.nbytes)}",
         stack.describe() if stack else f"decoder layers: cannot tell ({why})",
+        _tied(index, cfg),
         *_listing(refs, show_all, stack),
     ]
     return "\n".join(lines)
+
+
+def _tied(index: CheckpointIndex, cfg: dict[str, Any] | None) -> str:
+    """Whether the output head shares the input embeddings (no head tensor of its own)."""
+    heads = [n for n in index.tensors if n.endswith(("lm_head.weight", "embed_out.weight"))]
+    said = (cfg or {}).get("tie_word_embeddings")
+    if heads:
+        return f"output head: {heads[0].removesuffix('.weight')} (untied)"
+    return "output head: none stored (tied to the input embeddings" + (
+        ", as config.json says)" if said else ")"
+    )
 
 
 def _stack(index: CheckpointIndex) -> tuple[LayerStack | None, str]:
