@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import InputError
+from lazymerge.meaning.names import Mapping, fitting_mapping, rename
 from lazymerge.read.checkpoint import CheckpointIndex, read_tensor_file
 from lazymerge.read.tensorref import TensorRef
 
@@ -101,6 +102,21 @@ class LoraAdapter:
         tensors = read_tensor_file(_weights_file(p))
         terms = _terms(p, config, tensors, weight)
         return cls(p, weight, terms)
+
+    def fit(self, index: CheckpointIndex) -> tuple[LoraAdapter, Mapping]:
+        """This adapter with its targets named as `index` stores them (see names.py), and
+        the mapping that did it (() when none was needed); checked against `index`."""
+        mapping = fitting_mapping([t.target for t in self.terms], index.tensors)
+        if mapping is None:
+            missing = next(t for t in self.terms if t.target not in index)
+            raise InputError(
+                f"{self.path}: adapter tensor {missing.a.name} targets {missing.target}, "
+                f"which {index.path} does not have (nor under a known name mapping)"
+            )
+        terms = [replace(t, target=rename(t.target, mapping)) for t in self.terms]
+        fitted = LoraAdapter(self.path, self.weight, terms)
+        fitted.check_against(index)
+        return fitted, mapping
 
     def check_against(self, index: CheckpointIndex) -> None:
         """Every term must target a tensor of `index` that has the shape it fits."""

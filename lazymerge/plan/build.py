@@ -12,6 +12,7 @@ from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.adapters import REPLACE, LoraAdapter, LoraTerm
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key, numbered_stacks
 from lazymerge.meaning.methods import Linear
+from lazymerge.meaning.names import describe
 from lazymerge.meaning.ratios import all_ratios, first_rule
 from lazymerge.plan.model import (
     COMPUTE,
@@ -69,7 +70,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
     planned = [_plan_tensor(sources, ref, ratios.get(ref.name, 0.0)) for ref in kept]
     tensors, shards = _shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
-    notes = vocab_notes(tensors)
+    notes = tuple(_renamed(uses)) + vocab_notes(tensors)
     return MergePlan(
         recipe, base, other, stack, tensors, shards, config, dropped, notes, tuple(uses)
     )
@@ -124,9 +125,8 @@ def _lora_terms(
     terms: Terms = {}
     uses = []
     for lo in spec.loras:
-        adapter = LoraAdapter.open(lo.path, lo.weight)
-        adapter.check_against(index)
-        uses.append(AdapterUse(role, lo, adapter.path, len(adapter.terms)))
+        adapter, mapping = LoraAdapter.open(lo.path, lo.weight).fit(index)
+        uses.append(AdapterUse(role, lo, adapter.path, len(adapter.terms), mapping))
         for term in adapter.terms:
             if not index[term.target].is_float:
                 raise InputError(f"{lo.path}: targets {term.target}, which is not a float tensor")
@@ -213,6 +213,15 @@ def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
     if not o.is_float:
         raise InputError(f"{ref.name}: other {o.file} stores it as {o.dtype}, not a float")
     return o
+
+
+def _renamed(uses: Sequence[AdapterUse]) -> Iterable[str]:
+    for use in uses:
+        if use.renamed:
+            yield (
+                f"{use.spec.path}: module names mapped to the checkpoint's "
+                f"({describe(use.renamed)})"
+            )
 
 
 def vocab_notes(tensors: Sequence[PlannedTensor]) -> tuple[str, ...]:

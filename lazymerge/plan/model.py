@@ -14,6 +14,7 @@ from typing import Any, Literal
 from lazymerge.meaning.adapters import LoraTerm
 from lazymerge.meaning.layers import LayerStack
 from lazymerge.meaning.methods import Method
+from lazymerge.meaning.names import Mapping
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.tensorref import TensorRef
 from lazymerge.recipe.spec import LoraSpec, Recipe
@@ -104,6 +105,7 @@ class AdapterUse:
     spec: LoraSpec  # as the recipe names it
     path: Path  # the directory opened (PEFT may keep it in a subfolder of spec.path)
     terms: int  # tensors it changes, before the gradient drops any
+    renamed: Mapping = ()  # the prefixes its module names were mapped by (meaning/names.py)
 
 
 @dataclass(frozen=True)
