@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from lazymerge.cli import main
 
+from mergekit_ref import SKIP_VARIABLE, Mergekit, MergekitUnavailable, reference
+
 # Drawing each merge's card picture costs a child process with matplotlib (~1 s); the
 # tests that look at the picture turn it back on.
 os.environ.setdefault("LAZYMERGE_NO_PICTURE", "1")
@@ -79,6 +81,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "other": other,
         "lora": make_adapter(other, root / "lora", seed=3),
     }
+
+
+@pytest.fixture(scope="session")
+def mergekit() -> Mergekit:
+    """mergekit-yaml in its own pinned venv (tests/mergekit_ref.py), built on first use.
+
+    No PyPI is an error naming the fix, not a silent skip: LAZYMERGE_NO_MERGEKIT=1 skips.
+    """
+    if os.environ.get(SKIP_VARIABLE) == "1":
+        pytest.skip(f"{SKIP_VARIABLE}=1: mergekit reference tests skipped")
+    try:
+        return reference()
+    except MergekitUnavailable as e:
+        failure = str(e)
+    pytest.fail(failure, pytrace=False)
 
 
 def run_cli(*args: str | Path) -> int:
