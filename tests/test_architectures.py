@@ -9,10 +9,21 @@ Saved names and module names differ (transformers 5 saves Gemma 3 under the olde
 tensor is tied to its parameter by value: every parameter is perturbed at random, which
 makes each one unique.
 
-Gemma 3 with the adapter PEFT saves today is an expected failure: lazymerge looks for the
-adapter's module names (`model.language_model.layers.N...`) in a checkpoint saved under
-`language_model.model.layers.N...` and refuses it. The same merge with the adapter's
-modules under the saved names (as PEFT wrote them before transformers 4.52) runs.
+Mixture-of-experts models keep their experts in memory as one stacked (and for gate/up
+fused) parameter per layer, `mlp.experts.gate_up_proj` [experts, 2 * inter, hidden], and
+transformers saves them per expert (`mlp.experts.<e>.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.<e>.w1.weight`): such a saved tensor is tied by value to its
+block of the stacked parameter. Tied embeddings are one parameter under two module names;
+the checkpoint holds it once, as the input embedding, and so must the output.
+
+Gemma 3's adapter as PEFT saves it today names its modules as in memory
+(`model.language_model.layers.N...`) where the checkpoint has
+`language_model.model.layers.N...`: lazymerge maps the names (and `plan` says so). The same
+merge with the adapter's modules under the saved names (as PEFT wrote them before
+transformers 4.52) needs no mapping.
+
+A LoRA on tied embeddings (llama_tied_embed_lora): PEFT's merge changes the one parameter,
+so its lm_head follows embed_tokens; the checkpoint and the output hold embed_tokens only.
 """
 
 from __future__ import annotations
@@ -20,9 +31,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +62,12 @@ class Arch:
     decoder: Callable[[torch.nn.Module], torch.nn.ModuleList]
     targets: tuple[str, ...]
     prefix: str  # the decoder layers' saved names: <prefix>.<i>.*
-    changed: int  # tensors a gradient over layers 0..N-2 changes (the decoder's, r > 0)
+    changed: int  # tensors the gradient changes (r > 0): layers 0..N-2's, and any `rest`
     tower: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     towers: tuple[str, ...] = ()  # the other numbered stacks, as `plan` names them
     lora: tuple[tuple[str, object], ...] = ()  # more LoraConfig arguments
+    tied: bool = False  # the output head is the input embedding (one parameter, saved once)
+    rest: float = 0.0  # the gradient's ratio outside the decoder layers
     # The adapter's modules renamed to the checkpoint's saved names, as PEFT wrote them
     # when the module tree still had those names (Gemma 3 before transformers 4.52).
     saved_names_adapter: bool = False
@@ -113,8 +127,39 @@ def gemma3_config() -> Any:
     )  # fmt: skip
 
 
+# The text-only families: transformers' own config class, tiny, token ids in the vocabulary.
+TEXT = {
+    "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": N_LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+GEMMA = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 16}
+QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+
+def text_config(name: str, **extra: object) -> Any:
+    import transformers
+
+    return getattr(transformers, name)(**{**TEXT, **extra})
+
+
+def text_arch(
+    config: str, model: str, targets: tuple[str, ...], changed: int,
+    settings: dict[str, object], **kw: Any,
+) -> Arch:  # fmt: skip
+    """A text-only model (`settings` over TEXT) whose decoder is `model.layers`, saved
+    under the same name."""
+    return Arch(
+        partial(text_config, config, **settings), model, lambda m: m.model.layers, targets,
+        "model.layers", changed=changed, **kw,
+    )  # fmt: skip
+
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NEOX_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+UNTIED = {"tie_word_embeddings": False}
+TIED = {"tie_word_embeddings": True}
 ARCHS = {
     "llama": Arch(
         llama_config, "LlamaForCausalLM", lambda m: m.model.layers, LLAMA_TARGETS,
@@ -123,11 +168,11 @@ ARCHS = {
     # Conv1D keeps its weight as [in, out]: PEFT needs fan_in_fan_out for it.
     "gpt2": Arch(
         gpt2_config, "GPT2LMHeadModel", lambda m: m.transformer.h, ("c_attn", "c_proj", "c_fc"),
-        "transformer.h", changed=2 * 12, lora=(("fan_in_fan_out", True),),
+        "transformer.h", changed=2 * 12, lora=(("fan_in_fan_out", True),), tied=True,
     ),
     "falcon": Arch(
         falcon_config, "FalconForCausalLM", lambda m: m.transformer.h, NEOX_TARGETS,
-        "transformer.h", changed=2 * 6,
+        "transformer.h", changed=2 * 6, tied=True,
     ),
     "gpt_neox": Arch(
         gpt_neox_config, "GPTNeoXForCausalLM", lambda m: m.gpt_neox.layers, NEOX_TARGETS,
@@ -139,10 +184,66 @@ ARCHS = {
         gemma3_config, "Gemma3ForConditionalGeneration",
         lambda m: m.model.language_model.layers, LLAMA_TARGETS,
         "language_model.model.layers", changed=2 * 13,
-        tower=lambda m: m.model.vision_tower, towers=("vision_tower.encoder.layers",),
+        tower=lambda m: m.model.vision_tower, towers=("vision_tower.encoder.layers",), tied=True,
+    ),
+    # changed: each decoder layer's saved tensors, in the two layers the gradient blends.
+    "mistral": text_arch(
+        "MistralConfig", "MistralForCausalLM", LLAMA_TARGETS, 2 * 9, settings=UNTIED
+    ),
+    "qwen2": text_arch(  # + q/k/v_proj biases
+        "Qwen2Config", "Qwen2ForCausalLM", LLAMA_TARGETS, 2 * 12, settings=UNTIED
+    ),
+    "qwen3": text_arch(  # + q_norm, k_norm
+        "Qwen3Config", "Qwen3ForCausalLM", LLAMA_TARGETS, 2 * 11,
+        settings={**UNTIED, "head_dim": 8},
+    ),
+    # Gemma's norms are saved as offsets from 1 and its embeddings scaled in forward: the
+    # saved tensors are what is blended, whatever the model does with them.
+    "gemma2": text_arch(  # + pre/post_feedforward_layernorm
+        "Gemma2Config", "Gemma2ForCausalLM", LLAMA_TARGETS, 2 * 11, settings={**GEMMA, **TIED},
+        tied=True,
+    ),
+    "gemma3_text": text_arch(  # + q_norm, k_norm
+        "Gemma3TextConfig", "Gemma3ForCausalLM", LLAMA_TARGETS, 2 * 13,
+        settings={**GEMMA, **TIED}, tied=True,
+    ),
+    "phi3": text_arch(  # fused qkv_proj and gate_up_proj
+        "Phi3Config", "Phi3ForCausalLM", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        2 * 6, settings=UNTIED,
+    ),
+    # MoE: the LoRA on the attention only; each layer saves its router and 4 experts x 3.
+    "mixtral": text_arch(
+        "MixtralConfig", "MixtralForCausalLM", ATTENTION, 2 * 19,
+        settings={**UNTIED, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "qwen2_moe": text_arch(  # + a shared expert and its gate, q/k/v_proj biases
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", ATTENTION, 2 * 26,
+        settings={**UNTIED, **QWEN_MOE, "shared_expert_intermediate_size": 32},
+    ),
+    "qwen3_moe": text_arch(  # + q_norm, k_norm
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM", ATTENTION, 2 * 21,
+        settings={**UNTIED, **QWEN_MOE, "head_dim": 8},
+    ),
+    "olmo2": text_arch(  # q/k_norm; norms after attention and MLP, none before
+        "Olmo2Config", "Olmo2ForCausalLM", LLAMA_TARGETS, 2 * 11, settings=UNTIED
+    ),
+    "starcoder2": text_arch(  # LayerNorms and linear layers, all with biases
+        "Starcoder2Config", "Starcoder2ForCausalLM", (*ATTENTION, "c_fc", "c_proj"), 2 * 16,
+        settings=TIED, tied=True,
+    ),
+    "cohere": text_arch(  # parallel attention and MLP: one (bias-free) LayerNorm a layer
+        "CohereConfig", "CohereForCausalLM", LLAMA_TARGETS, 2 * 8, settings=TIED, tied=True
+    ),
+    "llama_tied": text_arch(
+        "LlamaConfig", "LlamaForCausalLM", LLAMA_TARGETS, 2 * 9, settings=TIED, tied=True
     ),
 }  # fmt: skip
 ARCHS["gemma3_saved_names_adapter"] = replace(ARCHS["gemma3"], saved_names_adapter=True)
+# An embedding LoRA (lora_embedding_A/B; PEFT also saves embed_tokens.base_layer.weight) on
+# the tied embeddings. With `rest` the other's embed_tokens (and final norm) count.
+ARCHS["llama_tied_embed_lora"] = replace(
+    ARCHS["llama_tied"], targets=(*LLAMA_TARGETS, "embed_tokens"), rest=0.5, changed=2 * 9 + 2
+)
 
 
 @dataclass
@@ -158,7 +259,9 @@ class Case:
     expected: dict[str, torch.Tensor]  # the reference output, float16
     layer: dict[str, int | None]  # saved name -> decoder layer, from the module tree
     in_tower: set[str]  # saved names of the tower's tensors (Gemma 3's vision)
-    tower_lora: int  # of those, how many the other's LoRA changed
+    lora_changed: set[str]  # saved names of the other's tensors PEFT's merge changed
+    targeted: set[str]  # saved names of the weights of the modules the LoRA targets
+    tied: bool  # the module tree's output head is its input embedding
 
 
 def model_class(arch: Arch) -> Any:
@@ -206,17 +309,43 @@ def owners(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> dict[
     return {name: owner.get(id(t)) for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def tree_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Saved name -> the module-tree name of the parameter holding the same values."""
+Index = tuple[int | slice, ...]
+
+
+def blocks(p: torch.Tensor, shape: torch.Size) -> Iterator[Index]:
+    """Where a tensor of `shape` can sit in parameter `p`: p itself, or one expert's
+    block of a stacked expert parameter (p[e], or one of the equal parts p[e] fuses, as
+    gate_up_proj fuses gate_proj and up_proj)."""
+    if p.shape == shape:
+        yield ()
+    elif p.ndim == len(shape) + 1:
+        for e in range(p.shape[0]):
+            inner = p.shape[1:]
+            if inner == shape:
+                yield (e,)
+                continue
+            for d, (n, size) in enumerate(zip(inner, shape, strict=True)):
+                same = inner[:d] == shape[:d] and inner[d + 1 :] == shape[d + 1 :]
+                if same and n % size == 0:
+                    for k in range(0, n, size):
+                        yield (e, *[slice(None)] * d, slice(k, k + size))
+
+
+def located(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[str, Index]]:
+    """Saved name -> the module-tree name of the parameter holding the same values, and
+    where in it (() for the whole parameter)."""
     params = list(model.state_dict().items())
-    names = {}
+    where = {}
     for key, t in tensors.items():
-        found = {n for n, p in params if p.shape == t.shape and torch.equal(p, t)}
-        # Tied weights are one parameter under two names (embeddings and lm_head).
-        objects = {id(model.get_parameter(n)) for n in found}
-        assert len(objects) == 1, f"{key}: matches {sorted(found)}"
-        names[key] = sorted(found)[0]
-    return names
+        found = [(n, i) for n, p in params for i in blocks(p, t.shape) if torch.equal(p[i], t)]
+        # Tied weights are one parameter under two names (embeddings and lm_head): the
+        # first name in the module tree's order, the embeddings'.
+        objects = {(id(model.get_parameter(n)), repr(i)) for n, i in found}
+        assert len(objects) == 1, f"{key}: matches {found}"
+        where[key] = found[0]
+    return where
 
 
 def peft_merge(arch: Arch, model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -252,27 +381,46 @@ def build_case(arch: Arch, root: Path) -> Case:
     make_model(arch, root / "other", seed=2)
     lora = make_lora(arch, root / "other", root / "lora", seed=3)
     base = saved(root / "base")
-    names = tree_names(model, base)
+    where = located(model, base)
+    names = {key: name for key, (name, _) in where.items()}
     in_decoder = owners(model, dict(enumerate(arch.decoder(model))))
     layer = {key: in_decoder[names[key]] for key in base}
     in_tower_tree = owners(model, {0: arch.tower(model)} if arch.tower is not None else {})
     in_tower = {key for key in base if in_tower_tree[names[key]] is not None}
     other = saved(root / "other")
     merged = peft_merge(arch, root / "other", lora)
+    assert set(other) == set(base)
     expected = {}
     for key, b in base.items():
-        o = merged[names[key]]
-        r = 0.0 if layer[key] is None else float(RATIOS[layer[key]])
+        name, index = where[key]
+        o = merged[name][index]
+        r = ratio(arch, layer[key])
         expected[key] = ((1 - r) * b.float() + r * o.float()).to(torch.float16)
-    # Tower tensors the LoRA changed in the other: a tower blended would show.
-    tower_lora = sum(not torch.equal(merged[names[k]], other[k]) for k in in_tower)
+    # What the LoRA changed in the other: a tower blended, or an expert changed, shows.
+    lora_changed = {k for k in base if not torch.equal(merged[names[k]][where[k][1]], other[k])}
+    targeted = {
+        k
+        for k, (name, index) in where.items()
+        if index == () and name.endswith(".weight") and name.split(".")[-2] in arch.targets
+    }
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     if arch.saved_names_adapter:
         lora = rename_adapter(lora, root / "lora_saved_names", names)
-    recipe = write_recipe(root / "recipe.yaml", root / "base", root / "other", lora)
+    gradient = {"values": VALUES} | ({"rest": arch.rest} if arch.rest else {})
+    recipe = write_recipe(
+        root / "recipe.yaml", root / "base", root / "other", lora, gradient=gradient
+    )
     error = cli_error("merge", recipe, "-o", root / "out", "-q")
     return Case(
-        arch, root, recipe, root / "out", error, base, expected, layer, in_tower, tower_lora
-    )
+        arch, root, recipe, root / "out", error, base, expected, layer, in_tower,
+        lora_changed, targeted, tied,
+    )  # fmt: skip
+
+
+def ratio(arch: Arch, layer: int | None) -> float:
+    """The gradient's ratio of the other for a tensor in decoder layer `layer` (None: not
+    in the decoder's layers)."""
+    return arch.rest if layer is None else float(RATIOS[layer])
 
 
 def cli_error(*args: object) -> str:
@@ -372,14 +520,39 @@ def test_merge_equals_module_tree_reference(case: Case) -> None:
 def test_gradient_changes_exactly_the_decoder_layers(case: Case) -> None:
     """A gradient that changes nothing, or changes a vision tower, fails here."""
     ours = load_merged(output(case))
-    blended = {key for key, i in case.layer.items() if i is not None and RATIOS[i] > 0}
+    blended = {key for key, i in case.layer.items() if ratio(case.arch, i) > 0}
     assert len(blended) == case.arch.changed
     changed = {key for key, b in case.base.items() if not same_bytes(ours[key], b.half())}
     assert changed == blended
-    if case.arch.tower is not None:
-        assert case.tower_lora == 2 * 3  # q, k, v_proj of each of the tower's 2 layers
+    if case.arch.tower is not None:  # q, k, v_proj of each of the tower's 2 layers
+        assert len(case.lora_changed & case.in_tower) == 2 * 3
     for key in case.in_tower:  # the base's tower, whatever the other's LoRA did to its own
         assert same_bytes(ours[key], case.base[key].half()), key
+
+
+def test_lora_changes_exactly_its_targets(case: Case) -> None:
+    """The reference's other, PEFT-merged, differs from the saved other in the weights of
+    the modules the LoRA targets (every layer's, and a tower's), and nowhere else: not in
+    a MoE's experts or router, nor in a bias or a norm."""
+    assert case.targeted
+    assert case.lora_changed == case.targeted
+    in_layers = {case.layer[k] for k in case.targeted} - {None}
+    assert in_layers == set(range(N_LAYERS))
+
+
+def test_tied_embeddings_are_saved_once(case: Case) -> None:
+    """A tied head (the module tree's output embedding is its input embedding) is saved
+    once, as the input embedding; the output has no head of its own, and ties on load."""
+    assert case.tied == case.arch.tied
+    ours = load_merged(output(case))
+    heads = {k for k in ours if k.endswith(("lm_head.weight", "embed_out.weight"))}
+    if case.arch.tied:
+        assert not {k for k in case.base if k.endswith("lm_head.weight")}
+        assert not heads, heads
+        model = model_class(case.arch).from_pretrained(output(case))
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    else:
+        assert len(heads) == 1, heads
 
 
 def test_output_loads_with_no_missing_or_unexpected_keys(case: Case) -> None:
