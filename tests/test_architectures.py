@@ -24,6 +24,12 @@ transformers 4.52) needs no mapping.
 
 A LoRA on tied embeddings (llama_tied_embed_lora): PEFT's merge changes the one parameter,
 so its lm_head follows embed_tokens; the checkpoint and the output hold embed_tokens only.
+
+The natural order (the output's, and the one tensor-mode gradients spread their anchors
+over) is the module tree's `state_dict()` order of each saved tensor's parameter; a saved
+expert, a block of a stacked parameter, goes with its expert: the experts in number order,
+each expert's blocks in the order of the parameters they sit in (gate before up, as
+gate_up_proj fuses them; then down_proj).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+
+from lazymerge.plan.build import build_plan
+from lazymerge.recipe.parse import load_recipe
 
 from conftest import load_merged, run_cli
 
@@ -262,6 +271,7 @@ class Case:
     lora_changed: set[str]  # saved names of the other's tensors PEFT's merge changed
     targeted: set[str]  # saved names of the weights of the modules the LoRA targets
     tied: bool  # the module tree's output head is its input embedding
+    order: list[str]  # the saved names in the module tree's state_dict() order
 
 
 def model_class(arch: Arch) -> Any:
@@ -348,6 +358,25 @@ def located(
     return where
 
 
+def state_dict_order(model: torch.nn.Module, where: dict[str, tuple[str, Index]]) -> list[str]:
+    """The saved names in the order of their parameters in the module tree's state_dict();
+    blocks of a stacked expert parameter by expert, then parameter, then part."""
+    names = list(model.state_dict(keep_vars=True))
+    position = {name: i for i, name in enumerate(names)}
+
+    def key(saved_name: str) -> tuple[int, ...]:
+        name, index = where[saved_name]
+        if index == ():
+            return (position[name],)
+        module = name.rpartition(".")[0]
+        first = min(position[n] for n in names if n.startswith(module + "."))
+        part = index[-1].start if isinstance(index[-1], slice) else 0
+        assert isinstance(index[0], int)
+        return (first, index[0], position[name], part)
+
+    return sorted(where, key=key)
+
+
 def peft_merge(arch: Arch, model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
     """PEFT's own merge of the adapter at WEIGHT (set_scale on every LoRA layer), in fp32."""
     from peft import PeftModel
@@ -413,7 +442,7 @@ def build_case(arch: Arch, root: Path) -> Case:
     error = cli_error("merge", recipe, "-o", root / "out", "-q")
     return Case(
         arch, root, recipe, root / "out", error, base, expected, layer, in_tower,
-        lora_changed, targeted, tied,
+        lora_changed, targeted, tied, state_dict_order(model, where),
     )  # fmt: skip
 
 
@@ -558,6 +587,53 @@ def test_tied_embeddings_are_saved_once(case: Case) -> None:
 def test_output_loads_with_no_missing_or_unexpected_keys(case: Case) -> None:
     _, info = model_class(case.arch).from_pretrained(output(case), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_natural_order_is_the_state_dict_order(case: Case) -> None:
+    """The plan's tensors (the output's order, and tensor mode's) in the module tree's
+    state_dict() order, the family's from its config.json model_type."""
+    assert [t.name for t in build_plan(load_recipe(case.recipe)).tensors] == case.order
+
+
+def blockmerge_tensors_ratios(values: list[float], n: int) -> list[float]:
+    """BlockMerge_Gradient_Tensors' arithmetic, longhand: n // sections tensors a section,
+    each section a linspace between its two anchors, the remainder at the last anchor."""
+    if len(values) == 1:
+        return [values[0]] * n
+    per_section = n // (len(values) - 1)
+    ratios: list[float] = []
+    for i in range(len(values) - 1):
+        ratios += np.linspace(values[i], values[i + 1], per_section).tolist()
+    return ratios + [values[-1]] * (n - len(ratios))
+
+
+def test_tensor_mode_spreads_its_anchors_in_state_dict_order(
+    built: dict[str, Case], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """GPT-2, whose order is not Llama's (wpe before the layers; ln_1, attn, ln_2, mlp):
+    tensor mode over the module tree's state_dict() order."""
+    gpt2 = get_case(built, tmp_path_factory, "gpt2")
+    values = [0.9, 0.5, 0.1, 0.5]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump({
+            "base": str(gpt2.root / "base"), "other": str(gpt2.root / "other"),
+            "gradient": {"over": "tensors", "values": values}, "output": {"dtype": "float32"},
+        })
+    )  # fmt: skip
+    assert run_cli("merge", recipe, "-o", tmp_path / "out", "-q") == 0
+    expected = dict(
+        zip(gpt2.order, blockmerge_tensors_ratios(values, len(gpt2.order)), strict=True)
+    )
+    assert gpt2.order[:3] == [
+        "transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"
+    ]  # fmt: skip
+    manifest = json.loads((tmp_path / "out" / "lazymerge.json").read_text())["tensors"]
+    ours, other = load_merged(tmp_path / "out"), saved(gpt2.root / "other")
+    for name, r in expected.items():
+        assert manifest[name]["ratio"] == pytest.approx(r, abs=1e-12), name
+        want = (1 - r) * gpt2.base[name] + r * other[name]
+        torch.testing.assert_close(ours[name], want, rtol=0, atol=1e-6)
 
 
 def test_plan_names_the_decoder_stack(case: Case, capsys: pytest.CaptureFixture[str]) -> None:

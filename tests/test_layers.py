@@ -3,12 +3,18 @@ guessed; towers are not layers; ambiguity and the unknown are errors naming the 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
+from lazymerge.meaning.order import Order, order_of
+from lazymerge.meaning.ratios import all_ratios
+from lazymerge.recipe.spec import GradientRule
 
 from conftest import N_LAYERS, run_cli, tiny_config
 
@@ -115,3 +121,47 @@ def test_inspect_names_the_stack_and_the_head(
     assert run_cli("inspect", tmp_path / "tied") == 0
     text = capsys.readouterr().out
     assert "output head: none stored (tied to the input embeddings, as config.json says)\n" in text
+
+
+def test_an_unknown_family_keeps_the_llama_order_but_refuses_tensor_mode(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model_type without a table (meaning/order.py): the output keeps the Llama order,
+    a layer gradient merges, and tensor mode, whose anchors would land in an arbitrary
+    order, is one line naming the model_type."""
+    base = Path(shutil.copytree(models["base"], tmp_path / "base"))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "opt"}))
+    recipe = tmp_path / "r.yaml"
+    for over, rc in (("layers", 0), ("tensors", 1)):
+        gradient = {"over": over, "values": [0.9, 0.0]}
+        recipe.write_text(yaml.safe_dump({
+            "base": str(base), "other": str(models["other"]), "gradient": gradient
+        }))  # fmt: skip
+        capsys.readouterr()
+        assert run_cli("plan", recipe) == rc
+    assert capsys.readouterr().err == (
+        "lazymerge: error: over: tensors: lazymerge has no natural order for model_type "
+        "'opt', so the anchors would land in an arbitrary order; use over: layers\n"
+    )
+
+
+def test_a_tensor_its_familys_table_does_not_name_is_not_guessed() -> None:
+    stack = LayerStack("transformer.h", 1, order=order_of({"model_type": "gpt2"}))
+    names = ["transformer.h.0.ln_1.weight", "transformer.h.0.extra.weight"]
+    ordered = sorted(reversed(names), key=lambda n: natural_key(n, stack))
+    assert ordered == names  # the output: after its layer's named modules
+    layers = GradientRule(values=(0.9, 0.1))
+    assert all_ratios(names, [layers], stack) == dict.fromkeys(names, 0.9)
+    tensors = GradientRule(values=(0.9, 0.1), over="tensors")
+    with pytest.raises(RecipeError) as e:
+        all_ratios(names, [tensors], stack)
+    assert str(e.value) == (
+        "over: tensors: transformer.h.0.extra.weight is not in model_type 'gpt2''s natural "
+        "order (transformers' GPT2LMHeadModel, GPT2Model, GPT2Block, GPT2Attention, GPT2MLP), "
+        "so its anchor would be a guess; leave it to another rule with a filter, or use "
+        "over: layers"
+    )
+    unknown = LayerStack("model.layers", 1, order=Order("opt", None))
+    with pytest.raises(RecipeError, match="no natural order for model_type 'opt'"):
+        all_ratios(["model.layers.0.x.weight"], [tensors], unknown)

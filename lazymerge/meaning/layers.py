@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lazymerge.errors import InputError, RecipeError
+from lazymerge.meaning.order import Key, Order, param_key, rank
 
 # Decoder stacks as checkpoints name them (the prefix before the layer number): Llama,
 # Mistral, Qwen, Gemma, Phi-3, Mixtral, OLMo, Cohere...; GPT-2, Falcon, BLOOM, GPT-J and
@@ -33,8 +34,8 @@ DECODER_STACKS = frozenset({
 })  # fmt: skip
 # The first `.<number>.` of a name: what comes before it is the stack's prefix.
 _NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<n>\d+)\.")
-# A Llama-family decoder layer's modules in the order the architecture (and so
-# `state_dict()`) lists them; modules not named here follow, by name.
+# A Llama decoder layer's modules in state_dict() order, for a model whose family is not
+# told (meaning/order.py has each family's); modules not named here follow, by name.
 MODULE_ORDER = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
@@ -44,12 +45,14 @@ MODULE_ORDER = (
 
 @dataclass(frozen=True)
 class LayerStack:
-    """The decoder's layers: their prefix (None: the model has none) and count, and the
-    other numbered stacks, which are not decoder layers (vision/audio towers)."""
+    """The decoder's layers: their prefix (None: the model has none) and count, the
+    other numbered stacks, which are not decoder layers (vision/audio towers), and the
+    model's natural order (None: not told; the plan tells it from config.json)."""
 
     prefix: str | None
     count: int
     towers: tuple[str, ...] = ()
+    order: Order | None = None
 
     def layer_of(self, name: str) -> int | None:
         """Decoder layer index of a tensor, or None (embeddings, final norm, lm_head,
@@ -108,22 +111,71 @@ def _stack(prefix: str, stacks: dict[str, int]) -> LayerStack:
 
 
 def natural_key(
-    name: str, stack: LayerStack | None = None
-) -> tuple[int, int, int, list[str | int]]:
-    """The model's natural order, also the output's: embeddings, each decoder layer in
-    number order with its modules in architecture order (weight before bias), then the
-    rest (final norm, towers), lm_head. Names are compared with their numbers as numbers
-    (h.2 before h.10), so the order never depends on the input format's. Without a stack,
-    the stack is found from the name alone (the known decoder prefixes)."""
+    name: str, stack: LayerStack | None = None, *, anchors: bool = False
+) -> tuple[int, int, Key, list[str | int]]:
+    """The model's natural order, also the output's: `state_dict()`'s, from the family's
+    table (meaning/order.py) -- what comes before the decoder layers, each layer in number
+    order with its modules in architecture order (weight before bias), what comes after.
+    Names are compared with their numbers as numbers (h.2 before h.10), so the order never
+    depends on the input format's. A tensor the table does not name goes, by name, after
+    its layer's modules, after the embeddings (an `embed`/`wte.` name), before the head
+    (a `lm_head` name after it), or else among the rest, between the layers and what
+    follows them. A family without a table keeps the Llama order (MODULE_ORDER).
+
+    `anchors`: the order is for a tensor-mode gradient's anchors, which must not land by
+    a guess -- an unknown family or a tensor its table does not name is a RecipeError.
+    Without a stack, the stack is found from the name alone (the known decoder prefixes).
+    """
+    order = stack.order if stack is not None else None
+    if order is None or order.table is None:
+        if anchors and order is not None:
+            raise RecipeError(
+                f"over: tensors: lazymerge has no natural order for model_type "
+                f"{order.model_type!r}, so the anchors would land in an arbitrary order; "
+                "use over: layers"
+            )
+        return _llama_key(name, stack)
+    table = order.table
+    layer = _layer(name, stack)
+    module = name.split(f".{layer}.", 1)[-1] if layer is not None else name
+    path, _, param = module.rpartition(".")
+    if layer is not None:
+        found = rank(table.layer, path, whole=True)
+        where = (1, layer, found if found is not None else (len(table.layer),))
+    elif (found := rank(table.pre, path, whole=False)) is not None:
+        where = (0, 0, found)
+    elif (found := rank(table.post, path, whole=False)) is not None:
+        where = (3, 0, found)
+    else:
+        where = _unnamed(name)
+    if found is not None:
+        return (*where, param_key(param))
+    if anchors:
+        raise RecipeError(
+            f"over: tensors: {name} is not in model_type {order.model_type!r}'s natural "
+            f"order (transformers' {table.source}), so its anchor would be a guess; leave "
+            "it to another rule with a filter, or use over: layers"
+        )
+    return (*where, _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
+
+
+def _unnamed(name: str) -> tuple[int, int, Key]:
+    """Where a tensor outside the layers that the family's table does not name goes."""
+    if "embed" in name or "wte." in name:
+        return (0, 1, ())
+    return (3, 1, ()) if "lm_head" in name else (2, 0, ())
+
+
+def _llama_key(name: str, stack: LayerStack | None) -> tuple[int, int, Key, list[str | int]]:
     layer = _layer(name, stack)
     if layer is not None:
         module = name.split(f".{layer}.", 1)[-1]
-        rank = next(
+        i = next(
             (i for i, m in enumerate(MODULE_ORDER) if module.startswith(m + ".")), len(MODULE_ORDER)
         )
-        return (1, layer, rank, _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
+        return (1, layer, (i,), _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
     section = 0 if "embed" in name or "wte." in name else 3 if "lm_head" in name else 2
-    return (section, 0, 0, _digits(name))
+    return (section, 0, (0,), _digits(name))
 
 
 def _layer(name: str, stack: LayerStack | None) -> int | None:

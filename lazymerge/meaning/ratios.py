@@ -60,7 +60,7 @@ def all_ratios(
     for i, rule in enumerate(rules):
         mine = [n for n in names if owner[n] == i]
         if rule.over == "tensors":
-            mine.sort(key=lambda n: natural_key(n, stack))
+            mine.sort(key=lambda n: natural_key(n, stack, anchors=True))
             out.update(zip(mine, tensor_ratios(rule.values, len(mine)), strict=True))
         else:
             out.update((n, rule_ratio(rule, n, stack)) for n in mine)

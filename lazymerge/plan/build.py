@@ -13,6 +13,7 @@ from lazymerge.meaning.adapters import REPLACE, LoraAdapter, LoraTerm
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key, numbered_stacks
 from lazymerge.meaning.methods import Linear
 from lazymerge.meaning.names import describe
+from lazymerge.meaning.order import order_of
 from lazymerge.meaning.ratios import all_ratios, first_rule
 from lazymerge.plan.model import (
     COMPUTE,
@@ -56,7 +57,8 @@ def build_plan(recipe: Recipe) -> MergePlan:
     base = CheckpointIndex.open(recipe.base.path)
     config = read_config(model_dir(base.path))
     other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
-    stack = _layer_stack(recipe, base, other)
+    # The family's natural order (config.json model_type): the output's, and tensor mode's.
+    stack = replace(_layer_stack(recipe, base, other), order=order_of(config))
     base_terms, uses = _lora_terms("base", recipe.base, base)
     other_terms: Terms = {}
     if recipe.other and other:
