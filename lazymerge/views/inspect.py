@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import LazyMergeError
 from lazymerge.meaning.adapters import CONFIG, LoraAdapter
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
+from lazymerge.meaning.order import order_of
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.config import model_dir, read_config
 from lazymerge.read.tensorref import TensorRef, itemsize
@@ -42,9 +44,9 @@ def _dtypes(refs: list[TensorRef]) -> str:
 def _checkpoint(path: Path, show_all: bool) -> str:
     index = CheckpointIndex.open(path)
     refs = list(index)
-    stack, why = _stack(index)
     params = sum(r.nbytes // itemsize(r.dtype) for r in refs)
     cfg = read_config(model_dir(index.path))
+    stack, why = _stack(index, cfg)
     arch = ""
     if cfg is not None:
         arch = f"{(cfg.get('architectures') or ['?'])[0]} ({cfg.get('model_type', '?')})"
@@ -74,10 +76,11 @@ def _tied(index: CheckpointIndex, cfg: dict[str, Any] | None) -> str:
     )
 
 
-def _stack(index: CheckpointIndex) -> tuple[LayerStack | None, str]:
-    """The checkpoint's decoder layers, or why they can't be told from its names."""
+def _stack(index: CheckpointIndex, cfg: dict[str, Any] | None) -> tuple[LayerStack | None, str]:
+    """The checkpoint's decoder layers (in its family's order), or why they can't be told
+    from its names."""
     try:
-        return find_stack(index.tensors, str(index.path)), ""
+        return replace(find_stack(index.tensors, str(index.path)), order=order_of(cfg)), ""
     except LazyMergeError as e:
         return None, str(e).split(": ", 1)[-1]
 
