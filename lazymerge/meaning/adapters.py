@@ -6,6 +6,8 @@ Kinds of term, in the order the executor (run/rows.py) applies them to one tenso
 - LORA: `weight * scale * (B @ A)`, `scale = alpha / r` (rsLoRA: `alpha / sqrt(r)`);
 - LORA_T: the same, transposed: embedding LoRA (`lora_embedding_A/B`) and
   `fan_in_fan_out` (GPT-2 Conv1D) adapters;
+- a LoRA on fused expert parameters (PEFT `target_parameters`) becomes one LORA term per
+  expert per saved tensor (meaning/experts.py);
 - and for DoRA a LORA term carries the magnitude vector m: after the delta,
   `W' = m / ||W + ΔW||_row * (W + ΔW)` (exact at weight 1; other weights are refused).
 Only references are kept; the executor reads the bytes.
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import InputError
-from lazymerge.meaning.names import Mapping, fitting_mapping, rename
+from lazymerge.meaning import experts
+from lazymerge.meaning.names import MAPPINGS, Mapping, fitting_mapping, rename
 from lazymerge.read.checkpoint import CheckpointIndex, read_tensor_file
 from lazymerge.read.tensorref import TensorRef
 
@@ -69,6 +72,7 @@ class LoraTerm:
     adapter: Path
     weight: float  # the recipe's weight for this adapter (part of `scale`)
     magnitude: TensorRef | None = None  # DoRA's m [out]
+    fused: str | None = None  # the fused expert parameter this term was cut from, if any
 
     @property
     def rank(self) -> int:
@@ -106,17 +110,40 @@ class LoraAdapter:
     def fit(self, index: CheckpointIndex) -> tuple[LoraAdapter, Mapping]:
         """This adapter with its targets named as `index` stores them (see names.py), and
         the mapping that did it (() when none was needed); checked against `index`."""
-        mapping = fitting_mapping([t.target for t in self.terms], index.tensors)
-        if mapping is None:
-            missing = next(t for t in self.terms if t.target not in index)
-            raise InputError(
-                f"{self.path}: adapter tensor {missing.a.name} targets {missing.target}, "
-                f"which {index.path} does not have (nor under a known name mapping)"
-            )
-        terms = [replace(t, target=rename(t.target, mapping)) for t in self.terms]
+        for terms in (self.terms, _restyled(self.terms)):  # experts as saved: Qwen, Mixtral
+            mapping = fitting_mapping([t.target for t in terms], index.tensors)
+            if mapping is not None:
+                break
+        else:
+            raise InputError(self._missing(index))
+        terms = [replace(t, target=rename(t.target, mapping)) for t in terms]
         fitted = LoraAdapter(self.path, self.weight, terms)
         fitted.check_against(index)
         return fitted, mapping
+
+    def _missing(self, index: CheckpointIndex) -> str:
+        """Why the terms fit no naming of `index`, in one line."""
+        named = max(
+            (self.terms, _restyled(self.terms)), key=lambda ts: sum(t.target in index for t in ts)
+        )
+        missing = next(t for t in named if t.target not in index)
+        if missing.fused is None:
+            return (
+                f"{self.path}: adapter tensor {missing.a.name} targets {missing.target}, "
+                f"which {index.path} does not have (nor under a known name mapping)"
+            )
+        fused = [t.fused for t in self.terms if t.fused is not None]
+        stored = next((f for f in fused if any(rename(f, m) in index for m in MAPPINGS)), None)
+        if stored is not None or any(f in index for f in fused):
+            return (
+                f"{self.path}: {index.path} stores the fused 3-D expert tensor "
+                f"{stored or next(f for f in fused if f in index)}; LoRAs on 3-D tensors are "
+                "not supported (save the model with transformers to store experts one by one)"
+            )
+        return (
+            f"{self.path}: {missing.a.name} is expert {missing.target.split('.')[-3]} of "
+            f"{missing.fused}, but {index.path} has no {missing.target}"
+        )
 
     def check_against(self, index: CheckpointIndex) -> None:
         """Every term must target a tensor of `index` that has the shape it fits."""
@@ -216,10 +243,30 @@ def _classify(path: Path, tensors: dict[str, TensorRef]) -> dict[str, dict[str, 
     return found
 
 
+def _restyled(terms: list[LoraTerm]) -> list[LoraTerm]:
+    return [replace(t, target=experts.restyled(t.target)) if t.fused else t for t in terms]
+
+
+def _expert_terms(
+    path: Path, config: dict[str, Any], modules: dict[str, Any], weight: float
+) -> list[LoraTerm]:
+    """One LORA term per expert per saved tensor, for LoRAs on fused expert parameters."""
+    terms = []
+    for module, levels in modules.items():
+        for f, r in experts.factors(path, config, module, levels, lambda p: _rank(config, p)):
+            for ref in (f.a, f.b):
+                if not ref.is_float:
+                    raise InputError(f"{path}: {ref.name} is {ref.dtype}, not a float tensor")
+            scale = weight * _scale(path, config, f.fused, r)
+            terms.append(LoraTerm(f.target, LORA, f.a, f.b, scale, path, weight, fused=f.fused))
+    return terms
+
+
 def _terms(
     path: Path, config: dict[str, Any], tensors: dict[str, TensorRef], weight: float
 ) -> list[LoraTerm]:
-    terms: list[LoraTerm] = []
+    modules, tensors = experts.split(config, tensors)
+    terms = _expert_terms(path, config, modules, weight)
     for target, parts in _classify(path, tensors).items():
         if "S" in parts:  # replaced first (a saved embedding), then any delta on top
             terms.append(LoraTerm(target, REPLACE, parts["S"], None, weight, path, weight))
@@ -273,6 +320,12 @@ def _pattern(patterns: object, module: str) -> object:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return None
+
+
+def _rank(config: dict[str, Any], param: str) -> int:
+    r = _pattern(config.get("rank_pattern"), param)
+    r = config.get("r", 8) if r is None else r
+    return r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else 0
 
 
 def _scale(path: Path, config: dict[str, Any], target: str, r: int) -> float:
