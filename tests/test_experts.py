@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from contextlib import redirect_stderr
 from pathlib import Path
 
@@ -32,14 +33,34 @@ def mixtral(directory: Path, seed: int, experts: int = 4) -> Path:
     return directory
 
 
-def expert_lora(model_dir: Path, out: Path, seed: int) -> Path:
+def qwen2_moe(directory: Path, seed: int, experts: int = 4) -> Path:
+    """Saved per expert as `mlp.experts.<e>.gate_proj/up_proj/down_proj.weight`, next to
+    a plain (unfused) `mlp.shared_expert.*` MLP and `mlp.shared_expert_gate`."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=INTERMEDIATE,
+        shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=experts, num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    Qwen2MoeForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+# The shared expert's plain Linears, a LoRA's ordinary target_modules next to the fused ones.
+SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
+
+
+def expert_lora(model_dir: Path, out: Path, seed: int, modules: list[str] | None = None) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=2, lora_alpha=6, init_lora_weights=False, target_modules=[],
+        r=2, lora_alpha=6, init_lora_weights=False, target_modules=modules or [],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )  # fmt: skip
     get_peft_model(model, config).save_pretrained(out)  # type: ignore[arg-type]
@@ -48,13 +69,17 @@ def expert_lora(model_dir: Path, out: Path, seed: int) -> Path:
 
 def in_memory(merged: dict[str, torch.Tensor], saved: str) -> torch.Tensor:
     """The saved tensor `saved`, cut from a model's in-memory (fused) state dict."""
-    m = re.match(r"(.+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", saved)
+    m = re.match(
+        r"(.+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+        r"(w[123]|gate_proj|up_proj|down_proj)\.weight$",
+        saved,
+    )
     if m is None:
         return merged[saved.replace(".block_sparse_moe.", ".mlp.")]
     layer, e, w = m[1], int(m[2]), m[3]
-    if w == "w2":
+    if w in ("w2", "down_proj"):
         return merged[f"{layer}.mlp.experts.down_proj"][e]
-    rows = slice(0, INTERMEDIATE) if w == "w1" else slice(INTERMEDIATE, None)
+    rows = slice(0, INTERMEDIATE) if w in ("w1", "gate_proj") else slice(INTERMEDIATE, None)
     return merged[f"{layer}.mlp.experts.gate_up_proj"][e, rows]
 
 
@@ -76,10 +101,20 @@ def cli_error(*args: object) -> str:
     return err.getvalue()
 
 
-def test_expert_lora_matches_peft(tmp_path: Path) -> None:
-    base = mixtral(tmp_path / "base", 1)
-    other = mixtral(tmp_path / "other", 2)
-    lora = expert_lora(other, tmp_path / "lora", 3)
+@pytest.mark.parametrize(
+    ("family", "modules", "also_changed"),
+    [
+        pytest.param(mixtral, None, [], id="mixtral"),
+        # The shared expert is targeted too (ordinary target_modules beside target_parameters).
+        pytest.param(qwen2_moe, SHARED, SHARED, id="qwen2_moe"),
+    ],
+)
+def test_expert_lora_matches_peft(
+    tmp_path: Path, family: Callable[..., Path], modules: list[str] | None, also_changed: list[str]
+) -> None:
+    base = family(tmp_path / "base", 1)
+    other = family(tmp_path / "other", 2)
+    lora = expert_lora(other, tmp_path / "lora", 3, modules)
     recipe = {
         "base": str(base),
         "other": {"model": str(other), "loras": [{"path": str(lora), "weight": WEIGHT}]},
@@ -92,14 +127,19 @@ def test_expert_lora_matches_peft(tmp_path: Path) -> None:
     ours, b, o = load_merged(tmp_path / "out"), load_merged(base), load_merged(other)
     merged = peft_merge(other, lora, WEIGHT)
     assert set(ours) == set(b)
-    changed = 0
+    changed = set()
     for name, w in b.items():
         r = ratio(name)
         want = ((1 - r) * w.float() + r * in_memory(merged, name).float()).half()
         assert within_one_ulp(ours[name], want), name
         plain = ((1 - r) * w.float() + r * o[name].float()).half()
-        changed += ".experts." in name and not torch.equal(ours[name], plain)
-    assert changed == 3 * 4  # w1, w2, w3 of every expert of layer 0 (layer 1 is the base's)
+        if not torch.equal(ours[name], plain):
+            changed.add(name)
+    # w1, w2, w3 (gate, down, up) of every expert of layer 0 (layer 1 is the base's), and
+    # whatever else the LoRA targets there
+    experts = {n for n in changed if re.search(r"\.experts\.\d+\.", n)}
+    assert len(experts) == 3 * 4
+    assert changed - experts == {f"model.layers.0.mlp.{m}.weight" for m in also_changed}
 
 
 def test_experts_the_checkpoint_lacks(tmp_path: Path) -> None:
