@@ -102,6 +102,15 @@ def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
 
 
+def error_of(capsys: pytest.CaptureFixture[str], *args: object) -> str:
+    """The one stderr line of a command that must fail with exit 1."""
+    capsys.readouterr()
+    assert run_cli(*args) == 1  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.startswith("lazymerge: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def load_merged(out: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors checkpoint directory (via the safetensors library)."""
     if not (out / "model.safetensors.index.json").exists():

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from lazymerge.plan.build import build_plan
 from lazymerge.recipe.parse import load_recipe
 
-from conftest import load_merged, run_cli
+from conftest import error_of, load_merged, run_cli
 
 N_LAYERS = 3  # linspace(0.9, 0, 3): 0.9, 0.45, 0.0 -- the last layer keeps the base
 WEIGHT = 0.25  # the other's LoRA
@@ -675,14 +675,6 @@ def two_stacks(model_dir: Path, directory: Path) -> Path:
         index["weight_map"].update(dict.fromkeys(copies, shard.name))
     index_path.write_text(json.dumps(index))
     return directory
-
-
-def error_of(capsys: pytest.CaptureFixture[str], *args: object) -> str:
-    capsys.readouterr()
-    assert run_cli(*args) == 1  # type: ignore[arg-type]
-    err = capsys.readouterr().err
-    assert err.startswith("lazymerge: error: ") and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

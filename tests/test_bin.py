@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.mapped import MappedReader
 
-from conftest import load_merged, run_cli
+from conftest import error_of, load_merged, run_cli
 
 SPAN = 5
 
@@ -181,14 +181,6 @@ class Payload:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return os.system, (f"touch {self.marker}",)
-
-
-def error_of(capsys: pytest.CaptureFixture[str], *args: object) -> str:
-    capsys.readouterr()
-    assert run_cli(*args) == 1  # type: ignore[arg-type]
-    err = capsys.readouterr().err
-    assert err.startswith("lazymerge: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def test_malicious_pickle_is_refused_and_never_runs(

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from test_bin import DupState
+from test_index import reference
 
 from lazymerge.errors import InputError
 from lazymerge.read.mapped import MappedReader
@@ -58,15 +58,10 @@ Reading = dict[str, tuple[str, list[int], bytes]]
 def safetensors_reads(path: Path) -> Reading | None:
     """safetensors' reading of a file: name -> (dtype, shape, bytes); None if it refuses."""
     try:
-        with safe_open(str(path), "pt") as f:
-            out = {}
-            for name in f.keys():  # noqa: SIM118 (safe_open is no dict)
-                t = f.get_tensor(name)
-                raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                out[name] = (f.get_slice(name).get_dtype(), list(t.shape), raw)
-            return out
-    except Exception:  # SafetensorError, or anything else it raises on a strange file
+        read = reference(path)
+    except Exception:  # not SafetensorError: anything else it raises on a strange file
         return None
+    return None if isinstance(read, str) else read
 
 
 def check_safetensors(data: bytes) -> bool:

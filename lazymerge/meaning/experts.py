@@ -16,6 +16,7 @@ of one module nest: the first in the module's order is innermost, saved with the
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -136,14 +137,9 @@ def _per_expert(path: Path, param: str, a: TensorRef, b: TensorRef, r: int) -> l
 def _strides(ref: TensorRef) -> tuple[int, ...]:
     if ref.strides is not None:
         return ref.strides
-    return tuple(_prod(ref.shape[i + 1 :]) for i in range(len(ref.shape)))  # row-major, in elements
-
-
-def _prod(xs: Sequence[int]) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
+    return tuple(
+        math.prod(ref.shape[i + 1 :]) for i in range(len(ref.shape))
+    )  # row-major, in elements
 
 
 def _view(

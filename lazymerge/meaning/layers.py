@@ -135,6 +135,14 @@ def natural_key(
                 "use over: layers"
             )
         return _llama_key(name, stack)
+    return _table_key(name, stack, order, anchors)
+
+
+def _table_key(
+    name: str, stack: LayerStack | None, order: Order, anchors: bool
+) -> tuple[int, int, Key, list[str | int]]:
+    """natural_key from the family's table (see there)."""
+    assert order.table is not None  # natural_key sends only ordered families here
     table = order.table
     layer = _layer(name, stack)
     module = name.split(f".{layer}.", 1)[-1] if layer is not None else name
@@ -156,14 +164,23 @@ def natural_key(
             f"order (transformers' {table.source}), so its anchor would be a guess; leave "
             "it to another rule with a filter, or use over: layers"
         )
-    return (*where, _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
+    return (*where, _module_key(module))
 
 
 def _unnamed(name: str) -> tuple[int, int, Key]:
     """Where a tensor outside the layers that the family's table does not name goes."""
-    if "embed" in name or "wte." in name:
-        return (0, 1, ())
-    return (3, 1, ()) if "lm_head" in name else (2, 0, ())
+    section = _section(name)
+    return (section, 0 if section == 2 else 1, ())
+
+
+def _section(name: str) -> int:
+    """Outside the layers, by name alone: embeddings 0, the head 3, anything else 2."""
+    return 0 if "embed" in name or "wte." in name else 3 if "lm_head" in name else 2
+
+
+def _module_key(module: str) -> list[str | int]:
+    """A module path compared with its numbers as numbers, weight before bias."""
+    return _digits(module.replace(".weight", ".0").replace(".bias", ".1"))
 
 
 def _llama_key(name: str, stack: LayerStack | None) -> tuple[int, int, Key, list[str | int]]:
@@ -173,9 +190,8 @@ def _llama_key(name: str, stack: LayerStack | None) -> tuple[int, int, Key, list
         i = next(
             (i for i, m in enumerate(MODULE_ORDER) if module.startswith(m + ".")), len(MODULE_ORDER)
         )
-        return (1, layer, (i,), _digits(module.replace(".weight", ".0").replace(".bias", ".1")))
-    section = 0 if "embed" in name or "wte." in name else 3 if "lm_head" in name else 2
-    return (section, 0, (0,), _digits(name))
+        return (1, layer, (i,), _module_key(module))
+    return (_section(name), 0, (0,), _digits(name))
 
 
 def _layer(name: str, stack: LayerStack | None) -> int | None:

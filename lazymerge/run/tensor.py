@@ -39,10 +39,10 @@ class ShardContext:
     step: Step
     allow_nonfinite: bool = False
     nonfinite: list[str] = field(default_factory=list)  # tensors written with NaN/Inf
+    source: Source = field(init=False)  # reader and scratch, as the rows of a block need them
 
-    @property
-    def source(self) -> Source:
-        return Source(self.reader, self.scratch)
+    def __post_init__(self) -> None:
+        self.source = Source(self.reader, self.scratch)
 
 
 def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:

@@ -93,26 +93,38 @@ def completed_shards(out: Path, plan: MergePlan, record: Record) -> dict[str, Sh
 
 
 def is_complete(out: Path, plan: MergePlan, record: Record) -> bool:
-    """Whether `out` holds this very merge, finished: index present, manifest complete and
-    made from the same recipe, inputs and lazymerge, every shard there at its size.
+    """Whether `out` holds this very merge, finished (see finished_shards)."""
+    return finished_shards(out, plan, record) is not None
+
+
+def finished_shards(out: Path, plan: MergePlan, record: Record) -> list[ShardResult] | None:
+    """The shards of `out`, as its manifest records them, when it holds this very merge,
+    finished: index present, manifest complete and made from the same recipe, inputs and
+    lazymerge, every shard there at its size; else None.
 
     Cheap (no shard is read); `lazymerge verify` rehashes. Refuses (OutputError) when a
     finished merge there came from another recipe or other inputs.
     """
     path = out / MANIFEST
     if not (path.is_file() and (out / SAFETENSORS_INDEX).is_file()):
-        return False
+        return None
     old = _read(path)
     if old.get("status") != "complete":
-        return False
+        return None
     _check_same(path, old, record)
     recorded = old["shards"]
-    return all(
+    intact = all(
         (out / s.name).is_file()
         and s.name in recorded
         and (out / s.name).stat().st_size == recorded[s.name].get("size")
         for s in plan.shards
     )
+    if not intact:
+        return None
+    return [
+        ShardResult(s.name, recorded[s.name]["size"], recorded[s.name].get("sha256", ""))
+        for s in plan.shards
+    ]
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from lazymerge.plan.model import MergePlan
 from lazymerge.read.checkpoint import SAFETENSORS_INDEX
 from lazymerge.read.config import CONFIG, model_dir
 from lazymerge.recipe.spec import DTYPE_LABELS
-from lazymerge.write.manifest import MANIFEST, Record, completed_shards, is_complete
+from lazymerge.write.manifest import MANIFEST, Record, completed_shards, finished_shards
 from lazymerge.write.safetensors import PARTIAL, ShardResult
 
 CARD = "README.md"
@@ -104,15 +104,9 @@ def prepare_dir(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool
 
 def complete_merge(out: Path, plan: MergePlan, record: Record) -> list[ShardResult] | None:
     """The shards of `out` when it already holds this very merge, finished (same recipe,
-    inputs and lazymerge: manifest.is_complete), as its manifest records them; else None.
+    inputs and lazymerge: manifest.finished_shards), as its manifest records them; else None.
     Refuses (OutputError) a finished merge there from another recipe or other inputs."""
-    if not out.is_dir() or not is_complete(out, plan, record):
-        return None
-    recorded = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["shards"]
-    return [
-        ShardResult(s.name, recorded[s.name]["size"], recorded[s.name]["sha256"])
-        for s in plan.shards
-    ]
+    return finished_shards(out, plan, record) if out.is_dir() else None
 
 
 def _holds_complete_merge(out: Path) -> bool:
