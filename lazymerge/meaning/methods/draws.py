@@ -1,0 +1,105 @@
+"""Counter-based random numbers for the DARE and DELLA masks.
+
+mergekit draws its masks from torch's global generator in execution order, so a mask
+depends on every tensor drawn before it, on the device and on torch's kernels
+(docs/methods.md, Randomness). lazymerge streams a tensor in blocks of rows, on a CPU or a
+GPU, in threads or Ray workers; its masks must not depend on any of that. So an element's
+number is a pure function of (seed, tensor name, model, flat element index): a
+counter-based generator, cheap to evaluate at any index.
+
+The generator, exactly (enough to reproduce any mask outside lazymerge):
+
+- `key = stream_key(seed, tensor, model)`: BLAKE2b with `digest_size=8` and
+  `person=b"lazymerge-draws"` over the UTF-8 bytes of `f"{seed}\\0{model}\\0{tensor}"`,
+  read as a little-endian unsigned integer, its top bit cleared (a 63-bit key).
+- Element `i` (0-based, flat row-major index) gets SplitMix64's (i+1)-th output from the
+  state `key` (splitmix64.c's `next()` with `x = key`; Java's
+  `new SplittableRandom(key).nextLong()`), all arithmetic mod 2^64:
+
+      z = key + (i + 1) * 0x9E3779B97F4A7C15
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+      z = z ^ (z >> 31)
+
+- Its uniform is `u = (z >> 40) * 2^-24`: the top 24 bits, a float32 in [0, 1), exact.
+- `keep_mask` keeps the element where `u < p`, compared in float32, so a probability `p`
+  keeps with chance ceil(p * 2^24) / 2^24 exactly.
+
+torch has no unsigned 64-bit arithmetic on every device, so it runs in int64: products
+wrap mod 2^64 on the CPU and CUDA alike, and `>>` on int64 is arithmetic, so each shift is
+masked to the logical one. The top 24 bits of `z ^ (z >> 31)` are those of `z`, so the
+last step is skipped. Indices are evaluated in chunks of `CHUNK` to keep the int64
+temporaries small; each number depends on its index only, so chunks change nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2^64 / golden ratio, odd
+MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # Stafford's "Mix13" multipliers
+SHIFTS = (30, 27)
+CHUNK = 1 << 20  # elements per chunk: two 8 MiB int64 temporaries
+_MOD = 1 << 64
+
+
+def stream_key(seed: int, tensor: str, model: int) -> int:
+    """The 63-bit key of one model's draws for one tensor under one seed (module
+    docstring); a stable hash, the same in every process, unlike Python's `hash`."""
+    text = f"{seed}\0{model}\0{tensor}".encode()
+    digest = hashlib.blake2b(text, digest_size=8, person=b"lazymerge-draws").digest()
+    return int.from_bytes(digest, "little") & (_MOD // 2 - 1)
+
+
+def uniforms(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 uniforms in [0, 1), multiples of 2^-24, of flat element indices
+    start .. start + count - 1 under `key`: the same numbers on every device and for
+    every split of the indices.
+
+    Example: `uniforms(k, 0, 10)` equals `torch.cat([uniforms(k, 0, 3), uniforms(k, 3, 7)])`.
+    """
+    if start < 0 or count < 0:
+        raise ValueError(f"uniforms: start {start} and count {count} must be >= 0")
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    for at in range(0, count, CHUNK):
+        _fill(out[at : at + CHUNK], key, start + at)
+    return out
+
+
+def keep_mask(
+    key: int,
+    start: int,
+    shape: Sequence[int],
+    p: float | torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """True where an element is kept: `uniforms(...) < p` for the `prod(shape)` elements
+    from flat index `start`, in `shape`. `p` is a probability or a tensor of them
+    broadcastable to `shape` (DELLA: one per element), compared in float32 (a Python float
+    is rounded to float32); a tensor `p` chooses the device."""
+    where = p.device if isinstance(p, torch.Tensor) else device
+    u = uniforms(key, start, math.prod(shape), where).view(tuple(shape))
+    return u < p
+
+
+def _fill(out: torch.Tensor, key: int, first: int) -> None:
+    """`out[j]` = the uniform of index `first + j` (module docstring), in int64."""
+    z = torch.arange(out.numel(), dtype=torch.int64, device=out.device)
+    z.mul_(_signed(GAMMA)).add_(_signed(key + (first + 1) * GAMMA))
+    t = torch.empty_like(z)
+    for shift, mix in zip(SHIFTS, MIX, strict=True):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)  # the logical shift's zero top bits
+        z.bitwise_xor_(t).mul_(_signed(mix))
+    torch.bitwise_right_shift(z, 40, out=t)
+    out.copy_(t.bitwise_and_(0xFFFFFF)).mul_(2.0**-24)
+
+
+def _signed(x: int) -> int:
+    """`x` mod 2^64 as the int64 with the same bits (torch's scalars are signed)."""
+    x %= _MOD
+    return x - _MOD if x >= _MOD // 2 else x
