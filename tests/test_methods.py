@@ -12,7 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lazymerge.meaning.methods import METHODS, Block, Linear, Method
+from lazymerge.meaning.methods import Block, Linear, Method
+from lazymerge.meaning.methods.registry import BUILDERS
 from lazymerge.plan import COMPUTE, MergePlan, build_plan
 from lazymerge.recipe import load_recipe
 from lazymerge.run.merge import run_merge
@@ -44,7 +45,7 @@ def test_linear_is_a_weighted_sum_in_input_order() -> None:
     # fp32, each input scaled, then added left to right
     want = (x[0] * 0.5 + x[1] * 0.3) + x[2] * 0.2
     assert torch.equal(got, want)
-    assert METHODS["linear"] is Linear
+    assert set(BUILDERS) >= {"linear", "ties", "dare_ties", "della", "sce"}
 
 
 def test_linear_keeps_rows_only_the_base_has_and_never_reads_a_zero_weight() -> None:
@@ -86,7 +87,10 @@ class NormMatch(Method):
 
     name = "norm-match"
 
-    def first_pass(self) -> _SumSquares:
+    def stat_passes(self) -> int:
+        return 1
+
+    def stats_pass(self, k: int, prior: Any) -> _SumSquares:
         return _SumSquares()
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:

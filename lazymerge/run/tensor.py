@@ -85,7 +85,7 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
     step = rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows, torch.get_num_threads())
     cut = _Blocks(rows, step)
     factors = [ctx.source.factors(i) for i in t.inputs]
-    stats = _first_pass(ctx, t, factors, cut)
+    stats = _stat_passes(ctx, t, factors, cut)
     row_bytes = t.nbytes // t.rows if t.rows else 0
     for r0 in range(0, t.rows, rows):
         r1 = min(r0 + rows, t.rows)
@@ -102,18 +102,19 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
         ctx.step((r1 - r0) * row_bytes)
 
 
-def _first_pass(
+def _stat_passes(
     ctx: ShardContext, t: PlannedTensor, factors: list[list[Factor]], cut: _Blocks
 ) -> Any:
-    """The method's whole-tensor statistics, from every block in order (None if it
-    needs none); the same blocks and chunks the second pass uses."""
+    """The method's whole-tensor statistics, from its passes over every block in order
+    (None if it takes none); the same blocks and chunks the writing pass uses."""
     assert t.method is not None
-    acc = t.method.first_pass()
-    if acc is None:
-        return None
-    for c0 in cut.chunks(0, t.rows):
-        acc.update(TensorBlock(ctx.source, t, factors, c0, min(c0 + cut.step, t.rows)))
-    return acc.result()
+    stats = None
+    for k in range(t.method.stat_passes()):
+        acc = t.method.stats_pass(k, stats)
+        for c0 in cut.chunks(0, t.rows):
+            acc.update(TensorBlock(ctx.source, t, factors, c0, min(c0 + cut.step, t.rows)))
+        stats = acc.result()
+    return stats
 
 
 def _check_finite(

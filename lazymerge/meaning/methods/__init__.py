@@ -1,8 +1,9 @@
-"""Merge methods, one module each behind base.Method; METHODS finds one by its name."""
+"""Merge methods, one module each behind base.Method: `linear` (the founding blend and
+mergekit's N-model weighted sum), `task` (the task-arithmetic family: TIES, DARE,
+breadcrumbs, DELLA), `sce`; `select` and `draws` are their exact top-k selection and
+counter-based random masks. registry.BUILDERS finds a method by the name recipes use."""
 
-from lazymerge.meaning.methods.base import Accumulator, Block, Method
+from lazymerge.meaning.methods.base import Accumulator, Block, Method, Resolved
 from lazymerge.meaning.methods.linear import Linear
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Linear,)}
-
-__all__ = ["METHODS", "Accumulator", "Block", "Linear", "Method"]
+__all__ = ["Accumulator", "Block", "Linear", "Method", "Resolved"]

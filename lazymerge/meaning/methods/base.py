@@ -6,13 +6,18 @@ blocks; the method never reads a file, chooses a block size or a device. An inst
 carries one tensor's parameters, and is frozen, so a plan holding it stays a value.
 
 A method that needs whole-tensor statistics (norms, dot products, top-k thresholds)
-returns an accumulator from `first_pass`: the executor streams every block through it
-first, then hands its `result()` to `combine` for each block of the second pass.
+says how many statistics passes it takes (`stat_passes`); for each, the executor streams
+every block, in row order, through the accumulator `stats_pass` gives, and hands its
+`result()` to the next pass, and the last one to `combine` for every block of the writing
+pass. `combine` too sees the blocks exactly once each, in row order, so a result may
+carry counters (ties at a top-k threshold are kept by flat index).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:  # methods only touch tensors they are given: no torch at import
@@ -51,10 +56,15 @@ class Method(ABC):
 
     name: ClassVar[str]
 
-    def first_pass(self) -> Accumulator | None:
-        """An accumulator when `combine` needs whole-tensor statistics; None (the default)
-        when every block stands alone."""
-        return None
+    def stat_passes(self) -> int:
+        """Streaming passes over the tensor before the one that writes it (0: every block
+        stands alone)."""
+        return 0
+
+    def stats_pass(self, k: int, prior: Any) -> Accumulator:
+        """The accumulator of statistics pass `k` (0-based), given the result of pass
+        `k - 1` (None for the first)."""
+        raise NotImplementedError(f"{self.name} takes no statistics pass")
 
     @abstractmethod
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
@@ -64,3 +74,28 @@ class Method(ABC):
     def describe(self) -> str:
         """The method and its parameters, for people (plan, card)."""
         return self.name
+
+
+Scalar = float | bool
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One output tensor's call of a method: its parameters resolved for that tensor (by
+    filter and layer position, DESIGN §7) and what the arithmetic depends on.
+
+    Inputs are the plan's: index 0 is the base (the model task vectors are taken against),
+    then the other models in the recipe's order. `order` is the order the recipe (a
+    mergekit config) lists all inputs in, the base wherever it stands, for the methods
+    whose rounding depends on it (`linear` sums in it).
+    """
+
+    tensor: str  # the output tensor's name
+    shape: tuple[int, ...]
+    compute: str  # dtype code the arithmetic runs in: F32 for native recipes, a mergekit
+    # config's `dtype` (or its inputs' promoted dtype) for mergekit's bytes
+    seed: int  # keys the random masks (DARE, DELLA) with the tensor's name
+    shared: Mapping[str, Scalar]  # method-wide parameters, defaults filled in
+    per_input: tuple[Mapping[str, Scalar], ...]  # per input; the base's holds only the
+    # parameters every input takes (linear's weight)
+    order: tuple[int, ...]
