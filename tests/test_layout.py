@@ -17,16 +17,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lazymerge"
 RANK = {
     "errors": 0,
     "read": 1,
-    "recipe": 1,
-    "meaning": 2,
-    "plan": 3,
-    "write": 4,
-    "run": 5,
-    "testing": 5,  # fixtures: checkpoints written with the plan's shard split
-    "views": 6,
-    "cli": 7,
-    "__main__": 8,  # the entry point: the command line, with start-up settings
-    "demo": 7,
+    "recipe": 2,  # a mergekit config's Hub ids are found by read/hub.py
+    "meaning": 3,
+    "plan": 4,
+    "write": 5,
+    "run": 6,
+    "testing": 6,  # fixtures: checkpoints written with the plan's shard split
+    "views": 7,
+    "cli": 8,
+    "__main__": 9,  # the entry point: the command line, with start-up settings
+    "demo": 8,
 }
 
 

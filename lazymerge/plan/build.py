@@ -54,15 +54,19 @@ class _Sources:
 
 def build_plan(recipe: Recipe) -> MergePlan:
     """Open every input's headers (and the base's config.json) and decide the whole merge."""
+    if recipe.merge is not None:  # N models and a method: plan/nmodel.py
+        from lazymerge.plan.nmodel import build_nmodel_plan
+
+        return build_nmodel_plan(recipe)
     base = CheckpointIndex.open(recipe.base.path)
     config = read_config(model_dir(base.path))
     other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
     # The family's natural order (config.json model_type): the output's, and tensor mode's.
     stack = replace(_layer_stack(recipe, base, other), order=order_of(config))
-    base_terms, uses = _lora_terms("base", recipe.base, base)
+    base_terms, uses = lora_terms("base", recipe.base, base)
     other_terms: Terms = {}
     if recipe.other and other:
-        other_terms, other_uses = _lora_terms("other", recipe.other, other)
+        other_terms, other_uses = lora_terms("other", recipe.other, other)
         uses += other_uses
     sources = _Sources(recipe, other, base_terms, other_terms)
     kept = sorted(
@@ -70,9 +74,9 @@ def build_plan(recipe: Recipe) -> MergePlan:
     )
     ratios = all_ratios([r.name for r in kept], recipe.gradient, stack) if other else {}
     planned = [_plan_tensor(sources, ref, ratios.get(ref.name, 0.0)) for ref in kept]
-    tensors, shards = _shard(planned, recipe.output.shard_size)
+    tensors, shards = shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
-    notes = tuple(_renamed(uses)) + vocab_notes(tensors)
+    notes = tuple(renamed(uses)) + vocab_notes(tensors)
     return MergePlan(
         recipe, base, other, stack, tensors, shards, config, dropped, notes, tuple(uses)
     )
@@ -119,7 +123,7 @@ def _check_layers(
             )
 
 
-def _lora_terms(
+def lora_terms(
     role: Role, spec: ModelSpec, index: CheckpointIndex
 ) -> tuple[Terms, list[AdapterUse]]:
     """Every term of model `role`'s adapters, by target, in the order they apply; and
@@ -148,7 +152,7 @@ def _lora_terms(
 def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
     rule = first_rule(ref.name, src.recipe.gradient)
     if not ref.is_float:
-        return _plan_buffer(ref, rule)
+        return plan_buffer(ref, rule)
     dtype = src.recipe.output.dtype or ref.dtype
     other_ref = _other_ref(ref, src.other) if src.other is not None and ratio > 0 else None
     shared = min(ref.rows, other_ref.rows) if other_ref is not None else ref.rows
@@ -171,7 +175,7 @@ def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
     )
 
 
-def _plan_buffer(ref: TensorRef, rule: int | None) -> PlannedTensor:
+def plan_buffer(ref: TensorRef, rule: int | None) -> PlannedTensor:
     """Integer/bool buffers are not blended: the base's values, as they are."""
     action, method = (COPY_BASE, None) if ref.contiguous else (COMPUTE, Linear((1.0,)))
     inputs = (Input("base", ref),)
@@ -217,7 +221,7 @@ def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:
     return o
 
 
-def _renamed(uses: Sequence[AdapterUse]) -> Iterable[str]:
+def renamed(uses: Sequence[AdapterUse]) -> Iterable[str]:
     for use in uses:
         if use.renamed:
             yield (
@@ -244,7 +248,7 @@ def vocab_notes(tensors: Sequence[PlannedTensor]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _shard(
+def shard(
     planned: Sequence[PlannedTensor], shard_size: int
 ) -> tuple[tuple[PlannedTensor, ...], tuple[Shard, ...]]:
     """Split in plan order (see shards.split) and give each tensor its shard and offset."""

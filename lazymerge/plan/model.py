@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lazymerge.meaning.adapters import LoraTerm
 from lazymerge.meaning.layers import LayerStack
 from lazymerge.meaning.methods import Method
+from lazymerge.meaning.methods.base import Resolved
 from lazymerge.meaning.names import Mapping
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.tensorref import TensorRef
@@ -29,7 +30,9 @@ class Action(StrEnum):
 
 
 COPY_BASE, COPY_OTHER, COMPUTE = Action.COPY_BASE, Action.COPY_OTHER, Action.COMPUTE
-Role = Literal["base", "other"]  # which of the recipe's models an input is
+# Which of the recipe's models an input is: "base", "other" (the founding recipe), or
+# "models[i]" (an N-model recipe's i-th entry).
+Role = str
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class PlannedTensor:
     offset: int = 0  # within the shard's data section
     # Leading rows every input has (a smaller vocabulary); past them, the base's alone.
     shared_rows: int = -1  # -1: all of them
+    call: Resolved | None = None  # N-model merges: the parameters the method was built from
 
     def __post_init__(self) -> None:
         if self.shared_rows < 0:
@@ -88,12 +92,26 @@ class PlannedTensor:
         return side.terms if side is not None else ()
 
     def describe(self) -> dict[str, Any]:
-        """The decision, as the manifest and `plan --json` record it."""
-        return {
+        """The decision, as the manifest and `plan --json` record it. An N-model merge's
+        tensor adds its method, the parameters it was resolved to (method-wide, then
+        each input's by role), each input's LoRAs, and the passes it takes over them."""
+        decision: dict[str, Any] = {
             "ratio": self.ratio,
             "action": str(self.action),
             "base_loras": [str(lo.adapter) for lo in self.terms("base")],
             "other_loras": [str(lo.adapter) for lo in self.terms("other")],
+        }
+        if self.call is None or self.method is None:
+            return decision  # the founding recipe's tensors (and buffers) say no more
+        inputs = zip(self.inputs, self.call.per_input, strict=True)
+        return decision | {
+            "method": self.method.describe(),
+            "parameters": {
+                "shared": dict(self.call.shared),
+                "inputs": {i.role: dict(params) for i, params in inputs},
+            },
+            "loras": {i.role: [str(lo.adapter) for lo in i.terms] for i in self.inputs if i.terms},
+            "passes": 1 + self.method.stat_passes(),
         }
 
 
@@ -130,6 +148,16 @@ class MergePlan:
     dropped: tuple[str, ...] = ()  # base tensors deliberately left out (see build.DROPPED)
     notes: tuple[str, ...] = ()  # what the user should know (vocabulary mismatches)
     adapters: tuple[AdapterUse, ...] = ()  # every adapter of the recipe, in recipe order
+    models: tuple[CheckpointIndex, ...] = ()  # an N-model merge's models but the base
+
+    @property
+    def out_dtype(self) -> str | None:
+        """The dtype config.json names: the recipe's; for an N-model merge without one,
+        its tensors' (a mergekit config's compute dtype), when they agree."""
+        if self.recipe.output.dtype is not None or self.recipe.merge is None:
+            return self.recipe.output.dtype
+        codes = {t.dtype for t in self.tensors if t.call is not None}
+        return codes.pop() if len(codes) == 1 else None
 
     @property
     def n_layers(self) -> int:
@@ -151,6 +179,7 @@ class MergePlan:
     def input_files(self) -> list[Path]:
         """Every input file the plan reads (model shards and adapter weights)."""
         files = list(self.base.files) + (list(self.other.files) if self.other else [])
+        files += [f for m in self.models for f in m.files]
         for t in self.tensors:
             files += [term.a.file for i in t.inputs for term in i.terms]
         return list(dict.fromkeys(files))

@@ -42,7 +42,8 @@ def noop_reasons(plan: MergePlan) -> Iterator[str]:
                 f"gradient[{i}] ({what}) decides no tensor: no tensor name contains its "
                 "filter, or an earlier rule takes every one it matches"
             )
-    if all(t.ratio == 0 and not any(i.terms for i in t.inputs) for t in plan.tensors):
+    founding = plan.recipe.merge is None  # N-model merges: their methods decide (nmodel.py)
+    if founding and all(t.ratio == 0 and not any(i.terms for i in t.inputs) for t in plan.tensors):
         yield (
             "the output would be the base's weights: every tensor takes ratio 0 and no "
             "adapter applies"
@@ -63,7 +64,7 @@ def _adapter_reasons(plan: MergePlan, use: AdapterUse) -> Iterator[str]:
         if term.adapter == use.path
     ]
     if not terms:
-        share = "0 of the other" if use.role == "other" else "all of the other"
+        share = {"other": "0 of the other", "base": "all of the other"}.get(use.role, "none of it")
         yield f"{where} changes nothing: every tensor it targets takes {share}"
     elif all(_zero_delta(term) for term in terms):
         yield (

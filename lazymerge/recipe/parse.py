@@ -11,6 +11,7 @@ from typing import Any, get_args
 import yaml
 
 from lazymerge.errors import RecipeError
+from lazymerge.recipe import models
 from lazymerge.recipe.spec import (
     DEFAULT_SHARD_SIZE,
     DTYPE_NAMES,
@@ -44,7 +45,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
-    """Validate recipe data (already parsed from YAML) into a Recipe."""
+    """Validate recipe data (already parsed from YAML) into a Recipe: a mergekit config
+    (it has `merge_method`), an N-model recipe (`models`), or the founding two-model one."""
+    if isinstance(data, dict) and "merge_method" in data:
+        from lazymerge.recipe.mergekit import parse_mergekit
+
+        return parse_mergekit(data, root, source)
+    if isinstance(data, dict) and ("models" in data or "method" in data):
+        return _n_models(data, root, source)
     d = _mapping(data, source, {"base", "other", "gradient", "output", "layers_prefix"})
     if "base" not in d:
         raise RecipeError(f"{source}: 'base' is required (a model path)")
@@ -56,13 +64,43 @@ def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
     if other is not None and not gradient:
         raise RecipeError(f"{source}: 'other' is given but no 'gradient' says how to blend it")
     output = _output(d.get("output") or {}, f"{source}: output")
-    prefix = d.get("layers_prefix")
+    return Recipe(base, other, gradient, output, _prefix(d.get("layers_prefix"), source))
+
+
+def _n_models(data: dict[str, Any], root: Path, source: str) -> Recipe:
+    """A native N-model recipe (recipe/models.py)."""
+    d = _mapping(data, source, models.KEYS)
+    if "base" not in d:
+        raise RecipeError(f"{source}: 'base' is required (a model path)")
+    base = _model(d["base"], root, f"{source}: base")
+    entries = d.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(
+            f"{source}: models: expected a list of models ({{model, loras, parameters}})"
+        )
+    specs = [_entry(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
+    merge = models.parse_method(d, base, specs, source)
+    output = _output(d.get("output") or {}, f"{source}: output")
+    return Recipe(
+        base, output=output, layers_prefix=_prefix(d.get("layers_prefix"), source), merge=merge
+    )
+
+
+def _entry(value: object, root: Path, where: str) -> ModelSpec:
+    """One of `models`: a path, or {model, loras, parameters} (parameters parsed later)."""
+    if isinstance(value, dict):
+        _mapping(value, where, {"model", "loras", "parameters"})
+        value = {k: v for k, v in value.items() if k != "parameters"}
+    return _model(value, root, where)
+
+
+def _prefix(prefix: object, source: str) -> str | None:
     if prefix is not None and (not isinstance(prefix, str) or not prefix.strip(".")):
         raise RecipeError(
             f"{source}: layers_prefix: expected the decoder layers' name prefix, e.g. "
             f"transformer.h, got {prefix!r}"
         )
-    return Recipe(base, other, gradient, output, prefix)
+    return prefix
 
 
 def _mapping(value: object, where: str, allowed: set[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ DTYPE_NAMES = {
     "bfloat16": "BF16", "bf16": "BF16",
     "float32": "F32", "fp32": "F32", "float": "F32",
 }  # fmt: skip
-DTYPE_LABELS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+DTYPE_LABELS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 DEFAULT_SHARD_SIZE = 2 * 10**9
 Over = Literal["layers", "tensors"]
 
@@ -52,6 +52,56 @@ class ModelSpec:
     loras: tuple[LoraSpec, ...] = ()
 
 
+Scalar = float | bool
+Value = tuple[Scalar, ...]  # one: a constant; more: anchors spread over the decoder layers
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """A parameter's value for the tensors whose name contains `filter` (None: every one)."""
+
+    filter: str | None
+    value: Value
+
+
+# A parameter's setting: the first conditional that matches a tensor decides; none
+# matching passes the decision down to the next level (model, then method-wide, then the
+# method's default). A plain value is one conditional with no filter.
+Setting = tuple[Conditional, ...]
+Parameters = dict[str, Setting]
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """One model of an N-model merge, with its own parameters (weight, density...)."""
+
+    model: ModelSpec
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """An N-model merge: a method (meaning/methods/registry.py) over the base and `models`.
+
+    `models` are in the recipe's order. The base may be one of them (a mergekit config
+    lists it among its models, with parameters); `base_at` says where, else the base
+    joins as the last input (mergekit's rule) and only methods that weigh every input
+    (linear) use it beyond taking task vectors against it.
+    """
+
+    name: str
+    models: tuple[MergeInput, ...]
+    parameters: Parameters = field(default_factory=dict)  # method-wide
+    base_at: int | None = None
+    seed: int = 0  # keys DARE/DELLA's random masks
+    # The dtype the arithmetic runs in. None: float32 with one rounding to the output
+    # dtype (native recipes). A mergekit config's `dtype` (inputs cast to it, every step
+    # rounded in it), or "inputs": its inputs' promoted dtype, per tensor (mergekit with
+    # no `dtype`).
+    compute: str | None = None
+    source: Literal["lazymerge", "mergekit"] = "lazymerge"  # the recipe's syntax
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     dtype: str | None = None  # safetensors code (F16, BF16, F32); None: the base's
@@ -67,10 +117,18 @@ class Recipe:
     gradient: tuple[GradientRule, ...] = ()
     output: OutputSpec = field(default_factory=OutputSpec)
     layers_prefix: str | None = None  # the decoder layers' stack, when the names can't say
+    merge: MethodSpec | None = None  # an N-model merge (then no other/gradient)
+
+    def models(self) -> list[ModelSpec]:
+        """Every model of the recipe, the base first, each once."""
+        models = [self.base] + ([self.other] if self.other else [])
+        if self.merge is not None:
+            models += [m.model for m in self.merge.models if m.model != self.base]
+        return models
 
     def inputs(self) -> list[Path]:
         """Every input path, models and adapters."""
-        models = [self.base] + ([self.other] if self.other else [])
+        models = self.models()
         return [p for m in models for p in (m.path, *(lo.path for lo in m.loras))]
 
     def with_output(self, dtype: str | None = None, shard_size: int | None = None) -> Recipe:
@@ -100,6 +158,8 @@ class Recipe:
             return d
 
         data: dict[str, Any] = {"base": model(self.base)}
+        if self.merge is not None:
+            data |= _merge_dict(self.merge, model)
         if self.other is not None:
             data["other"] = model(self.other)
             data["gradient"] = [rule(r) for r in self.gradient]
@@ -110,3 +170,33 @@ class Recipe:
         if self.layers_prefix is not None:
             data["layers_prefix"] = self.layers_prefix
         return data
+
+
+def _setting(setting: Setting) -> Any:
+    def value(v: Value) -> Any:
+        return v[0] if len(v) == 1 else list(v)
+
+    if len(setting) == 1 and setting[0].filter is None:
+        return value(setting[0].value)
+    return [
+        {"value": value(c.value)} | ({"filter": c.filter} if c.filter is not None else {})
+        for c in setting
+    ]
+
+
+def _merge_dict(m: MethodSpec, model: Any) -> dict[str, Any]:
+    """An N-model merge in the native syntax (recipe/models.py); a mergekit config's
+    precision as `compute`."""
+    entries = [
+        model(e.model) | {"parameters": {k: _setting(v) for k, v in e.parameters.items()}}
+        for e in m.models
+    ]
+    data: dict[str, Any] = {
+        "method": m.name,
+        "models": entries,
+        "parameters": {k: _setting(v) for k, v in m.parameters.items()},
+        "seed": m.seed,
+    }
+    if m.compute is not None:
+        data["compute"] = DTYPE_LABELS.get(m.compute, m.compute)
+    return data

@@ -29,10 +29,12 @@ CACHE_CHUNK = 2**20
 
 
 def _per_row(t: PlannedTensor) -> int:
-    """Working bytes per row of a computed tensor: two fp32 rows, the output row, and the
-    mapped input rows."""
+    """Working bytes per row of a computed tensor: fp32 rows (two for the founding blend;
+    an N-model method's task vectors, stacked, masks: two per input, and two), the output
+    row, and the mapped input rows."""
     row_numel = t.nbytes // itemsize(t.dtype) // t.rows if t.rows else 0
-    return row_numel * (4 + 4 + itemsize(t.dtype)) + sum(i.ref.row_nbytes for i in t.inputs)
+    fp32_rows = 2 if t.call is None else 2 * len(t.inputs) + 2
+    return row_numel * (4 * fp32_rows + itemsize(t.dtype)) + sum(i.ref.row_nbytes for i in t.inputs)
 
 
 def block_rows(t: PlannedTensor, budget: int) -> int:

@@ -129,7 +129,7 @@ def resolve_device(name: str) -> torch.device:
     device = parse_device(name) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            built = "with" if torch.backends.cuda.is_built() else "without"
+            built = "with" if torch.version.cuda else "without"
             raise MachineError(
                 f"--device {name}: no CUDA GPU here (torch {torch.__version__}, built {built} "
                 "CUDA); use --device cpu or auto"

@@ -172,7 +172,7 @@ class Output:
         """Config, tokenizer files, the complete manifest, the card, and last the index."""
         plan, out = self.plan, self.path
         if plan.config is not None:
-            write_json(out / CONFIG, _config(plan.config, plan.recipe.output.dtype))
+            write_json(out / CONFIG, _config(plan.config, plan.out_dtype))
         base_dir = model_dir(plan.base.path)
         for name in AUX_FILES:
             if (base_dir / name).is_file():

@@ -1,0 +1,148 @@
+"""mergekit configurations, accepted as they are (DESIGN §7, docs/methods.md).
+
+A YAML with `merge_method` is a mergekit config: `base_model`, `models` (each a path, a
+Hub id, or `model+lora`), `parameters`, `dtype` (the *compute* dtype: inputs cast to it,
+arithmetic in it), `out_dtype` (the file's), `random_seed`, `tokenizer_source: base`.
+What mergekit would silently ignore (an unknown key or parameter) is refused here in one
+line, and so is what lazymerge does not run yet (slices, modules, other tokenizers).
+
+Paths resolve against the config's directory, then (as mergekit does) the working
+directory; anything else is a Hub id, found in the local Hugging Face cache (read/hub.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lazymerge.errors import RecipeError
+from lazymerge.read.hub import resolve
+from lazymerge.recipe.models import check_inputs, method_of, parse_seed
+from lazymerge.recipe.params import parse_parameters
+from lazymerge.recipe.spec import LoraSpec, MergeInput, MethodSpec, ModelSpec, OutputSpec, Recipe
+
+KEYS = {
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+    "random_seed", "tokenizer_source", "slices", "modules", "tokenizer", "chat_template",
+}  # fmt: skip
+# Keys mergekit knows that lazymerge does not run yet: one line each, before anything.
+NOT_YET = {
+    "slices": "slices (layer ranges, frankenmerges) are not supported yet; use models:",
+    "modules": "modules: configs are not supported yet",
+    "tokenizer": "a tokenizer: block is not supported yet (tokenizer_source: base is)",
+    "chat_template": "chat_template is not supported yet",
+}
+# mergekit's dtype names (common.py dtype_from_name), with an optional "torch." prefix.
+DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+
+
+def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
+    """A mergekit config -> a Recipe whose merge has mergekit's precision."""
+    unknown = sorted(str(k) for k in data if k not in KEYS)
+    if unknown:
+        raise RecipeError(
+            f"{source}: {unknown[0]}: not a mergekit config key; it knows {sorted(KEYS)}"
+        )
+    for key, why in NOT_YET.items():
+        if data.get(key) is not None:
+            raise RecipeError(f"{source}: {key}: {why}")
+    _tokenizer_source(data.get("tokenizer_source"), source)
+    method = method_of(data["merge_method"], f"{source}: merge_method")
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"{source}: models: expected a list of {{model, parameters}}")
+    models = [_entry_model(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
+    base = _base(data.get("base_model"), models, root, source)
+    if base is None and method.needs_base:
+        raise RecipeError(
+            f"{source}: base_model: {method.name} needs a base model (task vectors are taken against it)"
+        )
+    base = base or models[0]
+    inputs = [
+        MergeInput(
+            m,
+            parse_parameters(
+                _params(e),
+                f"{source}: models[{i}].parameters",
+                method,
+                "base" if m == base else "model",
+            ),
+        )
+        for i, (e, m) in enumerate(zip(entries, models, strict=True))
+    ]
+    check_inputs(method, inputs, base, source)
+    compute = _dtype(data.get("dtype"), f"{source}: dtype")
+    merge = MethodSpec(
+        method.name,
+        tuple(inputs),
+        parse_parameters(data.get("parameters"), f"{source}: parameters", method, "method"),
+        base_at=next((i for i, m in enumerate(models) if m == base), None),
+        seed=parse_seed(data.get("random_seed", 0), f"{source}: random_seed"),
+        compute=compute or "inputs",
+        source="mergekit",
+    )
+    out = _dtype(data.get("out_dtype"), f"{source}: out_dtype")
+    return Recipe(base, output=OutputSpec(dtype=out), merge=merge)
+
+
+def _tokenizer_source(value: object, source: str) -> None:
+    if value not in (None, "base"):
+        raise RecipeError(
+            f"{source}: tokenizer_source: {value!r} is not supported yet; only 'base' "
+            "(the base model's tokenizer, which lazymerge copies anyway)"
+        )
+
+
+def _params(entry: object) -> object:
+    return entry.get("parameters") if isinstance(entry, dict) else None
+
+
+def _entry_model(entry: object, root: Path, where: str) -> ModelSpec:
+    if isinstance(entry, str):  # mergekit wants {model: ...}; a bare reference is clear enough
+        return model_reference(entry, root, where)
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise RecipeError(f"{where}: expected {{model: ..., parameters: ...}}")
+    unknown = sorted(str(k) for k in entry if k not in ("model", "parameters"))
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown key {unknown[0]!r}; a model entry has model, parameters"
+        )
+    return model_reference(entry["model"], root, f"{where}.model")
+
+
+def _base(value: object, models: list[ModelSpec], root: Path, source: str) -> ModelSpec | None:
+    """The base model: one of the models when it names the same one, else its own."""
+    if value is None:
+        return None
+    base = model_reference(value, root, f"{source}: base_model")
+    return next((m for m in models if m == base), base)
+
+
+def model_reference(value: object, root: Path, where: str) -> ModelSpec:
+    """`model` or `model+lora` (mergekit's syntax: the LoRA at full strength), each a path
+    or a Hub id with an optional `@revision`."""
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: expected a model path or Hub id, got {value!r}")
+    model, plus, lora = value.partition("+")
+    if plus and not lora:
+        raise RecipeError(f"{where}: {value!r} ends with '+': name the LoRA after it")
+    loras = (LoraSpec(_locate(lora, root, f"{where} (LoRA)")),) if lora else ()
+    return ModelSpec(_locate(model, root, where), loras)
+
+
+def _locate(ref: str, root: Path, where: str) -> Path:
+    for candidate in (root / Path(ref).expanduser(), Path(ref).expanduser()):
+        if candidate.exists():
+            return candidate.resolve()
+    return resolve(ref, where)
+
+
+def _dtype(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    if name not in DTYPES:
+        raise RecipeError(
+            f"{where}: {value!r} is not a dtype mergekit knows; use {', '.join(DTYPES)}"
+        )
+    return DTYPES[name]
