@@ -14,6 +14,7 @@ from lazymerge import __version__
 from lazymerge.errors import LazyMergeError
 from lazymerge.plan.model import MergePlan
 from lazymerge.read.config import model_dir, read_config
+from lazymerge.views import nmodel
 from lazymerge.views.plot import PictureJob, plot_blend
 from lazymerge.views.report import human_bytes, ratio_table
 
@@ -40,8 +41,9 @@ class DrawHere:
 
 
 def wants_picture(plan: MergePlan) -> bool:
-    """A blend gets a picture; LAZYMERGE_NO_PICTURE=1 skips it."""
-    return plan.recipe.other is not None and not os.environ.get("LAZYMERGE_NO_PICTURE")
+    """A blend or an N-model merge gets a picture; LAZYMERGE_NO_PICTURE=1 skips it."""
+    merges = plan.recipe.other is not None or plan.recipe.merge is not None
+    return merges and not os.environ.get("LAZYMERGE_NO_PICTURE")
 
 
 def start_picture(plan: MergePlan, title: str) -> PictureJob | None:
@@ -61,7 +63,10 @@ class ModelCard:
         return self._picture is not None and self._picture.collect(dest)
 
     def text(self, picture: str | None, out: Path | None = None) -> str:
-        shown = f"![per-layer blend: base in blue, other in green]({picture})\n\n"
+        if self.plan.recipe.merge is not None:
+            shown = f"![per-layer parameters: each model's weight share and density]({picture})\n\n"
+        else:
+            shown = f"![per-layer blend: base in blue, other in green]({picture})\n\n"
         return card_text(self.plan, self.title, shown if picture else "", out)
 
 
@@ -74,21 +79,11 @@ def card_text(plan: MergePlan, title: str, picture: str = "", out: Path | None =
     """README.md's text. Model paths in its recipe are relative to `out`, the output
     directory (absolute without it), so the card names no one's home directory."""
     recipe = plan.recipe
-    models = [recipe.base] + ([recipe.other] if recipe.other else [])
-    loras = [lo for m in models for lo in m.loras]
-    hub_ids = [i for m in models for i in hub_ids_of(m.path)]
-    front: dict[str, Any] = {"base_model": list(dict.fromkeys(hub_ids))} if hub_ids else {}
-    front |= {
-        "tags": ["merge", "lazymerge"] + (["lora"] if loras else []),
-        "library_name": "transformers",
-    }
     parts = [
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
+        "---\n" + yaml.safe_dump(_front(plan), sort_keys=False) + "---\n",
         f"# {title}\n",
-        _description(plan),
-        picture + "## Per-layer blend\n\n```\n" + "\n".join(ratio_table(plan)) + "\n```\n"
-        if recipe.other
-        else "",
+        _description(plan) if recipe.merge is None else _merge_description(plan),
+        _layers(plan, picture),
         "## Recipe\n",
         "Paths are relative to this directory.\n" if out is not None else "",
         "```yaml\n" + yaml.safe_dump(_relative(recipe.to_dict(), out), sort_keys=False) + "```\n",
@@ -103,6 +98,26 @@ def card_text(plan: MergePlan, title: str, picture: str = "", out: Path | None =
         "every output shard's sha256; the same inputs give the same bytes.\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _front(plan: MergePlan) -> dict[str, Any]:
+    """The Hub's front matter: every model's Hub id (base_model), tags, library."""
+    models = plan.recipe.models()  # the founding recipe's: base, other
+    hub_ids = [i for m in models for i in hub_ids_of(m.path)]
+    front: dict[str, Any] = {"base_model": list(dict.fromkeys(hub_ids))} if hub_ids else {}
+    method = [plan.recipe.merge.name] if plan.recipe.merge is not None else []
+    loras = ["lora"] if any(m.loras for m in models) else []
+    return front | {"tags": ["merge", "lazymerge", *method, *loras], "library_name": "transformers"}
+
+
+def _layers(plan: MergePlan, picture: str) -> str:
+    """The per-layer section: the founding blend's ratios, an N-model merge's parameters."""
+    if plan.recipe.merge is not None:
+        table = "\n".join(nmodel.method_table(plan))
+        return f"## Per-layer parameters\n\n{picture}```\n{table}\n```\n"
+    if plan.recipe.other is None:
+        return ""
+    return picture + "## Per-layer blend\n\n```\n" + "\n".join(ratio_table(plan)) + "\n```\n"
 
 
 # A Hugging Face Hub repository id: "owner/name", letters, digits, '-', '_', '.'.
@@ -146,7 +161,12 @@ def _relative(data: dict[str, Any], out: Path | None) -> dict[str, Any]:
         loras = [{**lo, "path": rel(lo["path"])} for lo in m["loras"]]
         return {**m, "model": rel(m["model"]), "loras": loras}
 
-    return {k: model(v) if k in ("base", "other") else v for k, v in data.items()}
+    def entry(k: str, v: Any) -> Any:
+        if k in ("base", "other"):
+            return model(v)
+        return [model(m) for m in v] if k == "models" else v  # an N-model merge's
+
+    return {k: entry(k, v) for k, v in data.items()}
 
 
 def _description(plan: MergePlan) -> str:
@@ -162,6 +182,30 @@ def _description(plan: MergePlan) -> str:
             "\nEach tensor is `(1 - r) * base' + r * other'` (': with its LoRAs), r from the "
             "per-layer table below, in float32 with one rounding."
         )
+    lines.append(
+        f"\n{len(plan.tensors)} tensors, {human_bytes(plan.bytes_to_write)} in {len(plan.shards)} shard(s).\n"
+    )
+    return "\n".join(lines)
+
+
+def _merge_description(plan: MergePlan) -> str:
+    """An N-model merge: the method, where its precision comes from, every model with
+    its LoRAs."""
+    spec = plan.recipe.merge
+    assert spec is not None
+    names = nmodel.labels(plan)
+    entries = [("base", plan.recipe.base)]
+    entries += [(f"models[{i}]", e.model) for i, e in enumerate(spec.models) if i != spec.base_at]
+    lines = [f"A merge made with lazymerge {__version__}:\n"]
+    lines.append(f"- **method**: {nmodel.headline(plan).removeprefix('method: ')}")
+    for role, model in entries:
+        lines.append(f"- **{role}**: `{names[role]}`")
+        lines += [f"  - LoRA `{lo.path.name}` at weight {lo.weight:g}" for lo in model.loras]
+    lines.append(
+        f"\nEach tensor is computed by `{spec.name}` from the base's tensor and every model's "
+        "(each with its LoRAs applied), with each model's parameters for that tensor's layer "
+        "in the table below."
+    )
     lines.append(
         f"\n{len(plan.tensors)} tensors, {human_bytes(plan.bytes_to_write)} in {len(plan.shards)} shard(s).\n"
     )

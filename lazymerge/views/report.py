@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lazymerge.plan.model import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor, Role
 from lazymerge.recipe.spec import DTYPE_LABELS, GradientRule
 from lazymerge.run.budget import INTERPRETER, estimate_peak
+from lazymerge.views import nmodel
 from lazymerge.write.safetensors import build_header
 
 if TYPE_CHECKING:  # a merge's result: run.merge brings torch, which plan's views need not
@@ -92,8 +93,10 @@ def ratio_table(plan: MergePlan) -> list[str]:
 def inputs(plan: MergePlan) -> list[str]:
     """Which checkpoint format each model was read from, and what was left out."""
     lines = []
+    if plan.recipe.merge is not None:
+        lines += [nmodel.headline(plan), *nmodel.models(plan)]
     for role, index in (("base", plan.base), ("other", plan.other)):
-        if index is not None:
+        if index is not None and plan.recipe.merge is None:
             lines.append(f"{role}: {index.path} ({index.note or index.format})")
     lines.append(plan.stack.describe())
     lines += list(plan.notes)
@@ -125,7 +128,7 @@ def plan_text(plan: MergePlan, budget: int) -> str:
     peak = estimate_peak(plan, budget)
     lines = [
         *inputs(plan),
-        *ratio_table(plan),
+        *(ratio_table(plan) if plan.recipe.merge is None else nmodel.method_table(plan)),
         _counts(plan),
         f"read {human_bytes(plan.bytes_to_read)}, write {human_bytes(sum(sizes))} "
         f"in {len(sizes)} shard(s) of at most {human_bytes(plan.recipe.output.shard_size)}:",
@@ -190,6 +193,8 @@ def _tensor_json(plan: MergePlan, t: PlannedTensor) -> dict[str, Any]:
         "nbytes": t.nbytes,
         "base_loras": decision["base_loras"],
         "other_loras": decision["other_loras"],
+        # An N-model merge's tensor: its parameters, LoRAs by input, passes (as recorded).
+        **{k: decision[k] for k in ("parameters", "loras", "passes") if k in decision},
     }
 
 

@@ -1,0 +1,164 @@
+"""An N-model merge as `plan`, the card and the manifest show it: the method, where its
+precision comes from, and each model's parameters layer by layer (a gradient or a filter
+makes them differ), with the passes each tensor takes over its inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lazymerge.meaning.layers import LayerStack
+from lazymerge.meaning.methods.base import Scalar
+from lazymerge.plan.model import MergePlan, PlannedTensor
+from lazymerge.recipe.spec import DTYPE_LABELS
+
+_ABBREV = {"weight": "w", "density": "d", "gamma": "g", "epsilon": "e"}
+
+
+def headline(plan: MergePlan) -> str:
+    spec = plan.recipe.merge
+    assert spec is not None
+    if spec.compute is None:
+        precision = "float32 arithmetic, one rounding"
+    elif spec.compute == "inputs":
+        precision = "in the inputs' dtype (mergekit without dtype)"
+    else:
+        precision = f"in {DTYPE_LABELS.get(spec.compute, spec.compute.lower())} (mergekit's dtype)"
+    syntax = " (mergekit config)" if spec.source == "mergekit" else ""
+    seed = f", seed {spec.seed}" if spec.name.startswith(("dare", "della")) else ""
+    return f"method: {spec.name}{syntax}, {precision}{seed}"
+
+
+def models(plan: MergePlan) -> list[str]:
+    spec = plan.recipe.merge
+    assert spec is not None
+    lines = [f"base: {plan.base.path} ({plan.base.note or plan.base.format})"]
+    others = iter(plan.models)
+    for i in range(len(spec.models)):
+        if i != spec.base_at:
+            index = next(others)
+            lines.append(f"models[{i}]: {index.path} ({index.note or index.format})")
+    return lines
+
+
+def _params(t: PlannedTensor) -> list[str]:
+    """Per input, its parameters on this tensor (shared ones first), compactly."""
+    call = t.call
+    if call is None:
+        return []
+    shared = " ".join(f"{k}={_fmt(v)}" for k, v in call.shared.items())
+    cells = [shared]
+    for params in call.per_input:
+        cells.append(" ".join(f"{_ABBREV.get(k, k)} {_fmt(v)}" for k, v in params.items()) or "-")
+    return cells
+
+
+def _fmt(v: Scalar) -> str:
+    return str(v).lower() if isinstance(v, bool) else f"{v:.4g}"
+
+
+def _passes(t: PlannedTensor) -> int:
+    return 1 + (t.method.stat_passes() if t.method is not None else 0)
+
+
+def _layer_cells(stack: LayerStack, tensors: tuple[PlannedTensor, ...]) -> dict[Any, list[str]]:
+    """Per layer (None: outside the layers), each column's distinct values."""
+    cells: dict[Any, list[set[str]]] = {}
+    for t in tensors:
+        if t.call is None:  # an integer buffer: the base's, as it is
+            continue
+        row = cells.setdefault(stack.layer_of(t.name), [])
+        values = [*_params(t), str(_passes(t))]
+        row.extend(set() for _ in range(len(values) - len(row)))
+        for col, v in zip(row, values, strict=False):
+            col.add(v)
+    return {k: [" | ".join(sorted(c)) for c in cols] for k, cols in cells.items()}
+
+
+def method_table(plan: MergePlan) -> list[str]:
+    """One line per decoder layer (then `rest`): each input's parameters, the passes."""
+    spec = plan.recipe.merge
+    assert spec is not None
+    rows = _layer_cells(plan.stack, plan.tensors)
+    roles = ["base"] + [f"models[{i}]" for i in range(len(spec.models)) if i != spec.base_at]
+    head = ["shared", *roles, "passes"]
+    keys = sorted(k for k in rows if k is not None) + ([None] if None in rows else [])
+    table = [[("rest" if k is None else str(k)), *rows[k]] for k in keys]
+    widths = [
+        max(len(h), *(len(r[c + 1]) for r in table if c + 1 < len(r))) for c, h in enumerate(head)
+    ]
+    lines = [
+        ("layer  " + "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))).rstrip()
+    ]
+    for r in table:
+        cells = "  ".join(v.ljust(w) for v, w in zip(r[1:], widths, strict=False))
+        lines.append(f"{r[0]:>5}  {cells}".rstrip())
+    return lines
+
+
+# --- the picture's rows: each model's share per layer ----------------------------------
+
+
+@dataclass(frozen=True)
+class ShareRow:
+    """One decoder layer of an N-model merge (layer None: the tensors outside them), as
+    the picture draws it; models by their labels (`labels`)."""
+
+    layer: int | None
+    shares: dict[str, float]  # each weighted model's weight / the layer's total |weight|
+    densities: dict[str, float]  # each model's density (the fraction of its task vector kept)
+    topk: float | None  # sce's select_topk
+
+
+def labels(plan: MergePlan) -> dict[str, str]:
+    """Each input's role -> the name people know it by: its directory's (a Hub cache
+    snapshot's: the repository's), the role added where two would read the same."""
+    spec = plan.recipe.merge
+    assert spec is not None
+    paths = {"base": plan.base.path}
+    paths |= {f"models[{i}]": e.model.path for i, e in enumerate(spec.models) if i != spec.base_at}
+    names = {role: _dir_name(path) for role, path in paths.items()}
+    seen = list(names.values())
+    return {r: n if seen.count(n) == 1 else f"{n} ({r})" for r, n in names.items()}
+
+
+def _dir_name(path: Path) -> str:
+    # models--owner--name/snapshots/<commit>: the commit says nothing to a reader
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--", 2)[-1]
+    return path.name
+
+
+def share_rows(plan: MergePlan) -> list[ShareRow]:
+    """Per decoder layer (then `rest`), each model's parameters averaged over the layer's
+    computed tensors (a filter can make them differ), its weight as a share."""
+    names = labels(plan)
+    groups: dict[int | None, list[PlannedTensor]] = {}
+    for t in plan.tensors:
+        if t.call is not None:
+            groups.setdefault(plan.stack.layer_of(t.name), []).append(t)
+    keys = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
+    return [_share_row(k, groups[k], names) for k in keys]
+
+
+def _share_row(layer: int | None, tensors: list[PlannedTensor], names: dict[str, str]) -> ShareRow:
+    def mean(key: str, role: str | None) -> float | None:
+        values = [float(v) for t in tensors if (v := _param(t, key, role)) is not None]
+        return sum(values) / len(values) if values else None
+
+    roles = [i.role for i in tensors[0].inputs]
+    weights = {names[r]: w for r in roles if (w := mean("weight", r)) is not None}
+    total = sum(abs(w) for w in weights.values())
+    shares = {n: (w / total if total else 0.0) for n, w in weights.items()}
+    densities = {names[r]: d for r in roles if (d := mean("density", r)) is not None}
+    return ShareRow(layer, shares, densities, mean("select_topk", None))
+
+
+def _param(t: PlannedTensor, key: str, role: str | None) -> Scalar | None:
+    """A tensor's value of `key`: the shared one (role None) or input `role`'s."""
+    assert t.call is not None
+    if role is None:
+        return t.call.shared.get(key)
+    k = next((k for k, i in enumerate(t.inputs) if i.role == role), None)
+    return None if k is None else t.call.per_input[k].get(key)
