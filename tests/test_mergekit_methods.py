@@ -186,3 +186,30 @@ def test_method_matches_mergekit(
     # stay the exception.
     assert differ <= 0.05 * total, f"{differ} of {total} elements differ in threshold ties"
     assert compared >= 0.5 * total, f"only {compared} of {total} elements compared"
+
+
+def test_output_loads_in_transformers_with_mergekits_logits(
+    mergekit: Mergekit, families: dict[torch.dtype, Family], tmp_path: Path
+) -> None:
+    """A TIES merge: lazymerge's output loads with no missing or unexpected keys, and its
+    logits are mergekit's (up to the few threshold-tie elements)."""
+    from transformers import LlamaForCausalLM
+
+    family = families[torch.float16]
+    per_model, top, _ = CASES["ties"]
+    cfg = config(family, "ties", per_model, top)
+    mergekit.run(cfg, tmp_path / "mk-out")
+    run_lazymerge(cfg, tmp_path)
+    logits = []
+    for out in (tmp_path / "lm-out", tmp_path / "mk-out", family.base):
+        model, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        ids = torch.arange(24).reshape(2, 12) % model.config.vocab_size
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    ours, theirs, base = logits
+    # The merge moves the logits; where the two disagree (threshold ties) is a small
+    # fraction of that move.
+    moved = float((theirs - base).norm())
+    assert moved > 0
+    assert float((ours - theirs).norm()) < 0.05 * moved
