@@ -163,6 +163,52 @@ class Mergekit:
         return load_checkpoint(out)
 
 
+# Many configs in one process of mergekit's venv: its own entry point's steps
+# (scripts/run_yaml.py: MergeOptions, apply_global_options, MergeConfiguration,
+# run_merge) per job, each job's failure recorded rather than raised. One start-up of
+# torch and transformers instead of one per config.
+_DRIVER = """
+import json, sys, traceback, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+jobs = json.load(open(sys.argv[1]))
+for job in jobs:
+    try:
+        options = MergeOptions(device="cpu", allow_crimes=True, copy_tokenizer=False,
+                               write_model_card=False, out_shard_size=10**11, quiet=True,
+                               random_seed=job["seed"])
+        options.apply_global_options()
+        run_merge(MergeConfiguration.model_validate(job["config"]), job["out"], options=options)
+        job["error"] = None
+    except Exception:
+        job["error"] = traceback.format_exc()[-2000:]
+json.dump(jobs, open(sys.argv[1], "w"))
+"""
+
+
+def run_many(
+    ref: Mergekit, jobs: dict[str, tuple[dict[str, Any], Path]], seed: int | None = None
+) -> dict[str, str | None]:
+    """Merge every (config, out) of `jobs` in one mergekit process; each job's error
+    (None: merged into its `out`)."""
+    if not jobs:
+        return {}
+    listing = next(iter(jobs.values()))[1].parent / "mergekit-jobs.json"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text(json.dumps([
+        {"name": k, "config": c, "out": str(o), "seed": seed} for k, (c, o) in jobs.items()
+    ]))  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    python = str(ref.venv / "bin" / "python")
+    done = subprocess.run(
+        [python, "-c", _DRIVER, str(listing)], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"mergekit driver failed: {done.stderr[-2000:]}")
+    return {job["name"]: job["error"] for job in json.loads(listing.read_text())}
+
+
 def reference() -> Mergekit:
     """The reference for the `mergekit` fixture; MergekitUnavailable names the fix."""
     try:

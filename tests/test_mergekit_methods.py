@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from conftest import run_cli
-from mergekit_ref import Family, Mergekit, load_checkpoint, make_family
+from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, run_many
 
 pytestmark = pytest.mark.mergekit
 
@@ -150,22 +150,47 @@ def ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 PAIRS = [(c, d) for c in CASES for d in DTYPES if (c, d) != ("sce", torch.bfloat16)]
 
 
+def case_config(
+    families: dict[torch.dtype, Family], case: str, dtype: torch.dtype
+) -> dict[str, Any]:
+    per_model, top, _ = CASES[case]
+    cfg = config(families[dtype], _method(case), per_model, top)
+    compute = COMPUTE.get(case, dtype)
+    if compute != dtype:
+        cfg |= {"dtype": str(compute).removeprefix("torch."), "out_dtype": DTYPES[dtype]}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(
+    mergekit: Mergekit,
+    families: dict[torch.dtype, Family],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[tuple[str, torch.dtype], Path]:
+    """Every case merged by mergekit, in one process of its venv (run_many)."""
+    root = tmp_path_factory.mktemp("mergekit-outputs")
+    jobs = {
+        f"{c}-{DTYPES[d]}": (case_config(families, c, d), root / f"{c}-{DTYPES[d]}")
+        for c, d in PAIRS
+    }
+    errors = {k: e for k, e in run_many(mergekit, jobs).items() if e}
+    assert not errors, errors
+    return {(c, d): root / f"{c}-{DTYPES[d]}" for c, d in PAIRS}
+
+
 @pytest.mark.parametrize(("case", "dtype"), PAIRS, ids=[f"{c}-{DTYPES[d]}" for c, d in PAIRS])
 def test_method_matches_mergekit(
-    mergekit: Mergekit,
+    mergekit_outputs: dict[tuple[str, torch.dtype], Path],
     families: dict[torch.dtype, Family],
     tmp_path: Path,
     case: str,
     dtype: torch.dtype,
 ) -> None:
     family = families[dtype]
-    per_model, top, kind = CASES[case]
-    cfg = config(family, _method(case), per_model, top)
+    kind = CASES[case][2]
     compute = COMPUTE.get(case, dtype)
-    if compute != dtype:
-        cfg |= {"dtype": str(compute).removeprefix("torch."), "out_dtype": DTYPES[dtype]}
-    want = mergekit.run(cfg, tmp_path / "mk-out")
-    got = run_lazymerge(cfg, tmp_path)
+    want = load_checkpoint(mergekit_outputs[case, dtype])
+    got = run_lazymerge(case_config(families, case, dtype), tmp_path)
     assert set(got) == set(want)
     differ = total = compared = 0
     for name, w in want.items():
@@ -189,20 +214,21 @@ def test_method_matches_mergekit(
 
 
 def test_output_loads_in_transformers_with_mergekits_logits(
-    mergekit: Mergekit, families: dict[torch.dtype, Family], tmp_path: Path
+    mergekit_outputs: dict[tuple[str, torch.dtype], Path],
+    families: dict[torch.dtype, Family],
+    tmp_path: Path,
 ) -> None:
     """A TIES merge: lazymerge's output loads with no missing or unexpected keys, and its
     logits are mergekit's (up to the few threshold-tie elements)."""
     from transformers import LlamaForCausalLM
 
     family = families[torch.float16]
-    per_model, top, _ = CASES["ties"]
-    cfg = config(family, "ties", per_model, top)
-    mergekit.run(cfg, tmp_path / "mk-out")
-    run_lazymerge(cfg, tmp_path)
+    run_lazymerge(case_config(families, "ties", torch.float16), tmp_path)
     logits = []
-    for out in (tmp_path / "lm-out", tmp_path / "mk-out", family.base):
-        model, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    for out in (tmp_path / "lm-out", mergekit_outputs["ties", torch.float16], family.base):
+        model, info = LlamaForCausalLM.from_pretrained(
+            out, output_loading_info=True, dtype=torch.float32
+        )
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         ids = torch.arange(24).reshape(2, 12) % model.config.vocab_size
         with torch.no_grad():
