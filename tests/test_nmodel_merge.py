@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import error_of, load_merged, peft_merge, run_cli
+from conftest import error_of, load_merged, make_llama, peft_merge, run_cli
 from mergekit_ref import Family, make_family
 
 
@@ -194,3 +194,40 @@ def test_bad_values_are_one_line_and_nothing_is_written(
     err = error_of(capsys, "merge", path, "-o", tmp_path / "out")
     assert expected in err
     assert not (tmp_path / "out").exists()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "lazymerge" / "examples"
+
+
+def localized_example(name: str, tmp: Path, paths: dict[str, Path]) -> Path:
+    """An example with its `./name` paths pointed at the test's models."""
+    text = (EXAMPLES / name).read_text()
+    for placeholder, path in paths.items():
+        text = text.replace(f"./{placeholder}", str(path))
+    out = tmp / name
+    out.write_text(text)
+    return out
+
+
+def test_the_examples_run(family: Family, models: dict[str, Path], tmp_path: Path) -> None:
+    """Both N-model examples merge as written (paths swapped for the test's models; the
+    LoRA is trained on conftest's Llama, so the chat model is that Llama)."""
+    math, code = make_llama(tmp_path / "math", seed=11), make_llama(tmp_path / "code", seed=12)
+    ties = localized_example(
+        "ties-three-models.yaml",
+        tmp_path,
+        {"llama-2-13b": models["base"], "math-13b": math, "code-13b": code,
+         "chat-13b": models["other"], "chat-lora": models["lora"]},
+    )  # fmt: skip
+    assert run_cli("merge", ties, "-o", tmp_path / "ties", "-q") == 0
+    dare_cfg = localized_example(
+        "mergekit-dare-ties.yaml",
+        tmp_path,
+        {"mistral-7b": family.base, "openhermes-7b": family.finetunes[0],
+         "metamath-7b": family.finetunes[1], "metamath-lora": family.finetunes[2]},
+    )  # fmt: skip
+    text = dare_cfg.read_text().replace(
+        f"{family.finetunes[1]}+{family.finetunes[2]}", str(family.finetunes[1])
+    )
+    dare_cfg.write_text(text)
+    assert run_cli("merge", dare_cfg, "-o", tmp_path / "dare", "-q") == 0
