@@ -177,7 +177,7 @@ for job in jobs:
     try:
         options = MergeOptions(device="cpu", allow_crimes=True, copy_tokenizer=False,
                                write_model_card=False, out_shard_size=10**11, quiet=True,
-                               random_seed=job["seed"])
+                               random_seed=job["seed"], lora_merge_cache=job["lora_cache"])
         options.apply_global_options()
         run_merge(MergeConfiguration.model_validate(job["config"]), job["out"], options=options)
         job["error"] = None
@@ -197,7 +197,9 @@ def run_many(
     listing = next(iter(jobs.values()))[1].parent / "mergekit-jobs.json"
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text(json.dumps([
-        {"name": k, "config": c, "out": str(o), "seed": seed} for k, (c, o) in jobs.items()
+        {"name": k, "config": c, "out": str(o), "seed": seed,
+         "lora_cache": str(listing.parent / "mergekit-lora-cache")}
+        for k, (c, o) in jobs.items()
     ]))  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     python = str(ref.venv / "bin" / "python")

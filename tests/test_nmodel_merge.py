@@ -231,3 +231,12 @@ def test_the_examples_run(family: Family, models: dict[str, Path], tmp_path: Pat
     )
     dare_cfg.write_text(text)
     assert run_cli("merge", dare_cfg, "-o", tmp_path / "dare", "-q") == 0
+
+
+def test_dare_batch_shards_in_parallel_give_the_merge_bytes(family: Family, tmp_path: Path) -> None:
+    """Shards written by separate worker processes, in any order: the same masks."""
+    recipe = dare(family) | {"output": {"shard_size": "30KB"}}
+    single = shard_hashes(merge(recipe, tmp_path, "d"))
+    assert len(single) > 2
+    assert run_cli("batch", tmp_path / "d.yaml", "--out-root", tmp_path / "batch", "-j", "2") == 0
+    assert shard_hashes(tmp_path / "batch" / "d") == single
