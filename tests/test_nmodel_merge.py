@@ -240,3 +240,26 @@ def test_dare_batch_shards_in_parallel_give_the_merge_bytes(family: Family, tmp_
     assert len(single) > 2
     assert run_cli("batch", tmp_path / "d.yaml", "--out-root", tmp_path / "batch", "-j", "2") == 0
     assert shard_hashes(tmp_path / "batch" / "d") == single
+
+
+@pytest.mark.parametrize(
+    ("random", "deterministic", "normalize"),
+    [("dare_ties", "ties", True), ("dare_linear", "task_arithmetic", False),
+     ("della", "ties", True), ("della_linear", "task_arithmetic", False),
+     ("breadcrumbs_ties", "ties", False)],
+)  # fmt: skip
+def test_at_density_one_the_pruning_methods_are_their_deterministic_counterparts(
+    family: Family, tmp_path: Path, random: str, deterministic: str, normalize: bool
+) -> None:
+    """Nothing pruned, nothing drawn: the same bytes (normalize written out: its default
+    differs between ties and dare_ties)."""
+
+    def recipe(method: str) -> dict[str, Any]:
+        return dare(family, density=1.0) | {
+            "method": method,
+            "parameters": {"normalize": normalize},
+        }
+
+    assert shard_hashes(merge(recipe(random), tmp_path, "r")) == shard_hashes(
+        merge(recipe(deterministic), tmp_path, "d")
+    )
