@@ -17,9 +17,9 @@ from typing import Any
 
 from lazymerge.errors import RecipeError
 from lazymerge.read.hub import resolve
-from lazymerge.recipe.models import check_inputs, method_of, parse_seed
+from lazymerge.recipe.models import merge_inputs, method_of, parse_seed
 from lazymerge.recipe.params import parse_parameters
-from lazymerge.recipe.spec import LoraSpec, MergeInput, MethodSpec, ModelSpec, OutputSpec, Recipe
+from lazymerge.recipe.spec import LoraSpec, MethodSpec, ModelSpec, OutputSpec, Recipe
 
 KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -38,15 +38,7 @@ DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F6
 
 def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
     """A mergekit config -> a Recipe whose merge has mergekit's precision."""
-    unknown = sorted(str(k) for k in data if k not in KEYS)
-    if unknown:
-        raise RecipeError(
-            f"{source}: {unknown[0]}: not a mergekit config key; it knows {sorted(KEYS)}"
-        )
-    for key, why in NOT_YET.items():
-        if data.get(key) is not None:
-            raise RecipeError(f"{source}: {key}: {why}")
-    _tokenizer_source(data.get("tokenizer_source"), source)
+    _refuse(data, source)
     method = method_of(data["merge_method"], f"{source}: merge_method")
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
@@ -58,19 +50,7 @@ def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
             f"{source}: base_model: {method.name} needs a base model (task vectors are taken against it)"
         )
     base = base or models[0]
-    inputs = [
-        MergeInput(
-            m,
-            parse_parameters(
-                _params(e),
-                f"{source}: models[{i}].parameters",
-                method,
-                "base" if m == base else "model",
-            ),
-        )
-        for i, (e, m) in enumerate(zip(entries, models, strict=True))
-    ]
-    check_inputs(method, inputs, base, source)
+    inputs = merge_inputs(entries, models, base, method, source)
     compute = _dtype(data.get("dtype"), f"{source}: dtype")
     merge = MethodSpec(
         method.name,
@@ -85,16 +65,25 @@ def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
     return Recipe(base, output=OutputSpec(dtype=out), merge=merge)
 
 
+def _refuse(data: dict[str, Any], source: str) -> None:
+    """Keys mergekit does not know, and those lazymerge does not run yet: one line."""
+    unknown = sorted(str(k) for k in data if k not in KEYS)
+    if unknown:
+        raise RecipeError(
+            f"{source}: {unknown[0]}: not a mergekit config key; it knows {sorted(KEYS)}"
+        )
+    for key, why in NOT_YET.items():
+        if data.get(key) is not None:
+            raise RecipeError(f"{source}: {key}: {why}")
+    _tokenizer_source(data.get("tokenizer_source"), source)
+
+
 def _tokenizer_source(value: object, source: str) -> None:
     if value not in (None, "base"):
         raise RecipeError(
             f"{source}: tokenizer_source: {value!r} is not supported yet; only 'base' "
             "(the base model's tokenizer, which lazymerge copies anyway)"
         )
-
-
-def _params(entry: object) -> object:
-    return entry.get("parameters") if isinstance(entry, dict) else None
 
 
 def _entry_model(entry: object, root: Path, where: str) -> ModelSpec:

@@ -56,13 +56,7 @@ def parse_method(
     """The `method`, `models`' parameters, `parameters` and `seed` of a native recipe;
     `models` are the entries' models, already parsed (with their LoRAs)."""
     method = method_of(d.get("method", "linear"), f"{source}: method")
-    entries = d["models"]
-    inputs = []
-    for i, (entry, model) in enumerate(zip(entries, models, strict=True)):
-        where = f"{source}: models[{i}].parameters"
-        raw = entry.get("parameters") if isinstance(entry, dict) else None
-        inputs.append(MergeInput(model, parse_parameters(raw, where, method, _level(model, base))))
-    check_inputs(method, inputs, base, source)
+    inputs = merge_inputs(d["models"], models, base, method, source)
     return MethodSpec(
         method.name,
         tuple(inputs),
@@ -79,6 +73,19 @@ def _compute(value: object, where: str) -> str | None:
     if not isinstance(value, str) or value not in COMPUTE:
         raise RecipeError(f"{where}: {value!r}; use one of {', '.join(COMPUTE)}")
     return COMPUTE[value]
+
+
+def merge_inputs(
+    entries: list[Any], models: list[ModelSpec], base: ModelSpec, method: MethodParams, source: str
+) -> list[MergeInput]:
+    """Each entry's model (parsed already) with its parameters, checked as a whole."""
+    inputs = []
+    for i, (entry, model) in enumerate(zip(entries, models, strict=True)):
+        where = f"{source}: models[{i}].parameters"
+        raw = entry.get("parameters") if isinstance(entry, dict) else None
+        inputs.append(MergeInput(model, parse_parameters(raw, where, method, _level(model, base))))
+    check_inputs(method, inputs, base, source)
+    return inputs
 
 
 def _level(model: ModelSpec, base: ModelSpec) -> Level:
