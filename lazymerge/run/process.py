@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 import torch
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+MMAP_THRESHOLD = 32 * 2**20  # buffers from this size up come from mmap, freed to the OS
+TRIM_THRESHOLD = 64 * 2**20  # free heap kept for the next chunk's temporaries
 
 
 def tune_process_memory() -> None:
@@ -26,7 +28,9 @@ def tune_process_memory() -> None:
     """
     gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def compute_threads(jobs: int = 1) -> int:

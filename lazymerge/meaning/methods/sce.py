@@ -5,7 +5,7 @@ All in the compute dtype d with mergekit's torch operations, block by block:
    `k = ⌊Z·select_topk⌋` (an fp32 product) largest variances over the inputs, Z being
    the nonzero ones: exact order statistics (select.py), ties by flat index;
 2. the sign vote on the unweighted (masked) τ (task.sign_agreement);
-3. `ω_i` from mean(τ_i²) over the whole tensor (task.Sum, rounded as mergekit's mean
+3. `ω_i` from mean(τ_i²) over the whole tensor (exact.Sum, rounded as mergekit's mean
    rounds: fp32, divided by N, then d), normalised to sum 1;
 4. `b + Σ τ_i ω_i m_i / max(Σ ω_i m_i, 1e-6)`.
 Passes: the variances' order statistics (one for 16-bit d, two for fp32), then the sums
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
+from lazymerge.meaning.methods.exact import Sum
 from lazymerge.meaning.methods.task import (
     SELECT_PASSES,
     Stats,
-    Sum,
     dtype_of,
     sign_agreement,
 )

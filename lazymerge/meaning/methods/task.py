@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import NumericsError
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
+from lazymerge.meaning.methods.exact import Sum
 
 if TYPE_CHECKING:
     import torch
@@ -102,27 +103,6 @@ def sign_agreement(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tenso
     sign = deltas.sign().to(mask_dtype)
     majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
     return sign == majority
-
-
-class Sum:
-    """A whole tensor's sum, streamed in blocks of whole rows and the same for any blocks:
-    float64 per row in segments of 8192 (torch splits a longer lone row across threads),
-    their sum correctly rounded (math.fsum), then rounded as mergekit's torch sum is."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        rows = x.double().reshape(len(x), -1)
-        self.parts += [rows[:, c : c + 8192].sum(1).cpu() for c in range(0, rows.shape[1], 8192)]
-
-    def rounded(self, dtype: torch.dtype) -> torch.Tensor:
-        """As a 0-dim tensor: accumulated in fp32 (fp64 for fp64), then rounded to `dtype`."""
-        import torch
-
-        total = math.fsum(torch.cat(self.parts).tolist()) if self.parts else 0.0
-        exact = torch.tensor(total, dtype=torch.float64)
-        return exact if dtype == torch.float64 else exact.float().to(dtype)
 
 
 @dataclass

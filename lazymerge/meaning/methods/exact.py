@@ -1,0 +1,62 @@
+"""Exact sums of a whole tensor, streamed in blocks of whole rows.
+
+mergekit sums a task vector's magnitudes (the L1 rescale) or squares (SCE's weights) over
+the whole tensor with one torch reduction; lazymerge sees the tensor a block at a time
+and must get a result that does not depend on the blocks. Each row is summed in float64
+in segments of 8192 columns (torch splits a longer lone row across threads, so a segment
+is what one thread sums), and the segment sums are accumulated *exactly* (Shewchuk's
+partials, as `math.fsum` keeps them internally), so the total is the correctly rounded
+sum of every segment sum, whatever the blocks. The partials are a handful of Python
+floats: nothing per block is kept (thousands of small tensors kept per tensor pinned
+freed block buffers in the heap and grew RSS by gigabytes on a 13B embedding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+SEGMENT = 8192  # columns summed as one float64 partial per row
+
+
+class Sum:
+    """A whole tensor's sum, the same for any split of it into blocks of rows."""
+
+    def __init__(self) -> None:
+        self.partials: list[float] = []  # non-overlapping, increasing magnitude
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.double().reshape(len(x), -1)
+        for c in range(0, rows.shape[1], SEGMENT):
+            for value in rows[:, c : c + SEGMENT].sum(1).tolist():
+                self._grow(value)
+
+    def _grow(self, x: float) -> None:
+        """Add `x` to the partials exactly (two-sum on each, the rounding errors kept)."""
+        kept = 0
+        for y in self.partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                self.partials[kept] = lo
+                kept += 1
+            x = hi
+        del self.partials[kept:]
+        self.partials.append(x)
+
+    def total(self) -> float:
+        """The exact sum, rounded once to float64."""
+        return math.fsum(self.partials)
+
+    def rounded(self, dtype: torch.dtype) -> torch.Tensor:
+        """As a 0-dim tensor: the float64 total, rounded to `dtype` through float32 (as
+        mergekit's fp32-accumulated torch sum is rounded), float64 kept for float64."""
+        import torch
+
+        exact = torch.tensor(self.total(), dtype=torch.float64)
+        return exact if dtype == torch.float64 else exact.float().to(dtype)
