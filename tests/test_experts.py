@@ -1,19 +1,29 @@
-"""LoRAs on fused expert parameters (PEFT `target_parameters`) on a checkpoint that stores
-experts one by one, merged by lazymerge and by PEFT's own merge_and_unload."""
+"""LoRAs on fused expert parameters (PEFT `target_parameters`), merged by lazymerge and by
+PEFT's own merge_and_unload: on checkpoints that store the experts one by one (Mixtral,
+Qwen2-MoE, as transformers saves them), and on ones that store them fused as 3-D tensors --
+gpt-oss as transformers saves it, (E, in, out), and a Mixtral saved from memory,
+(E, out, in)."""
 
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Callable
 from contextlib import redirect_stderr
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from conftest import load_merged, peft_merge, run_cli
+from lazymerge.meaning.adapters import LORA_X, LORA_XT, LoraAdapter
+from lazymerge.plan.build import build_plan
+from lazymerge.read.checkpoint import CheckpointIndex
+from lazymerge.recipe.parse import load_recipe
+
+from conftest import error_of, load_merged, peft_merge, run_cli
 
 WEIGHT = 0.25  # the other's LoRA
 RATIOS = [0.9, 0.0]  # the gradient over the 2 layers; everything else is the base's
@@ -170,12 +180,12 @@ def test_one_fused_parameter(tmp_path: Path, targets: list[str]) -> None:
         torch.testing.assert_close(w, in_memory(merged, name), rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fused_3d_checkpoint_is_refused(tmp_path: Path) -> None:
+def fused_mixtral(tmp_path: Path) -> Path:
+    """A Mixtral saved from memory: experts fused, (E, out, in) -- gate_up_proj [4, 96, 32]."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    base = mixtral(tmp_path / "base", 1)
-    lora = expert_lora(base, tmp_path / "lora", 3)
+    base = mixtral(tmp_path / "per_expert", 1)
     fused = tmp_path / "fused"
     fused.mkdir()
     (fused / "config.json").write_text((base / "config.json").read_text())
@@ -183,6 +193,196 @@ def test_fused_3d_checkpoint_is_refused(tmp_path: Path) -> None:
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, fused / "model.safetensors"
     )
-    error = cli_error("lora", fused, lora, "-o", tmp_path / "out", "-q")
-    assert error.count("\n") == 1
-    assert "stores the fused 3-D expert tensor model.layers.0.mlp.experts." in error
+    return fused
+
+
+def test_fused_out_in_checkpoint_matches_peft(tmp_path: Path) -> None:
+    """The base's own LoRA at WEIGHT (`loras:`) on experts stored (E, out, in)."""
+    fused = fused_mixtral(tmp_path)
+    lora = expert_lora(tmp_path / "per_expert", tmp_path / "lora", 3)
+    recipe = {
+        "base": {"model": str(fused), "loras": [{"path": str(lora), "weight": WEIGHT}]},
+        "output": {"dtype": "float16"},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    adapter, _ = LoraAdapter.open(lora).fit(CheckpointIndex.open(fused))
+    assert {t.kind for t in adapter.terms if t.experts} == {LORA_X}  # by the shapes
+    assert cli_error("merge", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q") == ""
+    ours, b = load_merged(tmp_path / "out"), load_merged(fused)
+    merged = peft_merge(tmp_path / "per_expert", lora, WEIGHT)  # in memory: the fused names
+    assert set(ours) == set(b) == set(merged)
+    for name, want in merged.items():
+        assert within_one_ulp(ours[name], want.half()), name
+    changed = {n for n in b if not torch.equal(ours[n], b[n].half())}
+    assert changed == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in FUSED}
+
+
+FUSED = ("gate_up_proj", "down_proj")
+HIDDEN = 32  # gpt-oss's intermediate size is its hidden size: down_proj's experts are square
+
+
+def gpt_oss(directory: Path, seed: int, experts: int = 4, intermediate: int = HIDDEN) -> Path:
+    """Saved as transformers holds it: `mlp.experts.gate_up_proj` [E, H, 2I] (gate and up
+    interleaved), `down_proj` [E, I, H], and their biases [E, 2I], [E, H]."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        vocab_size=96, hidden_size=HIDDEN, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=experts,
+        num_experts_per_tok=2, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = GptOssForCausalLM(config)
+    with torch.no_grad():  # biases and sinks initialise to zeros: make every tensor count
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_merge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gpt-oss base and other, the other's LoRA on its experts and attention at WEIGHT, a
+    gradient over the layers (RATIOS)."""
+    root = tmp_path_factory.mktemp("gpt_oss")
+    base, other = gpt_oss(root / "base", 1), gpt_oss(root / "other", 2)
+    lora = expert_lora(other, root / "lora", 3, ["q_proj", "o_proj"])
+    recipe = {
+        "base": str(base),
+        "other": {"model": str(other), "loras": [{"path": str(lora), "weight": WEIGHT}]},
+        "gradient": {"values": RATIOS},
+        "output": {"dtype": "float16"},
+    }
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_error("merge", root / "r.yaml", "-o", root / "out", "-q") == ""
+    return root
+
+
+def test_gpt_oss_checkpoint_stores_fused_3d_experts(gpt_oss_merge: Path) -> None:
+    index = CheckpointIndex.open(gpt_oss_merge / "base")
+    shapes = {n: r.shape for n, r in index.tensors.items() if ".experts." in n}
+    assert shapes == {
+        f"model.layers.{i}.mlp.experts.{name}": shape
+        for i in (0, 1)
+        for name, shape in [
+            ("gate_up_proj", (4, HIDDEN, 2 * HIDDEN)), ("gate_up_proj_bias", (4, 2 * HIDDEN)),
+            ("down_proj", (4, HIDDEN, HIDDEN)), ("down_proj_bias", (4, HIDDEN)),
+        ]
+    }  # fmt: skip
+    # (E, in, out): gate_up_proj by its shape, the square down_proj by its family, as PEFT.
+    adapter, _ = LoraAdapter.open(gpt_oss_merge / "lora").fit(index)
+    kinds = {t.target: t.kind for t in adapter.terms if t.experts}
+    assert kinds == {f"model.layers.{i}.mlp.experts.{p}": LORA_XT for i in (0, 1) for p in FUSED}
+
+
+def test_gpt_oss_fused_experts_match_peft(gpt_oss_merge: Path) -> None:
+    root = gpt_oss_merge
+    ours, b, o = load_merged(root / "out"), load_merged(root / "base"), load_merged(root / "other")
+    merged = peft_merge(root / "other", root / "lora", WEIGHT)
+    assert set(ours) == set(b) == set(merged)
+    changed = set()
+    for name, w in b.items():
+        r = ratio(name)
+        want = ((1 - r) * w.float() + r * merged[name].float()).half()
+        assert within_one_ulp(ours[name], want), name
+        plain = ((1 - r) * w.float() + r * o[name].float()).half()
+        if not torch.equal(ours[name], plain):
+            changed.add(name)
+    # layer 0's experts and attention LoRA targets (layer 1 is the base's), not the biases
+    assert changed == {
+        f"model.layers.0.{m}"
+        for m in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                  "self_attn.q_proj.weight", "self_attn.o_proj.weight")
+    }  # fmt: skip
+
+
+def test_gpt_oss_output_loads_in_state_dict_order(gpt_oss_merge: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        gpt_oss_merge / "out", output_loading_info=True
+    )
+    model, info = loaded
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    plan = build_plan(load_recipe(gpt_oss_merge / "r.yaml"))
+    assert [t.name for t in plan.tensors] == list(model.state_dict())
+    for t in plan.tensors:
+        m = re.match(r"model\.layers\.(\d+)\.", t.name)
+        assert plan.stack.layer_of(t.name) == (int(m[1]) if m else None), t.name
+
+
+def test_gpt_oss_tensor_mode(gpt_oss_merge: Path, tmp_path: Path) -> None:
+    """Tensor mode spreads its anchors over gpt-oss's natural order, fused experts included."""
+    root = gpt_oss_merge
+    recipe = yaml.safe_load((root / "r.yaml").read_text())
+    recipe["gradient"] = {"over": "tensors", "values": [0.9, 0.1]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_error("merge", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q") == ""
+    manifest = yaml.safe_load((tmp_path / "out" / "lazymerge.json").read_text())["tensors"]
+    names = [t.name for t in build_plan(load_recipe(tmp_path / "r.yaml")).tensors]
+    ratios = [manifest[n]["ratio"] for n in names]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] == 0.9 and ratios[-1] == 0.1
+
+
+def test_fused_experts_do_not_depend_on_the_block(
+    gpt_oss_merge: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of one expert write the experts' bytes the whole-tensor block wrote."""
+    from lazymerge.run import budget, rows
+
+    monkeypatch.setattr(budget, "LORA_ROWS", 1)
+    blocks, add = [], rows._add_experts
+
+    def spy(acc: torch.Tensor, *args: Any) -> None:
+        blocks.append(acc.shape[0])
+        add(acc, *args)
+
+    monkeypatch.setattr(rows, "_add_experts", spy)
+    out = tmp_path / "out"
+    assert run_cli("merge", gpt_oss_merge / "r.yaml", "-o", out, "-q", "--max-memory", "1") == 0
+    assert set(blocks) == {1} and len(blocks) == 2 * 4  # layer 0's two tensors, 4 experts
+    ours, whole = load_merged(out), load_merged(gpt_oss_merge / "out")
+    for name in (n for n in whole if n.endswith(FUSED)):
+        assert torch.equal(ours[name].view(torch.int16), whole[name].view(torch.int16)), name
+
+
+def retyped(lora: Path, r: int) -> Path:
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "r": r}))
+    return lora
+
+
+@pytest.mark.parametrize(
+    ("make_lora", "says"),
+    [
+        pytest.param(
+            lambda d: retyped(expert_lora(gpt_oss(d / "m", 1), d / "lora", 3), 3),
+            "lora_A is [8, 32], lora_B is [64, 8]; need [r·experts, in] and "
+            "[out, r·experts] with r=3",
+            id="rank",
+        ),
+        pytest.param(
+            lambda d: expert_lora(gpt_oss(d / "m", 1, experts=8), d / "lora", 3),
+            "are a rank-2 LoRA on 8 experts of [64, 32], which fits a [8, 64, 32] or "
+            "[8, 32, 64] tensor, but model.layers.0.mlp.experts.gate_up_proj in ",
+            id="experts",
+        ),
+        pytest.param(
+            lambda d: expert_lora(gpt_oss(d / "m", 1, intermediate=16), d / "lora", 3),
+            "on 4 experts of [32, 32], which fits a [4, 32, 32] tensor, but "
+            "model.layers.0.mlp.experts.gate_up_proj in ",
+            id="layout",
+        ),
+    ],
+)
+def test_bad_fused_expert_lora(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_lora: Callable[[Path], Path],
+    says: str,
+) -> None:
+    base = gpt_oss(tmp_path / "base", 1)
+    error = error_of(capsys, "lora", base, make_lora(tmp_path), "-o", tmp_path / "out", "-q")
+    assert says in error
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,10 @@ Kinds of term, in the order the executor (run/rows.py) applies them to one tenso
 - LORA_T: the same, transposed: embedding LoRA (`lora_embedding_A/B`) and
   `fan_in_fan_out` (GPT-2 Conv1D) adapters;
 - a LoRA on fused expert parameters (PEFT `target_parameters`) becomes one LORA term per
-  expert per saved tensor (meaning/experts.py);
+  expert per tensor where the checkpoint saves the experts one by one, and one LORA_X
+  (LORA_XT) term on the 3-D tensor where it saves them fused as (E, out, in) ((E, in, out)):
+  expert e's slice `+= weight * scale * B[:, e::E] @ A[e·r:(e+1)·r]` (its transpose)
+  (meaning/experts.py);
 - and for DoRA a LORA term carries the magnitude vector m: after the delta,
   `W' = m / ||W + ΔW||_row * (W + ΔW)` (exact at weight 1; other weights are refused).
 Only references are kept; the executor reads the bytes.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -25,8 +29,9 @@ from typing import Any
 
 from lazymerge.errors import InputError
 from lazymerge.meaning import experts
-from lazymerge.meaning.names import MAPPINGS, Mapping, fitting_mapping, rename
+from lazymerge.meaning.names import Mapping, fitting_mapping, rename
 from lazymerge.read.checkpoint import CheckpointIndex, read_tensor_file
+from lazymerge.read.config import model_dir, read_config
 from lazymerge.read.tensorref import TensorRef
 
 CONFIG = "adapter_config.json"
@@ -38,9 +43,12 @@ class TermKind(StrEnum):
     REPLACE = "replace"
     LORA = "lora"
     LORA_T = "lora_t"
+    LORA_X = "lora_experts"
+    LORA_XT = "lora_experts_t"
 
 
 REPLACE, LORA, LORA_T = TermKind.REPLACE, TermKind.LORA, TermKind.LORA_T
+LORA_X, LORA_XT = TermKind.LORA_X, TermKind.LORA_XT
 _PREFIX = r"^(?:base_model\.model\.)?(?P<module>.+?)"
 _NAME = r"(?:\.(?P<adapter>[^.]+))?"  # "lora_A.default.weight": an adapter-name segment
 _KEYS = [
@@ -66,17 +74,20 @@ class LoraTerm:
 
     target: str
     kind: TermKind
-    a: TensorRef  # LORA: A [r, in]; LORA_T: A [r, rows]; REPLACE: the new tensor
-    b: TensorRef | None  # LORA: B [out, r]; LORA_T: B [cols, r]; REPLACE: None
+    # A [r, in] (LORA), [r, rows] (LORA_T), [r·E, in] (LORA_X(T)); REPLACE: the new tensor
+    a: TensorRef
+    # B [out, r] (LORA), [cols, r] (LORA_T), [out, r·E] (LORA_X(T)); REPLACE: None
+    b: TensorRef | None
     scale: float  # weight * alpha / r for deltas; the weight for REPLACE
     adapter: Path
     weight: float  # the recipe's weight for this adapter (part of `scale`)
     magnitude: TensorRef | None = None  # DoRA's m [out]
     fused: str | None = None  # the fused expert parameter this term was cut from, if any
+    experts: int = 0  # LORA_X(T): E, the experts along dim 0 of the target
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0] if self.kind != REPLACE else 0
+        return self.a.shape[0] // max(self.experts, 1) if self.kind != REPLACE else 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,6 +96,10 @@ class LoraTerm:
             return self.a.shape
         if self.kind == LORA:
             return (self.b.shape[0], self.a.shape[1])
+        if self.kind == LORA_X:
+            return (self.experts, self.b.shape[0], self.a.shape[1])
+        if self.kind == LORA_XT:
+            return (self.experts, self.a.shape[1], self.b.shape[0])
         return (self.a.shape[1], self.b.shape[0])
 
     def refs(self) -> list[TensorRef]:
@@ -92,53 +107,73 @@ class LoraTerm:
 
 
 class LoraAdapter:
-    """A PEFT adapter directory, opened lazily: config + tensor references."""
+    """A PEFT adapter directory, opened lazily: config + tensor references.
 
-    def __init__(self, path: Path, weight: float, terms: list[LoraTerm]) -> None:
+    `terms` name the experts of a LoRA on fused expert parameters one by one; `stacked`
+    holds one term per such parameter, for a checkpoint that stores it fused."""
+
+    def __init__(
+        self, path: Path, weight: float, terms: list[LoraTerm], stacked: Sequence[LoraTerm] = ()
+    ) -> None:
         self.path = path
         self.weight = weight
         self.terms = terms
+        self.stacked = tuple(stacked)
 
     @classmethod
     def open(cls, path: str | Path, weight: float = 1.0) -> LoraAdapter:
         p = _adapter_dir(Path(path))
         config = _read_config(p)
         tensors = read_tensor_file(_weights_file(p))
-        terms = _terms(p, config, tensors, weight)
-        return cls(p, weight, terms)
+        modules, tensors = experts.split(config, tensors)
+        per_expert, stacked = _expert_terms(p, config, modules, weight)
+        return cls(p, weight, per_expert + _terms(p, config, tensors, weight), stacked)
 
     def fit(self, index: CheckpointIndex) -> tuple[LoraAdapter, Mapping]:
         """This adapter with its targets named as `index` stores them (see names.py), and
         the mapping that did it (() when none was needed); checked against `index`."""
-        for terms in (self.terms, _restyled(self.terms)):  # experts as saved: Qwen, Mixtral
+        for terms in self._namings():
             mapping = fitting_mapping([t.target for t in terms], index.tensors)
             if mapping is not None:
                 break
         else:
             raise InputError(self._missing(index))
         terms = [replace(t, target=rename(t.target, mapping)) for t in terms]
-        fitted = LoraAdapter(self.path, self.weight, terms)
+        fitted = LoraAdapter(self.path, self.weight, self._laid_out(terms, index))
         fitted.check_against(index)
         return fitted, mapping
 
+    def _namings(self) -> list[list[LoraTerm]]:
+        """The terms as a checkpoint may store fused experts: one by one as transformers
+        names them in memory (Qwen-MoE), as Mixtral's checkpoints do, or fused."""
+        namings = [self.terms, _restyled(self.terms)]
+        if self.stacked:
+            namings.append([t for t in self.terms if t.fused is None] + list(self.stacked))
+        return namings
+
+    def _laid_out(self, terms: list[LoraTerm], index: CheckpointIndex) -> list[LoraTerm]:
+        """Terms on fused 3-D expert tensors, in the layout `index` stores them."""
+        if not any(t.experts for t in terms):
+            return terms
+        model_type = (read_config(model_dir(index.path)) or {}).get("model_type")
+        out = []
+        for t in terms:
+            if t.experts:
+                assert t.b is not None and t.fused is not None  # stacked terms have both
+                lora = experts.FusedLora(t.fused, t.a, t.b, t.rank)
+                if experts.transposed(self.path, lora, index[t.target], model_type):
+                    t = replace(t, kind=LORA_XT)
+            out.append(t)
+        return out
+
     def _missing(self, index: CheckpointIndex) -> str:
         """Why the terms fit no naming of `index`, in one line."""
-        named = max(
-            (self.terms, _restyled(self.terms)), key=lambda ts: sum(t.target in index for t in ts)
-        )
+        named = max(self._namings(), key=lambda ts: sum(t.target in index for t in ts))
         missing = next(t for t in named if t.target not in index)
-        if missing.fused is None:
+        if missing.fused is None or missing.experts:
             return (
                 f"{self.path}: adapter tensor {missing.a.name} targets {missing.target}, "
                 f"which {index.path} does not have (nor under a known name mapping)"
-            )
-        fused = [t.fused for t in self.terms if t.fused is not None]
-        stored = next((f for f in fused if any(rename(f, m) in index for m in MAPPINGS)), None)
-        if stored is not None or any(f in index for f in fused):
-            return (
-                f"{self.path}: {index.path} stores the fused 3-D expert tensor "
-                f"{stored or next(f for f in fused if f in index)}; LoRAs on 3-D tensors are "
-                "not supported (save the model with transformers to store experts one by one)"
             )
         return (
             f"{self.path}: {missing.a.name} is expert {missing.target.split('.')[-3]} of "
@@ -249,24 +284,30 @@ def _restyled(terms: list[LoraTerm]) -> list[LoraTerm]:
 
 def _expert_terms(
     path: Path, config: dict[str, Any], modules: dict[str, Any], weight: float
-) -> list[LoraTerm]:
-    """One LORA term per expert per saved tensor, for LoRAs on fused expert parameters."""
-    terms = []
+) -> tuple[list[LoraTerm], list[LoraTerm]]:
+    """For LoRAs on fused expert parameters: one LORA term per expert per tensor of a
+    checkpoint that stores them one by one, and one LORA_X term per parameter (its layout
+    told when fitted: LoraAdapter.fit) for one that stores them fused."""
+    per_expert, stacked = [], []
     for module, levels in modules.items():
-        for f, r in experts.factors(path, config, module, levels, lambda p: _rank(config, p)):
-            for ref in (f.a, f.b):
+        for lora in experts.loras(path, config, module, levels, lambda p: _rank(config, p)):
+            for ref in (lora.a, lora.b):
                 if not ref.is_float:
                     raise InputError(f"{path}: {ref.name} is {ref.dtype}, not a float tensor")
-            scale = weight * _scale(path, config, f.fused, r)
-            terms.append(LoraTerm(f.target, LORA, f.a, f.b, scale, path, weight, fused=f.fused))
-    return terms
+            scale = weight * _scale(path, config, lora.param, lora.rank)
+            whole = LoraTerm(lora.param, LORA_X, lora.a, lora.b, scale, path, weight)
+            stacked.append(replace(whole, fused=lora.param, experts=lora.experts))
+            per_expert += [
+                LoraTerm(f.target, LORA, f.a, f.b, scale, path, weight, fused=f.fused)
+                for f in experts.per_expert(path, lora)
+            ]
+    return per_expert, stacked
 
 
 def _terms(
     path: Path, config: dict[str, Any], tensors: dict[str, TensorRef], weight: float
 ) -> list[LoraTerm]:
-    modules, tensors = experts.split(config, tensors)
-    terms = _expert_terms(path, config, modules, weight)
+    terms: list[LoraTerm] = []
     for target, parts in _classify(path, tensors).items():
         if "S" in parts:  # replaced first (a saved embedding), then any delta on top
             terms.append(LoraTerm(target, REPLACE, parts["S"], None, weight, path, weight))

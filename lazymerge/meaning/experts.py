@@ -1,17 +1,25 @@
-"""PEFT LoRAs on fused expert parameters (`target_parameters`) -> one LoRA per saved expert.
+"""PEFT LoRAs on fused expert parameters (`target_parameters`) -> the checkpoint's tensors.
 
 transformers 5 fuses a mixture-of-experts layer's experts in memory into 3-D parameters
-`<layer>.mlp.experts.gate_up_proj` [E, 2I, H] and `.down_proj` [E, H, I], and saves them
-one expert at a time, as the checkpoints always stored them (its conversion_mapping.py):
-Mixtral-style `<layer>.block_sparse_moe.experts.<e>.w1/w3/w2.weight`, Qwen2-MoE-style
+`<layer>.mlp.experts.gate_up_proj` and `.down_proj`. Most families hold them as
+(E, out, in) -- [E, 2I, H] and [E, H, I] -- and save them one expert at a time, as their
+checkpoints always stored them (its conversion_mapping.py): Mixtral-style
+`<layer>.block_sparse_moe.experts.<e>.w1/w3/w2.weight`, Qwen2-MoE-style
 `<layer>.mlp.experts.<e>.gate_proj/up_proj/down_proj.weight` (gate the first I rows).
+Others have no conversion and save the 3-D tensors as they are: gpt-oss holds them as
+(E, in, out) -- `gate_up_proj` [E, H, 2I], gate and up interleaved column by column, and
+`down_proj` [E, I, H], used as `x @ W` (GptOssExperts, declared
+`use_experts_implementation(is_transposed=True)`), each with a bias PEFT leaves alone.
 
 PEFT's ParamWrapper holds one such parameter's LoRA as lora_A [r·E, in] and lora_B
-[out, r·E]; expert e's delta is `B[:, e::E] @ A[e·r:(e+1)·r]` ([out, in]: these classes
-store experts as (E, out, in)). Each is a plain LoRA on the saved tensor: A's rows are an
-offset, B's columns a strided view, gate and up the two row halves of B. Several parameters
-of one module nest: the first in the module's order is innermost, saved with the most
-`.base_layer.` segments.
+[out, r·E]; expert e's delta is `B[:, e::E] @ A[e·r:(e+1)·r]` ([out, in]), stored
+transposed in an (E, in, out) parameter (its get_delta_weight: einsum `o r e, e r i` to
+`e o i`, or to `e i o` when the experts class says `is_transposed`). Saved one by one, each
+expert is a plain LoRA on its tensor: A's rows are an offset, B's columns a strided view,
+gate and up the two row halves of B. Saved fused, the parameter's LoRA is one term whose
+layout the checkpoint's tensor decides (`transposed`). Several parameters of one module
+nest: the first in the module's order is innermost, saved with the most `.base_layer.`
+segments.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from lazymerge.read.tensorref import TensorRef, itemsize
 
 # The fused parameters of transformers' expert classes, in their modules' order.
 FUSED = ("gate_up_proj", "down_proj")
+# Families whose experts class transformers declares `is_transposed=True`
+# (integrations/moe.py use_experts_implementation): experts held as (E, in, out), which
+# PEFT's ParamWrapper follows. Only a square expert needs it: other shapes tell.
+TRANSPOSED = frozenset({"gpt_oss", "openai_privacy_filter", "aria", "aria_text"})
 # In-memory per-expert names (how Qwen2-MoE-style checkpoints store them) per fused one.
 PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -75,47 +87,64 @@ def _targeted(module: str, targets: Sequence[str]) -> list[str]:
     ]
 
 
-def factors(
+@dataclass(frozen=True)
+class FusedLora:
+    """One fused expert parameter's LoRA, as PEFT saved it."""
+
+    param: str  # e.g. model.layers.0.mlp.experts.gate_up_proj
+    a: TensorRef  # [r·E, in]
+    b: TensorRef  # [out, r·E]
+    rank: int
+
+    @property
+    def experts(self) -> int:
+        return self.a.shape[0] // self.rank
+
+
+def loras(
     path: Path,
     config: dict[str, Any],
     module: str,
     levels: dict[int, dict[str, TensorRef]],
     rank: Callable[[str], int],
-) -> list[tuple[ExpertFactors, int]]:
-    """Every expert's factors for every saved tensor of `module`, with the LoRA rank;
-    `rank(parameter name)` is the rank the config gives it."""
+) -> list[FusedLora]:
+    """The LoRA of every fused parameter of `module` the adapter holds, its shapes
+    checked; `rank(parameter name)` is the rank the config gives it."""
     params = _targeted(module, config.get("target_parameters") or [])
     if sorted(levels) != list(range(len(params))):
         raise InputError(
             f"{path}: {module} has LoRAs on {len(levels)} nested parameters, but "
             f"target_parameters names {params or 'none'} of its {', '.join(FUSED)}"
         )
-    out: list[tuple[ExpertFactors, int]] = []
+    out = []
     for depth, parts in levels.items():
         param = f"{module}.{params[len(params) - 1 - depth]}"
         if "A" not in parts or "B" not in parts:
             raise InputError(f"{path}: {param} has no lora_{'B' if 'A' in parts else 'A'} weight")
-        r = rank(param)
-        out += [(f, r) for f in _per_expert(path, param, parts["A"], parts["B"], r)]
+        a, b, r = parts["A"], parts["B"], rank(param)
+        if (
+            r <= 0
+            or len(a.shape) != 2
+            or len(b.shape) != 2
+            or a.shape[0] != b.shape[1]
+            or a.shape[0] % r
+        ):
+            raise InputError(
+                f"{path}: {param}: lora_A is {list(a.shape)}, lora_B is {list(b.shape)}; need "
+                f"[r·experts, in] and [out, r·experts] with r={r}"
+            )
+        out.append(FusedLora(param, a, b, r))
     return out
 
 
-def _per_expert(path: Path, param: str, a: TensorRef, b: TensorRef, r: int) -> list[ExpertFactors]:
-    module, _, kind = param.rpartition(".")
-    if (
-        r <= 0
-        or len(a.shape) != 2
-        or len(b.shape) != 2
-        or a.shape[0] != b.shape[1]
-        or a.shape[0] % r
-    ):
-        raise InputError(
-            f"{path}: {param}: lora_A is {list(a.shape)}, lora_B is {list(b.shape)}; need "
-            f"[r·experts, in] and [out, r·experts] with r={r}"
-        )
-    experts, parts = a.shape[0] // r, PARTS[kind]
+def per_expert(path: Path, lora: FusedLora) -> list[ExpertFactors]:
+    """Every expert's factors for every tensor of a checkpoint that saves them one by one."""
+    module, _, kind = lora.param.rpartition(".")
+    a, b, r, experts, parts = lora.a, lora.b, lora.rank, lora.experts, PARTS[kind]
     if b.shape[0] % len(parts):
-        raise InputError(f"{path}: {param}: lora_B has {b.shape[0]} rows, not gate + up halves")
+        raise InputError(
+            f"{path}: {lora.param}: lora_B has {b.shape[0]} rows, not gate + up halves"
+        )
     out_rows = b.shape[0] // len(parts)
     a_strides, b_strides = _strides(a), _strides(b)
     found = []
@@ -130,8 +159,27 @@ def _per_expert(path: Path, param: str, a: TensorRef, b: TensorRef, r: int) -> l
                 (b_strides[0], experts * b_strides[1]),
                 f"[{start}:{start + out_rows}, {e}::{experts}]",
             )
-            found.append(ExpertFactors(f"{module}.{e}.{part}.weight", a_e, b_e, param))
+            found.append(ExpertFactors(f"{module}.{e}.{part}.weight", a_e, b_e, lora.param))
     return found
+
+
+def transposed(path: Path, lora: FusedLora, stored: TensorRef, model_type: str | None) -> bool:
+    """Whether the checkpoint stores `lora`'s parameter, fused, as (E, in, out) rather than
+    (E, out, in). Its shape says; where each expert is square, its family does, as for
+    PEFT (the experts class's `is_transposed`). A shape that fits neither is refused."""
+    e, n_in, n_out = lora.experts, lora.a.shape[1], lora.b.shape[0]
+    plain, flipped = (e, n_out, n_in), (e, n_in, n_out)
+    if stored.shape not in (plain, flipped):
+        fits = " or ".join(str(list(s)) for s in dict.fromkeys((plain, flipped)))
+        raise InputError(
+            f"{path}: {lora.param}: lora_A {list(lora.a.shape)} and lora_B "
+            f"{list(lora.b.shape)} are a rank-{lora.rank} LoRA on {e} experts of "
+            f"[{n_out}, {n_in}], which fits a {fits} tensor, but {stored.name} in "
+            f"{stored.file} is {list(stored.shape)}; was the adapter trained on this model?"
+        )
+    if plain != flipped:
+        return stored.shape == flipped
+    return model_type in TRANSPOSED
 
 
 def _strides(ref: TensorRef) -> tuple[int, ...]:

@@ -13,8 +13,9 @@ Gemma 3's `language_model.model` or `model.language_model`) is ordered alike; a 
 modules are matched from the layer on.
 
 Mixture-of-experts models keep their experts fused in memory (`experts.gate_up_proj`);
-transformers saves them per expert, and those saved names are what is ordered: expert 0's
-gate, up and down projections, then expert 1's.
+transformers saves most families' per expert, and those saved names are what is ordered:
+expert 0's gate, up and down projections, then expert 1's. gpt-oss's are saved fused, the
+experts module's own parameters, in the order its class assigns them (EXPERT_PARAMS).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ GEMMA_NORMS = (*NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm"
 # Per-expert saved names; a MoE model's dense layers (mlp_only_layers) hold MLP instead.
 EXPERTS = ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.experts.*.down_proj")
 HEAD = ("norm", "lm_head")
+# The own parameters of transformers' fused experts classes (GptOssExperts), as assigned.
+EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 LLAMA = Table(
     "LlamaForCausalLM, LlamaDecoderLayer", ("embed_tokens",), (*ATTENTION, *MLP, *NORMS), HEAD
 )
@@ -121,6 +124,12 @@ TABLES = {
     "olmo2": Table(
         "Olmo2ForCausalLM, Olmo2DecoderLayer, Olmo2Attention", LLAMA.pre,
         (*QK_NORM, *MLP, "post_attention_layernorm", "post_feedforward_layernorm"), HEAD,
+    ),
+    # The attention's own sinks before its projections; the router, then the experts,
+    # saved fused (EXPERT_PARAMS).
+    "gpt_oss": Table(
+        "GptOssForCausalLM, GptOssDecoderLayer, GptOssAttention, GptOssMLP, GptOssExperts",
+        LLAMA.pre, ("self_attn", *ATTENTION, "mlp.router", "mlp.experts", *NORMS), HEAD,
     ),
     "starcoder2": Table(
         "Starcoder2ForCausalLM, Starcoder2DecoderLayer, Starcoder2MLP", LLAMA.pre,
@@ -191,6 +200,9 @@ def _compiled(templates: tuple[str, ...], whole: bool) -> list[tuple[re.Pattern[
 
 
 def param_key(param: str) -> list[str | int]:
-    """A module's own parameters: weights, then biases, then any other, by name."""
+    """A module's own parameters: weights, then biases, then any other, by name; a fused
+    experts module's in its class's order."""
+    if param in EXPERT_PARAMS:
+        return [-1, EXPERT_PARAMS.index(param)]
     kind = 0 if param.endswith("weight") else 1 if param.endswith("bias") else 2
     return [kind, param]

@@ -2,8 +2,9 @@
 applied in place (the ' of DESIGN §2), loaded only when the method asks.
 
 Kinds of term (meaning/adapters.py), applied in the plan's order: REPLACE
-(`W <- W + weight * (S - W)`), LORA (`+= scale * B @ A`), LORA_T (its transpose), and
-DoRA's row rescaling after a delta.
+(`W <- W + weight * (S - W)`), LORA (`+= scale * B @ A`), LORA_T (its transpose), LORA_X
+and LORA_XT (a fused 3-D expert tensor, whose rows are experts: each expert's own delta,
+or its transpose), and DoRA's row rescaling after a delta.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from lazymerge.meaning.adapters import LORA, LORA_T, REPLACE, LoraTerm
+from lazymerge.meaning.adapters import LORA, LORA_T, LORA_X, LORA_XT, REPLACE, LoraTerm
 from lazymerge.plan.model import Input, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.read.tensorref import TensorRef
 from lazymerge.run.budget import LORA_ROWS
 from lazymerge.run.device import Scratch
 
-# What a term needs whole, read once per tensor: (A, B.T) in fp32; None for REPLACE.
+# What a term needs whole, read once per tensor, in fp32: (A, A) for LORA, (A, B.T) for
+# LORA_T, each expert's (lhs, rhs) stacked for LORA_X(T); None for REPLACE.
 Factor = tuple[torch.Tensor, torch.Tensor] | None
+EXPERTS = (LORA_X, LORA_XT)
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,42 @@ class Source:
 
     def factors(self, inp: Input) -> list[Factor]:
         """Per term of `inp`, what is read once per tensor in fp32: A (LORA), A and B.T
-        (LORA_T)."""
+        (LORA_T), every expert's two factors (LORA_X, LORA_XT)."""
         out: list[Factor] = []
         for term in inp.terms:
             if term.kind == REPLACE or term.b is None:
                 out.append(None)
+                continue
+            if term.kind in EXPERTS:
+                out.append(self._experts(term))
                 continue
             a = self._whole(term.a)
             bt = self._whole(term.b).T if term.kind == LORA_T else a
             out.append((a, bt))
             self.reader.release(term.a)
         return out
+
+    def _experts(self, term: LoraTerm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lhs [E, rows, r], rhs [E, r, cols]), each contiguous in fp32, with expert e's
+        slice of the target changed by `lhs[e] @ rhs[e]`: B[:, e::E] @ A[e·r:(e+1)·r]
+        for (E, out, in) (LORA_X), its transpose for (E, in, out) (LORA_XT)."""
+        assert term.b is not None  # LORA_X(T) terms have both factors
+        n = term.experts
+        a = self.reader.rows(term.a, 0, term.a.rows)  # [r·E, in]
+        b = self.reader.rows(term.b, 0, term.b.rows)  # [out, r·E]
+        a3 = a.reshape(n, -1, a.shape[1])  # [E, r, in]: expert e's rows of A
+        b3 = b.reshape(b.shape[0], -1, n).permute(2, 0, 1)  # [E, out, r]: B[:, e::E]
+        lhs, rhs = (b3, a3) if term.kind == LORA_X else (a3.transpose(1, 2), b3.transpose(1, 2))
+        factor = (self._laid(lhs), self._laid(rhs))
+        self.reader.release(term.a)
+        self.reader.release(term.b)
+        return factor
+
+    def _laid(self, view: torch.Tensor) -> torch.Tensor:
+        """A copy of a mapped view in fp32, on the device, laid out row-major."""
+        return view.to(
+            self.scratch.device, torch.float32, copy=True, memory_format=torch.contiguous_format
+        )
 
     def _whole(self, ref: TensorRef) -> torch.Tensor:
         return self.scratch.put(self.reader.rows(ref, 0, ref.rows), torch.float32, copy=True)
@@ -85,6 +113,8 @@ def _side(
     for term, factor in zip(inp.terms, factors, strict=True):
         if factor is None:
             _replace(src, acc, term, span)
+        elif term.kind in EXPERTS:
+            _add_experts(acc, term, factor, r0)
         else:
             _add_delta(src, acc, term, factor, span)
         if term.magnitude is not None:  # DoRA: rescale each row to its magnitude
@@ -127,3 +157,17 @@ def _add_delta(
         acc[q : q + LORA_ROWS].addmm_(lhs[q : q + LORA_ROWS], rhs, alpha=term.scale)
     if term.kind == LORA and term.b is not None:
         src.reader.release(term.b, r0 * term.b.row_nbytes, r1 * term.b.row_nbytes)
+
+
+def _add_experts(
+    acc: torch.Tensor, term: LoraTerm, factor: tuple[torch.Tensor, torch.Tensor], r0: int
+) -> None:
+    """acc[i] += scale * lhs[e] @ rhs[e] for each expert e = r0 + i of the block, in place.
+
+    Each expert's product is one GEMM of the same shape whatever the block, so its
+    rounding does not depend on the block size; it adds into the expert's slice, so no
+    delta is ever held.
+    """
+    lhs, rhs = factor
+    for i in range(acc.shape[0]):
+        acc[i].addmm_(lhs[r0 + i], rhs[r0 + i], alpha=term.scale)
