@@ -7,11 +7,18 @@ never imported by lazymerge's tests:
 `cases.safetensors` holds the input tensors and, in its metadata, `cases`: a JSON list of
 {id, method, inputs (tensor keys, the base first), order (input indices in the config's
 order), dtype, shared, per_input (one dict per input, the base first), draws (tensor keys
-of uniforms, one per input that draws, in the order mergekit draws; or null)}.
+of uniforms, one per input that draws, in the order mergekit draws; or null), and
+optionally base (false: no base model, input 0 is simply the first model; default true)
+and exact_sums (true: torch.linalg.vector_norm and torch.dot of whole tensors return
+their correctly rounded values, as lazymerge's float64 sums do; default false)}.
 Each case runs through `mergekit.merge_methods.get(method)`'s public call (inputs bound
 by id, the compute dtype given), as mergekit's task adapter runs it. `results.safetensors`
 holds each case's result under its id; its metadata `errors` maps the id of a case that
 raised to "<exception type>: <message>".
+
+A case with `exact_sums` runs mergekit's method with its whole-tensor reductions correctly
+rounded: the rest of its arithmetic, not the CPU's summation order, is then compared
+(karcher's iteration amplifies a one-ulp difference in a norm).
 
 A case with `draws` replaces torch.bernoulli (mergekit's only source of randomness, in
 sparsify.py) by `u < p`, u being the given uniforms: lazymerge's counter-based draws,
@@ -22,6 +29,7 @@ anyway is an error.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -47,18 +55,44 @@ def _bernoulli(p: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor
     return (u.view(p.shape) < p).to(p.dtype)
 
 
+_NORM, _DOT = torch.linalg.vector_norm, torch.dot
+
+
+def _rounded(exact: float, dtype: torch.dtype) -> torch.Tensor:
+    value = torch.tensor(exact, dtype=torch.float64)
+    return value.to(dtype) if dtype == torch.float64 else value.float().to(dtype)
+
+
+def _exact_norm(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    if args or kwargs:
+        raise RuntimeError("exact_sums: only whole-tensor norms are replaced")
+    return _rounded(math.sqrt(math.fsum((x.double() ** 2).reshape(-1).tolist())), x.dtype)
+
+
+def _exact_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _rounded(math.fsum((a.double() * b.double()).tolist()), a.dtype)
+
+
 def run(case: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    exact = case.get("exact_sums", False)
+    torch.linalg.vector_norm = _exact_norm if exact else _NORM  # type: ignore[assignment]
+    torch.dot = _exact_dot if exact else _DOT  # type: ignore[assignment]
     method = merge_methods.get(case["method"])
     dtype = DTYPES[case["dtype"]]
     order = case["order"]
     inputs = [tensors[k].to(dtype) for k in case["inputs"]]
     ids = [f"m{i}" for i in order]
+    has_base = case.get("base", True)
     group = TensorGroup.from_tensors(
-        [inputs[i] for i in order], ids=ids, base_index=order.index(0), name=case["id"]
+        [inputs[i] for i in order],
+        ids=ids,
+        base_index=order.index(0) if has_base else None,
+        name=case["id"],
     )
     parameters: dict[str, Any] = dict(case["shared"])
     for spec in method.spec.input_parameters:
-        scope = [i for i in order if spec.scope == ParameterScope.INPUT or i != 0]
+        every = spec.scope == ParameterScope.INPUT or not has_base
+        scope = [i for i in order if every or i != 0]
         parameters[spec.name] = {f"m{i}": case["per_input"][i][spec.name] for i in scope}
     _queue[:] = [tensors[k] for k in case["draws"] or ()]
     (result,) = method([group], parameters=parameters, dtype=dtype)

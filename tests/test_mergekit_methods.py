@@ -45,7 +45,7 @@ def config(
         "base_model": str(family.base),
         "models": [
             {"model": str(p), "parameters": params}
-            for p, params in zip(family.finetunes, per_model, strict=True)
+            for p, params in zip(family.finetunes[: len(per_model)], per_model, strict=True)
         ],
         "parameters": top,
         "dtype": DTYPES[family.dtype],
@@ -87,6 +87,22 @@ CASES: dict[str, tuple[list[dict[str, Any]], dict[str, Any], str | None]] = {
     # mergekit's own functions, tie classes accounted for, in test_task_methods.py).
     "sce": ([{}, {}, {}], {"select_topk": 0.4}, "variance"),
     "sce_all": ([{}, {}, {}], {}, None),
+    # The geometric methods (issue 21), each with as many fine-tunes as it takes. slerp's t
+    # is a gradient, and another one under a filter; nearswap's t a gradient.
+    "slerp": (
+        [{}],
+        {"t": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"value": [0.7, 0.2, 0.5]}]},
+        None,
+    ),
+    "nuslerp": (weighted()[:2], {}, None),
+    "nuslerp_rows": (weighted()[:2], {"nuslerp_flatten": False}, None),
+    "nuslerp_columns": (weighted()[:2], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, None),
+    "multislerp": (weighted(), {"normalize_weights": False}, None),
+    "karcher": ([{}, {}, {}], {}, None),
+    "model_stock": ([{}, {}, {}], {}, None),
+    "model_stock_filter_wise": ([{}, {}], {"filter_wise": True}, None),
+    "nearswap": ([{}], {"t": [0.0002, 0.001]}, None),
+    "arcee_fusion": ([{}], {}, None),
 }
 
 
@@ -95,6 +111,9 @@ def _method(case: str) -> str:
         "task_arithmetic_gradient": "task_arithmetic",
         "ties_rescale": "ties",
         "sce_all": "sce",
+        "nuslerp_rows": "nuslerp",
+        "nuslerp_columns": "nuslerp",
+        "model_stock_filter_wise": "model_stock",
     }.get(case, case)
 
 
@@ -145,6 +164,25 @@ def ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return (g - w).abs() / spacing
 
 
+# Cases whose bytes hang on whole-tensor float32 sums (slerp's coefficients, karcher's
+# norms and dot products): mergekit's depend on the CPU's vector width, lazymerge's are
+# correctly rounded, so a few elements round the other way: at most this many ulps of the
+# output dtype (karcher's iteration amplifies), on under 1 % of the elements.
+# (test_geometric_methods.py: karcher is mergekit's bit for bit given correctly rounded
+# sums; everything else here matches bit for bit.)
+SUMS = {"slerp": 1, "karcher": 2}
+
+
+def dtype_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in ulps of their own dtype (0 between +0 and -0)."""
+
+    def line(x: torch.Tensor) -> torch.Tensor:
+        k = x.view(torch.int16).long()
+        return torch.where(k < 0, -(k & 0x7FFF), k)
+
+    return (line(got) - line(want)).abs()
+
+
 # bf16 task vectors take so few values that most tensors tie at SCE's variance threshold
 # even in fp32: nothing would be left to compare (the kernel test covers bf16 SCE).
 PAIRS = [(c, d) for c in CASES for d in DTYPES if (c, d) != ("sce", torch.bfloat16)]
@@ -158,6 +196,8 @@ def case_config(
     compute = COMPUTE.get(case, dtype)
     if compute != dtype:
         cfg |= {"dtype": str(compute).removeprefix("torch."), "out_dtype": DTYPES[dtype]}
+    if case == "arcee_fusion":  # its result is float32 (a float32 mask): mergekit writes
+        cfg["out_dtype"] = DTYPES[dtype]  # that unless out_dtype says otherwise
     return cfg
 
 
@@ -201,6 +241,8 @@ def test_method_matches_mergekit(
             else torch.zeros(w.shape, dtype=torch.bool)
         )
         off = ulps(got[name], w)
+        if case in SUMS:
+            skip |= (dtype_ulps(got[name], w) <= SUMS[case]) & (off > 1)
         worst = float(off[~skip].max()) if bool((~skip).any()) else 0.0
         assert worst <= 1.0, f"{case} {name}: {worst:.1f} ulp"
         differ += int((off[skip] > 1).sum())
@@ -210,6 +252,7 @@ def test_method_matches_mergekit(
     # values: 2-4 % of the outputs differ there in bf16, under 1 % in fp16), but they
     # stay the exception.
     assert differ <= 0.05 * total, f"{differ} of {total} elements differ in threshold ties"
+    assert case not in SUMS or differ <= 0.01 * total, f"{differ} of {total} elements differ"
     assert compared >= 0.5 * total, f"only {compared} of {total} elements compared"
 
 

@@ -116,7 +116,10 @@ def test_mergekit_config_means_what_mergekit_says(dirs: Path) -> None:
             {"parameters": {"density": [{"filter": "mlp"}]}},
             "parameters.density[0]: 'value' is required",
         ),
-        ({"models": [{"model": "base"}]}, "models: ties needs at least one model besides the base"),
+        (
+            {"models": [{"model": "base"}]},
+            "models: ties merges at least 1 model, besides the base; this config has 0",
+        ),
         ({"models": [{"model": "a"}, {"model": "a"}]}, "models[1]:"),
         (
             {"models": [{"model": "a", "parameters": {"weight": 1}, "lora": "x"}]},
@@ -170,3 +173,30 @@ def test_to_dict_is_the_same_recipe_again(dirs: Path) -> None:
         assert again.merge is not None and r.merge is not None
         assert again.merge == dataclasses.replace(r.merge, source="lazymerge")
         assert (again.base, again.output) == (r.base, r.output)
+
+
+@pytest.mark.parametrize(
+    ("method", "models", "expected"),
+    [
+        (
+            "slerp",
+            ["a", "b"],
+            "slerp merges exactly 2 models, the base included; this config has 3",
+        ),
+        ("nuslerp", ["a"], "nuslerp merges exactly 2 models, besides the base; this config has 1"),
+        (
+            "model_stock",
+            ["a"],
+            "model_stock merges at least 3 models, the base included; this config has 2",
+        ),
+    ],
+)
+def test_a_method_given_the_wrong_number_of_models_is_one_line(
+    dirs: Path, method: str, models: list[str], expected: str
+) -> None:
+    entries = [
+        {"model": m, "parameters": {"weight": 0.5}} if method == "nuslerp" else {"model": m}
+        for m in models
+    ]
+    params = {"t": 0.5} if method == "slerp" else {}
+    assert expected in error(mergekit(merge_method=method, models=entries, parameters=params), dirs)

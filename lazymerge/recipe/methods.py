@@ -29,10 +29,38 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """How many inputs a method merges (mergekit's InputContract): all of them, the base
+    included (an unlisted base_model is one more), and those besides the base."""
+
+    least: int = 1
+    most: int | None = None
+    models_least: int = 1  # besides the base
+    models_most: int | None = None
+
+    def problem(self, method: str, inputs: int, models: int) -> str | None:
+        """Why `inputs` inputs, `models` of them besides the base, are wrong, or None."""
+        for n, lo, hi, what in (
+            (inputs, self.least, self.most, "the base included"),
+            (models, self.models_least, self.models_most, "besides the base"),
+        ):
+            if n < lo or (hi is not None and n > hi):
+                bound = lo if n < lo else hi
+                how = "exactly" if lo == hi else "at least" if n < lo else "at most"
+                models_ = "model" if bound == 1 else "models"
+                return f"{method} merges {how} {bound} {models_}, {what}; this config has {n}"
+        return None
+
+
+@dataclass(frozen=True)
 class MethodParams:
     name: str
     params: tuple[Param, ...]
     needs_base: bool  # task vectors are taken against the base, which must be given
+    inputs: Inputs = Inputs()
+    # mergekit's base is optional: with one the method merges task vectors, without one the
+    # models themselves (Resolved.has_base says which).
+    base_optional: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -58,6 +86,22 @@ _SCE = (
     Param("int8_mask", bool, Scope.SHARED, False),
     Param("select_topk", float, Scope.SHARED, 1.0),
 )
+_T = (Param("t", float, Scope.SHARED),)
+_NUSLERP = (
+    Param("weight", float, Scope.NON_BASE),
+    Param("nuslerp_row_wise", bool, Scope.SHARED, False),
+    Param("nuslerp_flatten", bool, Scope.SHARED, True),
+)
+_MULTISLERP = (
+    Param("weight", float, Scope.NON_BASE),
+    Param("normalize_weights", bool, Scope.SHARED, True),
+    Param("eps", float, Scope.SHARED, 1e-8),
+)
+# mergekit's max_iter is an int: registry.py's check refuses a fractional value.
+_KARCHER = (Param("max_iter", float, Scope.SHARED, 10.0), Param("tol", float, Scope.SHARED, 1e-5))
+_STOCK = (Param("filter_wise", bool, Scope.SHARED, False),)
+_SCALE = (Param("scale", float, Scope.INPUT, 1.0),)  # mergekit's None (no scale) is 1
+_PAIR = Inputs(2, 2, 1, 1)  # the base and exactly one other model
 
 METHOD_PARAMS: dict[str, MethodParams] = {
     m.name: m
@@ -72,5 +116,19 @@ METHOD_PARAMS: dict[str, MethodParams] = {
         MethodParams("della", _task(True, True, _EPSILON), needs_base=True),
         MethodParams("della_linear", _task(False, True, _EPSILON), needs_base=True),
         MethodParams("sce", _SCE, needs_base=True),
+        MethodParams("slerp", _T, needs_base=True, inputs=_PAIR),
+        MethodParams("nearswap", _T, needs_base=True, inputs=_PAIR),
+        MethodParams("arcee_fusion", (), needs_base=True, inputs=_PAIR),
+        MethodParams("model_stock", _STOCK, needs_base=True, inputs=Inputs(3, None, 2)),
+        # nuslerp and multislerp take a base or not (base_optional); lazymerge asks for
+        # one until the planner tells them which (Resolved.has_base).
+        MethodParams(
+            "nuslerp", _NUSLERP, needs_base=True, inputs=Inputs(2, None, 2, 2), base_optional=True
+        ),
+        MethodParams("multislerp", _MULTISLERP, needs_base=True, base_optional=True),
+        # karcher averages every input, the base (if named) as one more
+        MethodParams("karcher", _KARCHER, needs_base=False, inputs=Inputs(1, None, 0)),
+        # passthrough: one model as it is
+        MethodParams("passthrough", _SCALE, needs_base=False, inputs=Inputs(1, 1, 0)),
     )
 }

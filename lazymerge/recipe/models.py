@@ -95,13 +95,14 @@ def _level(model: ModelSpec, base: ModelSpec) -> Level:
 def check_inputs(
     method: MethodParams, inputs: list[MergeInput], base: ModelSpec, source: str
 ) -> None:
-    """The models a method needs: at least one besides the base, each listed once."""
+    """The models a method merges (how many, the base included — an unlisted base is one
+    more — and besides it: recipe/methods.py's Inputs), each listed once."""
     seen: set[Path] = set()
     for i, m in enumerate(inputs):
         if m.model.path in seen and m.model != base:
             raise RecipeError(f"{source}: models[{i}]: {m.model.path} is listed twice")
         seen.add(m.model.path)
-    if not any(m.model != base for m in inputs):
-        raise RecipeError(
-            f"{source}: models: {method.name} needs at least one model besides the base"
-        )
+    others = sum(m.model != base for m in inputs)
+    problem = method.inputs.problem(method.name, others + 1, others)
+    if problem is not None:
+        raise RecipeError(f"{source}: models: {problem}")

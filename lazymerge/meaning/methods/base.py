@@ -99,3 +99,5 @@ class Resolved:
     per_input: tuple[Mapping[str, Scalar], ...]  # per input; the base's holds only the
     # parameters every input takes (linear's weight)
     order: tuple[int, ...]
+    has_base: bool = True  # False: the recipe names no base and input 0 is simply its first
+    # model (nuslerp and multislerp then merge the models themselves, not task vectors)

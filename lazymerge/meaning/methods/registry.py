@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from lazymerge.meaning.methods import sce, task
+from lazymerge.meaning.methods import fusion, karcher, multislerp, sce, slerp, stock, task
 from lazymerge.meaning.methods.base import Method, Resolved, Scalar
 from lazymerge.meaning.methods.linear import build_weighted
-from lazymerge.recipe.methods import METHOD_PARAMS
+from lazymerge.meaning.methods.pointwise import build_nearswap, build_passthrough
 
 Builder = Callable[[Resolved], Method]
 # Plan-time checks of one input's values (name, shared, that input's): ValueError naming
@@ -25,11 +25,20 @@ def _no_check(name: str, shared: Mapping[str, Scalar], per_input: Mapping[str, S
 BUILDERS: dict[str, Builder] = {
     "linear": build_weighted,
     "sce": sce.build,
-    **{name: task.builder(name) for name in METHOD_PARAMS if name not in ("linear", "sce")},
+    **{name: task.builder(name) for name in task.FAMILY},
+    "slerp": slerp.build_slerp,
+    "nuslerp": slerp.build_nuslerp,
+    "multislerp": multislerp.build,
+    "karcher": karcher.build,
+    "model_stock": stock.build,
+    "nearswap": build_nearswap,
+    "arcee_fusion": fusion.build,
+    "passthrough": build_passthrough,
 }
 
 CHECKS: dict[str, Check] = {
-    "linear": _no_check,
+    **{name: _no_check for name in BUILDERS},
     "sce": sce.check,
-    **{name: task.check for name in BUILDERS if name not in ("linear", "sce")},
+    **{name: task.check for name in task.FAMILY},
+    "karcher": karcher.check,
 }
