@@ -211,6 +211,27 @@ def run_many(
     return {job["name"]: job["error"] for job in json.loads(listing.read_text())}
 
 
+def run_kernels(
+    venv: Path, tensors: dict[str, torch.Tensor], cases: list[dict[str, Any]], root: Path
+) -> dict[str, Any]:
+    """mergekit's own method code on whole tensors (tests/mergekit_kernels.py, run by its
+    venv's python): {"results": tensors by case, "errors": by case}."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(root / "cases.safetensors"), metadata={"cases": json.dumps(cases)})
+    script = Path(__file__).with_name("mergekit_kernels.py")
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), str(script), str(root / "cases.safetensors"), str(root / "out.safetensors")],
+        capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(str(root / "out.safetensors"), "pt") as f:
+        results = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        errors = json.loads(f.metadata()["errors"])
+    return {"results": results, "errors": errors}
+
+
 def reference() -> Mergekit:
     """The reference for the `mergekit` fixture; MergekitUnavailable names the fix."""
     try:

@@ -15,16 +15,12 @@ mergekit given correctly rounded norms and dot products (`exact_sums`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from test_task_methods import DTYPES, NAMES, bits, stream
 
 from lazymerge.errors import NumericsError, RecipeError
@@ -32,7 +28,7 @@ from lazymerge.meaning.methods.base import Method, Resolved
 from lazymerge.meaning.methods.registry import BUILDERS, CHECKS
 from lazymerge.recipe.methods import METHOD_PARAMS, Scope
 
-from mergekit_ref import Mergekit
+from mergekit_ref import Mergekit, run_kernels
 
 SHAPES = {"w2": (64, 48), "w1": (48,)}
 STEPS = (1, 7, None)  # rows per block; None: the whole tensor
@@ -209,17 +205,7 @@ def run_mergekit(venv: Path, root: Path, all_cases: list[Case]) -> dict[str, Any
                 "exact_sums": case.exact_sums,
             }
         )  # fmt: skip
-    save_file(tensors, str(root / "cases.safetensors"), metadata={"cases": json.dumps(listing)})
-    script = Path(__file__).with_name("mergekit_kernels.py")
-    done = subprocess.run(
-        [str(venv / "bin" / "python"), str(script), str(root / "cases.safetensors"), str(root / "out.safetensors")],
-        capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    with safe_open(str(root / "out.safetensors"), "pt") as f:
-        results = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        errors = json.loads(f.metadata()["errors"])
-    return {"results": results, "errors": errors}
+    return run_kernels(venv, tensors, listing, root)
 
 
 @pytest.fixture(scope="module")

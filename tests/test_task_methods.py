@@ -17,16 +17,12 @@ Exact bits, except where mergekit itself is arbitrary or machine-dependent:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lazymerge.errors import NumericsError
 from lazymerge.meaning.methods import draws, linear, sce, task
@@ -34,7 +30,7 @@ from lazymerge.meaning.methods.base import Method, Resolved
 from lazymerge.meaning.methods.task import SELECT_PASSES
 from lazymerge.recipe.methods import METHOD_PARAMS, Scope
 
-from mergekit_ref import Mergekit
+from mergekit_ref import Mergekit, run_kernels
 
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -310,17 +306,7 @@ def run_mergekit(venv: Path, root: Path) -> dict[str, Any]:
                 "draws": [f"u/{case.id}/{i}" for i in u] if case.draws else None,
             }
         )  # fmt: skip
-    save_file(tensors, str(root / "cases.safetensors"), metadata={"cases": json.dumps(cases)})
-    script = Path(__file__).with_name("mergekit_kernels.py")
-    done = subprocess.run(
-        [str(venv / "bin" / "python"), str(script), str(root / "cases.safetensors"), str(root / "out.safetensors")],
-        capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    with safe_open(str(root / "out.safetensors"), "pt") as f:
-        results = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        errors = json.loads(f.metadata()["errors"])
-    return {"results": results, "errors": errors}
+    return run_kernels(venv, tensors, cases, root)
 
 
 def theirs(reference: dict[str, Any], case: Case) -> torch.Tensor:
