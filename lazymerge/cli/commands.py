@@ -48,7 +48,8 @@ def cli() -> None:
 @plan_options
 @write_options
 def merge(recipe: Path, **opts: Any) -> None:
-    """Run the merge a RECIPE (YAML) describes.
+    """Run the merge a RECIPE (YAML) describes: a lazymerge recipe (two models and a
+    gradient, or `models:` and a method) or a mergekit config as it is (`merge_method:`).
 
     Example: lazymerge merge examples/airolima-chronos.yaml -o ./airolima-chronos
     """
@@ -118,7 +119,8 @@ def plan(  # click passes each flag as a parameter
     allow_noop: bool,
     as_json: bool,
 ) -> None:
-    """Show what `merge` will do, from headers alone: per-layer ratios, copied and
+    """Show what `merge` will do, from headers alone: per-layer ratios (or, for a method
+    over N models, each model's parameters and the passes per tensor), copied and
     computed tensors, LoRA terms, bytes, shards, expected peak memory.
 
     Example: lazymerge plan examples/airolima-chronos.yaml --max-memory 256MiB
