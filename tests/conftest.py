@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lazymerge.cli import main
 
-from mergekit_ref import SKIP_VARIABLE, Mergekit, MergekitUnavailable, reference
+from mergekit_ref import SKIP_VARIABLE, Mergekit, MergekitUnavailable, llama_config, reference
 
 # Drawing each merge's card picture costs a child process with matplotlib (~1 s); the
 # tests that look at the picture turn it back on.
@@ -29,18 +29,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def tiny_config():  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return llama_config(128, 64, 160, N_LAYERS)
 
 
 def make_llama(directory: Path, seed: int) -> Path:

@@ -247,19 +247,24 @@ def reference() -> Mergekit:
 # --- inputs: a tiny Llama base and fine-tunes of it -----------------------------------
 
 
-def tiny_config():  # type: ignore[no-untyped-def]
+def llama_config(vocab: int, hidden: int, intermediate: int, layers: int):  # type: ignore[no-untyped-def]
+    """A tiny untied Llama (4 heads, 2 KV heads): the test models' shape, sizes apart."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=80,
-        num_hidden_layers=N_LAYERS,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=32,
+        max_position_embeddings=hidden,
         tie_word_embeddings=False,
     )
+
+
+def tiny_config():  # type: ignore[no-untyped-def]
+    return llama_config(96, 32, 80, N_LAYERS)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class _Merge:
     models: tuple[_Model, ...]  # the base first
     order: tuple[int, ...]  # the recipe's order of the inputs, by index into models
     stack: LayerStack
+    top: Level  # the method-wide parameters
 
 
 def build_nmodel_plan(recipe: Recipe) -> MergePlan:
@@ -94,7 +95,7 @@ def _open(
     if spec.base_at is None:
         order.append(0)  # mergekit: an unlisted base joins last
     method = METHOD_PARAMS[spec.name]
-    return _Merge(recipe, spec, method, tuple(models), tuple(order), stack), uses
+    return _Merge(recipe, spec, method, tuple(models), tuple(order), stack, top), uses
 
 
 def _level(spec: MethodSpec, i: int) -> Level:
@@ -168,9 +169,8 @@ def _compute(spec: MethodSpec, inputs: Sequence[Input]) -> str:
 
 def _resolve(merge: _Merge, ref: TensorRef, compute: str) -> Resolved:
     t = position(ref.name, merge.stack)
-    top = merge.models[0].levels[-1:]
     shared = {
-        p.name: _value(p, top, ref.name, t, "")
+        p.name: _value(p, (merge.top,), ref.name, t, "")
         for p in merge.method.params
         if p.scope == Scope.SHARED
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 from lazymerge.errors import RecipeError
 from lazymerge.read.hub import resolve
-from lazymerge.recipe.models import merge_inputs, method_of, parse_seed
+from lazymerge.recipe.models import COMPUTE, merge_inputs, method_of, parse_seed
 from lazymerge.recipe.params import parse_parameters
 from lazymerge.recipe.spec import LoraSpec, MethodSpec, ModelSpec, OutputSpec, Recipe
 
@@ -32,8 +32,9 @@ NOT_YET = {
     "tokenizer": "a tokenizer: block is not supported yet (tokenizer_source: base is)",
     "chat_template": "chat_template is not supported yet",
 }
-# mergekit's dtype names (common.py dtype_from_name), with an optional "torch." prefix.
-DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+# mergekit's dtype names (common.py dtype_from_name), with an optional "torch." prefix:
+# the native `compute` names bar "inputs" (recipe/models.py).
+DTYPES = {name: code for name, code in COMPUTE.items() if name != "inputs"}
 
 
 def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
