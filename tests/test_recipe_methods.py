@@ -138,7 +138,7 @@ def test_bad_native_recipe_is_one_line(dirs: Path, change: dict[str, Any], expec
     [
         ({"merge_method": "slerpy"}, "merge_method: unknown method 'slerpy'"),
         ({"mystery": 1}, "mystery: not a mergekit config key"),
-        ({"slices": [{"sources": []}]}, "slices: slices (layer ranges"),
+        ({"slices": [{"sources": []}]}, "give models or slices, not both"),
         ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported yet"),
         ({"chat_template": "chatml"}, "chat_template is not supported yet"),
         ({"dtype": "fp16"}, "dtype: 'fp16' is not a dtype mergekit knows"),

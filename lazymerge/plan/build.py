@@ -54,6 +54,10 @@ class _Sources:
 
 def build_plan(recipe: Recipe) -> MergePlan:
     """Open every input's headers (and the base's config.json) and decide the whole merge."""
+    if recipe.merge is not None and recipe.merge.slices:  # layer surgery: plan/slices.py
+        from lazymerge.plan.slices import build_sliced_plan
+
+        return build_sliced_plan(recipe)
     if recipe.merge is not None:  # N models and a method: plan/nmodel.py
         from lazymerge.plan.nmodel import build_nmodel_plan
 

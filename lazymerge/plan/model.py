@@ -26,10 +26,12 @@ class Action(StrEnum):
 
     COPY_BASE = "copy-base"  # the base's bytes, as they are
     COPY_OTHER = "copy-other"  # the other's bytes, as they are
+    COPY = "copy"  # an N-model merge's one input's bytes, as they are (passthrough)
     COMPUTE = "compute"  # rows streamed through the tensor's method
 
 
 COPY_BASE, COPY_OTHER, COMPUTE = Action.COPY_BASE, Action.COPY_OTHER, Action.COMPUTE
+COPY = Action.COPY
 # Which of the recipe's models an input is: "base", "other" (the founding recipe), or
 # "models[i]" (an N-model recipe's i-th entry).
 Role = str
@@ -58,7 +60,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     nbytes: int  # in the output dtype
     action: Action
-    # COPY_*: the one input copied. COMPUTE: the method's inputs, the base first.
+    # COPY*: the one input copied. COMPUTE: the method's inputs, the base first.
     inputs: tuple[Input, ...]
     method: Method | None = None  # COMPUTE only: the method with this tensor's parameters
     ratio: float = 0.0  # the gradient's fraction of `other`

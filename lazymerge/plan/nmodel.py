@@ -14,15 +14,17 @@ from dataclasses import dataclass, replace
 
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
+from lazymerge.meaning.methods import Method
 from lazymerge.meaning.methods.base import Resolved, Scalar
+from lazymerge.meaning.methods.pointwise import Passthrough
 from lazymerge.meaning.methods.registry import BUILDERS, CHECKS
 from lazymerge.meaning.order import order_of
 from lazymerge.meaning.params import Level, position, resolve
 from lazymerge.plan import build
-from lazymerge.plan.model import COMPUTE, AdapterUse, Input, MergePlan, PlannedTensor
+from lazymerge.plan.model import COMPUTE, COPY, AdapterUse, Input, MergePlan, PlannedTensor
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.config import model_dir, read_config
-from lazymerge.read.tensorref import TensorRef, itemsize
+from lazymerge.read.tensorref import itemsize
 from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams, Param, Scope
 from lazymerge.recipe.spec import MethodSpec, Recipe
 
@@ -30,24 +32,48 @@ _PROMOTE = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
 
 
 @dataclass(frozen=True)
-class _Model:
+class Model:
     """One input of the merge: which recipe entry, its index, its adapters' terms."""
 
     role: str  # "base" or "models[i]"
     index: CheckpointIndex
     terms: build.Terms
     levels: tuple[Level, ...]  # where its parameters are looked up, in order
+    shift: int = 0  # its layer for output layer j: j + shift (a slice's own range)
+
+    def source(self, name: str, stack: LayerStack) -> str:
+        """The name this input's tensor has for output tensor `name`."""
+        layer = stack.layer_of(name)
+        if layer is None or not self.shift:
+            return name
+        return f"{stack.prefix}.{layer + self.shift}.{name.split(f'.{layer}.', 1)[1]}"
 
 
 @dataclass(frozen=True)
-class _Merge:
+class Group:
+    """Output tensors one set of inputs makes: every layer of a `models:` merge, or one
+    slice's run of layers (plan/slices.py) with the tensors outside the layers it owns."""
+
     recipe: Recipe
     spec: MethodSpec
     method: MethodParams
-    models: tuple[_Model, ...]  # the base first
+    models: tuple[Model, ...]  # input 0 first: the base, or (none given) the first model
     order: tuple[int, ...]  # the recipe's order of the inputs, by index into models
-    stack: LayerStack
-    top: Level  # the method-wide parameters
+    stack: LayerStack  # the output's decoder layers
+    top: tuple[Level, ...]  # the method-wide parameters (a slice's, then the recipe's)
+    span: tuple[int, int] | None = None  # its output layers [start, end); None: all
+    has_base: bool = True
+
+    def t(self, name: str) -> float:
+        """The layer position of output tensor `name` within the group (mergekit's t: a
+        slice's own layers run 0..1; 1 for a slice of one layer; 0 outside the layers)."""
+        if self.span is None:
+            return position(name, self.stack)
+        layer = self.stack.layer_of(name)
+        if layer is None:
+            return 0.0
+        start, end = self.span
+        return (layer - start) / (end - start - 1) if end - start > 1 else 1.0
 
 
 def build_nmodel_plan(recipe: Recipe) -> MergePlan:
@@ -62,8 +88,8 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
         (r for r in base if not build.DROPPED.search(r.name)),
         key=lambda r: natural_key(r.name, stack),
     )
-    planned = [_plan_tensor(merge, ref) for ref in kept]
-    _check_filters(merge, [t.name for t in planned])
+    planned = [plan_tensor(merge, ref.name) for ref in kept]
+    check_filters([merge], [t.name for t in planned])
     tensors, shards = build.shard(planned, recipe.output.shard_size)
     dropped = tuple(r.name for r in base if build.DROPPED.search(r.name))
     notes = tuple(build.renamed(uses))
@@ -75,11 +101,12 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
 
 def _open(
     recipe: Recipe, spec: MethodSpec, base: CheckpointIndex, stack: LayerStack
-) -> tuple[_Merge, list[AdapterUse]]:
+) -> tuple[Group, list[AdapterUse]]:
     top = Level("parameters", spec.parameters)
-    base_terms, uses = build.lora_terms("base", recipe.base, base)
+    role = "base" if spec.has_base else "models[0]"
+    base_terms, uses = build.lora_terms(role, recipe.base, base)
     base_levels = (top,) if spec.base_at is None else (_level(spec, spec.base_at), top)
-    models = [_Model("base", base, base_terms, base_levels)]
+    models = [Model(role, base, base_terms, base_levels)]
     order = []
     for i, entry in enumerate(spec.models):
         if i == spec.base_at:
@@ -91,11 +118,12 @@ def _open(
         terms, more = build.lora_terms(role, entry.model, index)
         uses += more
         order.append(len(models))
-        models.append(_Model(role, index, terms, (_level(spec, i), top)))
+        models.append(Model(role, index, terms, (_level(spec, i), top)))
     if spec.base_at is None:
         order.append(0)  # mergekit: an unlisted base joins last
     method = METHOD_PARAMS[spec.name]
-    return _Merge(recipe, spec, method, tuple(models), tuple(order), stack, top), uses
+    group = Group(recipe, spec, method, tuple(models), tuple(order), stack, (top,))
+    return replace(group, has_base=spec.has_base), uses
 
 
 def _level(spec: MethodSpec, i: int) -> Level:
@@ -111,47 +139,61 @@ def _check_depth(index: CheckpointIndex, stack: LayerStack, role: str, prefix: s
         )
 
 
-def _plan_tensor(merge: _Merge, ref: TensorRef) -> PlannedTensor:
+def plan_tensor(group: Group, name: str) -> PlannedTensor:
+    """Output tensor `name`: the method over each input's tensor for it."""
+    first = group.models[0]
+    source = first.source(name, group.stack)
+    if source not in first.index:
+        raise InputError(f"{first.role} {first.index.path} has no tensor {source}")
+    ref = first.index[source]
     if not ref.is_float:
-        return build.plan_buffer(ref, None)
-    inputs: tuple[Input, ...] = (
-        Input("base", ref, tuple(merge.models[0].terms.get(ref.name, ()))),
-    )
-    inputs += tuple(_input(m, ref) for m in merge.models[1:])
-    compute = _compute(merge.spec, inputs)
-    out = merge.recipe.output.dtype or (ref.dtype if merge.spec.compute is None else compute)
-    resolved = _resolve(merge, ref, compute)
-    _check(merge, resolved)
-    method = BUILDERS[merge.method.name](resolved)
+        return replace(build.plan_buffer(ref, None), name=name)
+    inputs: tuple[Input, ...] = (Input(first.role, ref, tuple(first.terms.get(ref.name, ()))),)
+    inputs += tuple(_input(m, inputs[0], m.source(name, group.stack)) for m in group.models[1:])
+    compute = _compute(group.spec, inputs)
+    out = group.recipe.output.dtype or (ref.dtype if group.spec.compute is None else compute)
+    resolved = _resolve(group, name, ref.shape, compute)
+    _check(group, resolved)
+    method = BUILDERS[group.method.name](resolved)
     nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(out)
-    return PlannedTensor(ref.name, out, ref.shape, nbytes, COMPUTE, inputs, method, call=resolved)
+    action = COPY if copies(method, inputs, compute, out) else COMPUTE
+    return PlannedTensor(name, out, ref.shape, nbytes, action, inputs, method, call=resolved)
 
 
-def _check(merge: _Merge, call: Resolved) -> None:
+def copies(method: Method, inputs: Sequence[Input], compute: str, out: str) -> bool:
+    """The output is one input's bytes as they are (passthrough, unscaled, no LoRA, no
+    rounding on the way): a copy, at the disk's speed."""
+    if not isinstance(method, Passthrough) or method.scale != 1.0 or len(inputs) != 1:
+        return False
+    ref = inputs[0].ref
+    exact = compute in (ref.dtype, "F32", "F64")
+    return not inputs[0].terms and ref.contiguous and ref.dtype == out and exact
+
+
+def _check(group: Group, call: Resolved) -> None:
     """Values the method refuses (a density outside (0, 1]...), for each model."""
-    check = CHECKS[merge.method.name]
-    for model, params in zip(merge.models, call.per_input, strict=True):
+    check = CHECKS[group.method.name]
+    for model, params in zip(group.models, call.per_input, strict=True):
         try:
-            check(merge.method.name, call.shared, params)
+            check(group.method.name, call.shared, params)
         except ValueError as e:
             raise RecipeError(f"{model.role} on {call.tensor}: {e}") from None
 
 
-def _input(model: _Model, ref: TensorRef) -> Input:
-    """A model's tensor under the base's name (an untied head: the embeddings, as
-    mergekit loads it), shape-checked."""
-    name = ref.name
+def _input(model: Model, first: Input, name: str) -> Input:
+    """A model's tensor `name` (an untied head: the embeddings, as mergekit loads it),
+    shape-checked against input 0's."""
     if name not in model.index and name.endswith("lm_head.weight"):
         name = next((n for n in model.index.tensors if n.endswith("embed_tokens.weight")), name)
     if name not in model.index:
-        raise InputError(f"{model.role} {model.index.path} has no tensor {ref.name}")
-    theirs = model.index[name]
+        raise InputError(f"{model.role} {model.index.path} has no tensor {name}")
+    ref, theirs = first.ref, model.index[name]
     if theirs.shape != ref.shape or not theirs.is_float:
         raise InputError(
-            f"{ref.name}: base has {ref.dtype} {list(ref.shape)} but {model.role} "
+            f"{name}: {first.role} has {ref.dtype} {list(ref.shape)} but {model.role} "
             f"{theirs.file} has {theirs.dtype} {list(theirs.shape)}"
         )
-    return Input(model.role, theirs, tuple(model.terms.get(ref.name, ())))
+    return Input(model.role, theirs, tuple(model.terms.get(name, ())))
 
 
 def _compute(spec: MethodSpec, inputs: Sequence[Input]) -> str:
@@ -167,21 +209,19 @@ def _compute(spec: MethodSpec, inputs: Sequence[Input]) -> str:
     return max(codes | {"F32"}, key=lambda c: _PROMOTE[c])
 
 
-def _resolve(merge: _Merge, ref: TensorRef, compute: str) -> Resolved:
-    t = position(ref.name, merge.stack)
-    shared = {
-        p.name: _value(p, (merge.top,), ref.name, t, "")
-        for p in merge.method.params
-        if p.scope == Scope.SHARED
-    }
+def _resolve(group: Group, name: str, shape: tuple[int, ...], compute: str) -> Resolved:
+    t = group.t(name)
+    params = group.method.params
+    shared = {p.name: _value(p, group.top, name, t, "") for p in params if p.scope == Scope.SHARED}
     per_input = []
-    for k, model in enumerate(merge.models):
-        scopes = (Scope.INPUT,) if k == 0 else (Scope.INPUT, Scope.NON_BASE)
-        params = [p for p in merge.method.params if p.scope in scopes]
-        per_input.append({p.name: _value(p, model.levels, ref.name, t, model.role) for p in params})
+    for k, model in enumerate(group.models):
+        scopes = (Scope.INPUT,) if k == 0 and group.has_base else (Scope.INPUT, Scope.NON_BASE)
+        mine = [p for p in params if p.scope in scopes]
+        per_input.append({p.name: _value(p, model.levels, name, t, model.role) for p in mine})
     return Resolved(
-        ref.name, ref.shape, compute, merge.spec.seed, shared, tuple(per_input), merge.order
-    )
+        name, shape, compute, group.spec.seed, shared, tuple(per_input), group.order,
+        has_base=group.has_base,
+    )  # fmt: skip
 
 
 def _value(param: Param, levels: Sequence[Level], name: str, t: float, who: str) -> Scalar:
@@ -195,9 +235,9 @@ def _value(param: Param, levels: Sequence[Level], name: str, t: float, who: str)
     return found.value
 
 
-def _check_filters(merge: _Merge, names: Sequence[str]) -> None:
+def check_filters(groups: Sequence[Group], names: Sequence[str]) -> None:
     """A filter that matches no tensor is a mistake (a typo), not a no-op."""
-    levels = {lv.where: lv for m in merge.models for lv in m.levels}
+    levels = {lv.where: lv for g in groups for m in g.models for lv in (*m.levels, *g.top)}
     for level in levels.values():
         for key, setting in level.parameters.items():
             for k, cond in enumerate(setting):

@@ -1,10 +1,11 @@
 """mergekit configurations, accepted as they are (DESIGN §7, docs/methods.md).
 
 A YAML with `merge_method` is a mergekit config: `base_model`, `models` (each a path, a
-Hub id, or `model+lora`), `parameters`, `dtype` (the *compute* dtype: inputs cast to it,
-arithmetic in it), `out_dtype` (the file's), `random_seed`, `tokenizer_source: base`.
-What mergekit would silently ignore (an unknown key or parameter) is refused here in one
-line, and so is what lazymerge does not run yet (slices, modules, other tokenizers).
+Hub id, or `model+lora`) or `slices` of them (recipe/slices.py), `parameters`, `dtype`
+(the *compute* dtype: inputs cast to it, arithmetic in it), `out_dtype` (the file's),
+`random_seed`, `tokenizer_source: base`. What mergekit would silently ignore (an unknown
+key or parameter) is refused here in one line, and so is what lazymerge does not run yet
+(modules, other tokenizers, chat templates).
 
 Paths resolve against the config's directory, then (as mergekit does) the working
 directory; anything else is a Hub id, found in the local Hugging Face cache (read/hub.py).
@@ -12,13 +13,22 @@ directory; anything else is a Hub id, found in the local Hugging Face cache (rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lazymerge.errors import RecipeError
 from lazymerge.read.hub import resolve
-from lazymerge.recipe.models import COMPUTE, merge_inputs, method_of, parse_seed
+from lazymerge.recipe.models import (
+    COMPUTE,
+    base_index,
+    merge_inputs,
+    method_of,
+    parse_seed,
+    require_base,
+)
 from lazymerge.recipe.params import parse_parameters
+from lazymerge.recipe.slices import Syntax, parse_slices, slice_models
 from lazymerge.recipe.spec import LoraSpec, MethodSpec, ModelSpec, OutputSpec, Recipe
 
 KEYS = {
@@ -27,11 +37,11 @@ KEYS = {
 }  # fmt: skip
 # Keys mergekit knows that lazymerge does not run yet: one line each, before anything.
 NOT_YET = {
-    "slices": "slices (layer ranges, frankenmerges) are not supported yet; use models:",
     "modules": "modules: configs are not supported yet",
     "tokenizer": "a tokenizer: block is not supported yet (tokenizer_source: base is)",
     "chat_template": "chat_template is not supported yet",
 }
+SOURCE_KEYS = frozenset({"model", "layer_range", "parameters"})
 # mergekit's dtype names (common.py dtype_from_name), with an optional "torch." prefix:
 # the native `compute` names bar "inputs" (recipe/models.py).
 DTYPES = {name: code for name, code in COMPUTE.items() if name != "inputs"}
@@ -41,29 +51,48 @@ def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
     """A mergekit config -> a Recipe whose merge has mergekit's precision."""
     _refuse(data, source)
     method = method_of(data["merge_method"], f"{source}: merge_method")
-    entries = data.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise RecipeError(f"{source}: models: expected a list of {{model, parameters}}")
-    models = [_entry_model(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
-    base = _base(data.get("base_model"), models, root, source)
-    if base is None and method.needs_base:
-        raise RecipeError(
-            f"{source}: base_model: {method.name} needs a base model (task vectors are taken against it)"
-        )
-    base = base or models[0]
-    inputs = merge_inputs(entries, models, base, method, source)
-    compute = _dtype(data.get("dtype"), f"{source}: dtype")
+    given = data.get("base_model")
+    base = model_reference(given, root, f"{source}: base_model") if given is not None else None
+    if data.get("slices") is not None:
+        if data.get("models") is not None:
+            raise RecipeError(f"{source}: give models or slices, not both (as mergekit wants)")
+        syntax = Syntax(_source_model(root), "layer_range", "base_model", SOURCE_KEYS)
+        slices = parse_slices(data["slices"], syntax, method, base, source)
+        inputs = slice_models(slices)
+        donor = base or slices[0].sources[0].model
+    else:
+        require_base(method, base, f"{source}: base_model")
+        models = _models(data.get("models"), root, source)
+        base = next((m for m in models if m == base), base)
+        inputs, slices = tuple(merge_inputs(data["models"], models, base, method, source)), ()
+        donor = base or models[0]
     merge = MethodSpec(
         method.name,
-        tuple(inputs),
+        inputs,
         parse_parameters(data.get("parameters"), f"{source}: parameters", method, "method"),
-        base_at=next((i for i, m in enumerate(models) if m == base), None),
+        base_at=base_index([m.model for m in inputs], base),
         seed=parse_seed(data.get("random_seed", 0), f"{source}: random_seed"),
-        compute=compute or "inputs",
+        compute=_dtype(data.get("dtype"), f"{source}: dtype") or "inputs",
         source="mergekit",
+        slices=slices,
+        has_base=base is not None,
     )
     out = _dtype(data.get("out_dtype"), f"{source}: out_dtype")
-    return Recipe(base, output=OutputSpec(dtype=out), merge=merge)
+    return Recipe(donor, output=OutputSpec(dtype=out), merge=merge)
+
+
+def _models(entries: object, root: Path, source: str) -> list[ModelSpec]:
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"{source}: models: expected a list of {{model, parameters}}")
+    return [_entry_model(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
+
+
+def _source_model(root: Path) -> Callable[[Any, str], ModelSpec]:
+    def model(value: Any, where: str) -> ModelSpec:
+        ref = value.get("model") if isinstance(value, dict) else value
+        return model_reference(ref, root, f"{where}.model" if isinstance(value, dict) else where)
+
+    return model
 
 
 def _refuse(data: dict[str, Any], source: str) -> None:
@@ -98,14 +127,6 @@ def _entry_model(entry: object, root: Path, where: str) -> ModelSpec:
             f"{where}: unknown key {unknown[0]!r}; a model entry has model, parameters"
         )
     return model_reference(entry["model"], root, f"{where}.model")
-
-
-def _base(value: object, models: list[ModelSpec], root: Path, source: str) -> ModelSpec | None:
-    """The base model: one of the models when it names the same one, else its own."""
-    if value is None:
-        return None
-    base = model_reference(value, root, f"{source}: base_model")
-    return next((m for m in models if m == base), base)
 
 
 def model_reference(value: object, root: Path, where: str) -> ModelSpec:

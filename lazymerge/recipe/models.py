@@ -19,9 +19,13 @@ from typing import Any
 from lazymerge.errors import RecipeError
 from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams
 from lazymerge.recipe.params import Level, parse_parameters
+from lazymerge.recipe.slices import Syntax, parse_slices, slice_models
 from lazymerge.recipe.spec import MergeInput, MethodSpec, ModelSpec
 
-KEYS = {"method", "base", "models", "parameters", "seed", "compute", "output", "layers_prefix"}
+KEYS = {
+    "method", "base", "models", "slices", "parameters", "seed", "compute", "output",
+    "layers_prefix",
+}  # fmt: skip
 # `compute`: the dtype the arithmetic runs in, as a mergekit config's `dtype` (inputs
 # rounded to it, every step rounded in it); "inputs": their promoted dtype. Unset: float32
 # with one rounding. (A mergekit config's manifest records its precision so.)
@@ -51,20 +55,57 @@ def parse_seed(value: object, where: str) -> int:
 
 
 def parse_method(
-    d: dict[str, Any], base: ModelSpec, models: list[ModelSpec], source: str
+    d: dict[str, Any], base: ModelSpec | None, models: list[ModelSpec], source: str
 ) -> MethodSpec:
     """The `method`, `models`' parameters, `parameters` and `seed` of a native recipe;
-    `models` are the entries' models, already parsed (with their LoRAs)."""
+    `models` are the entries' models, already parsed (with their LoRAs). Without a base,
+    the first model stands in its place (methods that take no base)."""
     method = method_of(d.get("method", "linear"), f"{source}: method")
+    require_base(method, base, f"{source}: base")
     inputs = merge_inputs(d["models"], models, base, method, source)
     return MethodSpec(
         method.name,
         tuple(inputs),
         parse_parameters(d.get("parameters"), f"{source}: parameters", method, "method"),
-        base_at=next((i for i, m in enumerate(models) if m == base), None),
+        base_at=base_index(models, base),
         seed=parse_seed(d.get("seed", 0), f"{source}: seed"),
         compute=_compute(d.get("compute"), f"{source}: compute"),
+        has_base=base is not None,
     )
+
+
+def parse_sliced(
+    d: dict[str, Any], base: ModelSpec | None, syntax: Syntax, source: str
+) -> MethodSpec:
+    """A native recipe's `slices` (recipe/slices.py) with its method and parameters."""
+    method = method_of(d.get("method", "linear"), f"{source}: method")
+    slices = parse_slices(d["slices"], syntax, method, base, source)
+    inputs = slice_models(slices)
+    return MethodSpec(
+        method.name,
+        inputs,
+        parse_parameters(d.get("parameters"), f"{source}: parameters", method, "method"),
+        base_at=base_index([m.model for m in inputs], base),
+        seed=parse_seed(d.get("seed", 0), f"{source}: seed"),
+        compute=_compute(d.get("compute"), f"{source}: compute"),
+        slices=slices,
+        has_base=base is not None,
+    )
+
+
+def require_base(method: MethodParams, base: ModelSpec | None, where: str) -> None:
+    """A method that takes task vectors against a base needs one named."""
+    if base is None and method.needs_base and not method.base_optional:
+        raise RecipeError(
+            f"{where}: {method.name} needs a base model (task vectors are taken against it)"
+        )
+
+
+def base_index(models: list[ModelSpec], base: ModelSpec | None) -> int | None:
+    """Where the base stands among the models (None: unlisted); no base: the first."""
+    if base is None:
+        return 0
+    return next((i for i, m in enumerate(models) if m == base), None)
 
 
 def _compute(value: object, where: str) -> str | None:
@@ -76,24 +117,25 @@ def _compute(value: object, where: str) -> str | None:
 
 
 def merge_inputs(
-    entries: list[Any], models: list[ModelSpec], base: ModelSpec, method: MethodParams, source: str
+    entries: list[Any],
+    models: list[ModelSpec],
+    base: ModelSpec | None,
+    method: MethodParams,
+    source: str,
 ) -> list[MergeInput]:
     """Each entry's model (parsed already) with its parameters, checked as a whole."""
     inputs = []
     for i, (entry, model) in enumerate(zip(entries, models, strict=True)):
         where = f"{source}: models[{i}].parameters"
         raw = entry.get("parameters") if isinstance(entry, dict) else None
-        inputs.append(MergeInput(model, parse_parameters(raw, where, method, _level(model, base))))
+        level: Level = "base" if model == base else "model"
+        inputs.append(MergeInput(model, parse_parameters(raw, where, method, level)))
     check_inputs(method, inputs, base, source)
     return inputs
 
 
-def _level(model: ModelSpec, base: ModelSpec) -> Level:
-    return "base" if model == base else "model"
-
-
 def check_inputs(
-    method: MethodParams, inputs: list[MergeInput], base: ModelSpec, source: str
+    method: MethodParams, inputs: list[MergeInput], base: ModelSpec | None, source: str
 ) -> None:
     """The models a method merges (how many, the base included — an unlisted base is one
     more — and besides it: recipe/methods.py's Inputs), each listed once."""
@@ -103,6 +145,6 @@ def check_inputs(
             raise RecipeError(f"{source}: models[{i}]: {m.model.path} is listed twice")
         seen.add(m.model.path)
     others = sum(m.model != base for m in inputs)
-    problem = method.inputs.problem(method.name, others + 1, others)
+    problem = method.inputs.problem(method.name, others + (base is not None), others)
     if problem is not None:
         raise RecipeError(f"{source}: models: {problem}")

@@ -12,6 +12,7 @@ import yaml
 
 from lazymerge.errors import RecipeError
 from lazymerge.recipe import models
+from lazymerge.recipe.slices import Syntax, parse_span
 from lazymerge.recipe.spec import (
     DEFAULT_SHARD_SIZE,
     DTYPE_NAMES,
@@ -68,22 +69,39 @@ def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
 
 
 def _n_models(data: dict[str, Any], root: Path, source: str) -> Recipe:
-    """A native N-model recipe (recipe/models.py)."""
+    """A native N-model recipe (recipe/models.py): `models`, or `slices` of them."""
     d = _mapping(data, source, models.KEYS)
-    if "base" not in d:
-        raise RecipeError(f"{source}: 'base' is required (a model path)")
-    base = _model(d["base"], root, f"{source}: base")
-    entries = d.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise RecipeError(
-            f"{source}: models: expected a list of models ({{model, loras, parameters}})"
-        )
-    specs = [_entry(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
-    merge = models.parse_method(d, base, specs, source)
+    base = _model(d["base"], root, f"{source}: base") if d.get("base") is not None else None
+    if d.get("slices") is not None:
+        if d.get("models") is not None:
+            raise RecipeError(f"{source}: give models or slices, not both")
+        merge = models.parse_sliced(d, base, _native_syntax(root), source)
+        base = base or merge.slices[0].sources[0].model
+    else:
+        entries = d.get("models")
+        if not isinstance(entries, list) or not entries:
+            raise RecipeError(
+                f"{source}: models: expected a list of models ({{model, loras, parameters}})"
+            )
+        specs = [_entry(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
+        merge = models.parse_method(d, base, specs, source)
+        base = base or specs[0]
     output = _output(d.get("output") or {}, f"{source}: output")
     return Recipe(
         base, output=output, layers_prefix=_prefix(d.get("layers_prefix"), source), merge=merge
     )
+
+
+def _native_syntax(root: Path) -> Syntax:
+    """The native spelling of a slice's source: {model, loras, layers, parameters}."""
+
+    def model(value: Any, where: str) -> ModelSpec:
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k in ("model", "loras")}
+        return _model(value, root, where)
+
+    keys = frozenset({"model", "loras", "layers", "parameters"})
+    return Syntax(model, "layers", "base", keys)
 
 
 def _entry(value: object, root: Path, where: str) -> ModelSpec:
@@ -180,29 +198,12 @@ def _rule(value: object, where: str) -> GradientRule:
     if not isinstance(values, list) or not values:
         raise RecipeError(f"{where}.values: expected a list of ratios like [0.9, 0.0]")
     anchors = tuple(_number(v, f"{where}.values[{i}]", 0.0, 1.0) for i, v in enumerate(values))
-    layers = _span(d["layers"], f"{where}.layers") if d.get("layers") is not None else None
+    layers = parse_span(d["layers"], f"{where}.layers") if d.get("layers") is not None else None
     rest = _number(d.get("rest", 0.0), f"{where}.rest", 0.0, 1.0)
     filt = d.get("filter")
     if filt is not None and (not isinstance(filt, str) or not filt):
         raise RecipeError(f"{where}.filter: expected a non-empty string, got {filt!r}")
     return GradientRule(anchors, layers, rest, filt, over)
-
-
-def _span(value: object, where: str) -> tuple[int, int]:
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", value):
-        value = [int(x) for x in value.split(":")]
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    ):
-        raise RecipeError(f"{where}: expected [start, end], two layer numbers, got {value!r}")
-    start, end = value
-    if start < 0 or end <= start:
-        raise RecipeError(
-            f"{where}: [{start}, {end}] is not a span; need 0 <= start < end (end exclusive)"
-        )
-    return start, end
 
 
 def _output(value: object, where: str) -> OutputSpec:

@@ -80,6 +80,33 @@ class MergeInput:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """One model's run of layers [start, end) feeding a slice, with its own parameters."""
+
+    model: ModelSpec
+    layers: tuple[int, int]
+    parameters: Parameters = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """A run of output layers (mergekit's slice): its i-th layer is the method over each
+    source's i-th layer of its range; the sources' ranges are equally long (checked)."""
+
+    sources: tuple[SliceSource, ...]
+    base: ModelSpec | None = None  # the slice's own base, over the recipe's
+    parameters: Parameters = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """An N-model merge: a method (meaning/methods/registry.py) over the base and `models`.
 
@@ -100,6 +127,12 @@ class MethodSpec:
     # no `dtype`).
     compute: str | None = None
     source: Literal["lazymerge", "mergekit"] = "lazymerge"  # the recipe's syntax
+    # Layer surgery: the output's layers slice by slice (then `models` lists each model
+    # the slices name, once, without parameters). None of them: every layer of the base.
+    slices: tuple[SliceSpec, ...] = ()
+    # False: the recipe names no base; the recipe's base is then only where the config and
+    # tokenizer come from (nuslerp and multislerp merge the models themselves).
+    has_base: bool = True
 
 
 @dataclass(frozen=True)
@@ -159,6 +192,8 @@ class Recipe:
 
         data: dict[str, Any] = {"base": model(self.base)}
         if self.merge is not None:
+            if not self.merge.has_base:
+                del data["base"]
             data |= _merge_dict(self.merge, model)
         if self.other is not None:
             data["other"] = model(self.other)
@@ -187,16 +222,24 @@ def _setting(setting: Setting) -> Any:
 def _merge_dict(m: MethodSpec, model: Any) -> dict[str, Any]:
     """An N-model merge in the native syntax (recipe/models.py); a mergekit config's
     precision as `compute`."""
-    entries = [
-        model(e.model) | {"parameters": {k: _setting(v) for k, v in e.parameters.items()}}
-        for e in m.models
-    ]
-    data: dict[str, Any] = {
-        "method": m.name,
-        "models": entries,
-        "parameters": {k: _setting(v) for k, v in m.parameters.items()},
-        "seed": m.seed,
-    }
+
+    def params(p: Parameters) -> dict[str, Any]:
+        return {k: _setting(v) for k, v in p.items()}
+
+    def piece(s: SliceSpec) -> dict[str, Any]:
+        sources = [
+            model(src.model) | {"layers": list(src.layers), "parameters": params(src.parameters)}
+            for src in s.sources
+        ]
+        base = {"base": model(s.base)} if s.base is not None else {}
+        return {"sources": sources, **base, "parameters": params(s.parameters)}
+
+    data: dict[str, Any] = {"method": m.name}
+    if m.slices:
+        data["slices"] = [piece(s) for s in m.slices]
+    else:
+        data["models"] = [model(e.model) | {"parameters": params(e.parameters)} for e in m.models]
+    data |= {"parameters": params(m.parameters), "seed": m.seed}
     if m.compute is not None:
         data["compute"] = DTYPE_LABELS.get(m.compute, m.compute)
     return data

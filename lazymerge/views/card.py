@@ -188,24 +188,34 @@ def _description(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
+def _how(method: str, sliced: bool) -> str:
+    if sliced:
+        return (
+            f"The output's layers are the slices' in order, each computed by `{method}` from "
+            "its sources' layers (each with its LoRAs applied); the table below says which:"
+        )
+    return (
+        f"Each tensor is computed by `{method}` from the base's tensor and every model's "
+        "(each with its LoRAs applied), with each model's parameters for that tensor's layer "
+        "in the table below."
+    )
+
+
 def _merge_description(plan: MergePlan) -> str:
     """An N-model merge: the method, where its precision comes from, every model with
     its LoRAs."""
     spec = plan.recipe.merge
     assert spec is not None
     names = nmodel.labels(plan)
-    entries = [("base", plan.recipe.base)]
+    entries = [(nmodel.roles(plan)[0], plan.recipe.base)]
     entries += [(f"models[{i}]", e.model) for i, e in enumerate(spec.models) if i != spec.base_at]
     lines = [f"A merge made with lazymerge {__version__}:\n"]
     lines.append(f"- **method**: {nmodel.headline(plan).removeprefix('method: ')}")
     for role, model in entries:
         lines.append(f"- **{role}**: `{names[role]}`")
         lines += [f"  - LoRA `{lo.path.name}` at weight {lo.weight:g}" for lo in model.loras]
-    lines.append(
-        f"\nEach tensor is computed by `{spec.name}` from the base's tensor and every model's "
-        "(each with its LoRAs applied), with each model's parameters for that tensor's layer "
-        "in the table below."
-    )
+    lines.append("\n" + _how(spec.name, bool(spec.slices)))
+    lines += [f"- {line}" for line in nmodel.slice_map(plan)]
     lines.append(
         f"\n{len(plan.tensors)} tensors, {human_bytes(plan.bytes_to_write)} in {len(plan.shards)} shard(s).\n"
     )

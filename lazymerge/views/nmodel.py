@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazymerge.meaning.layers import LayerStack
 from lazymerge.meaning.methods.base import Scalar
 from lazymerge.plan.model import MergePlan, PlannedTensor
-from lazymerge.recipe.spec import DTYPE_LABELS
+from lazymerge.recipe.spec import DTYPE_LABELS, ModelSpec
 
 _ABBREV = {"weight": "w", "density": "d", "gamma": "g", "epsilon": "e"}
 
@@ -33,13 +32,45 @@ def headline(plan: MergePlan) -> str:
 def models(plan: MergePlan) -> list[str]:
     spec = plan.recipe.merge
     assert spec is not None
-    lines = [f"base: {plan.base.path} ({plan.base.note or plan.base.format})"]
+    first = roles(plan)[0]
+    lines = [f"{first}: {plan.base.path} ({plan.base.note or plan.base.format})"]
     others = iter(plan.models)
     for i in range(len(spec.models)):
         if i != spec.base_at:
             index = next(others)
             lines.append(f"models[{i}]: {index.path} ({index.note or index.format})")
     return lines
+
+
+def slice_map(plan: MergePlan) -> list[str]:
+    """Layer surgery: which source layers each run of output layers comes from."""
+    spec = plan.recipe.merge
+    if spec is None or not spec.slices:
+        return []
+    names = labels(plan)
+    lines, start = [], 0
+    for i, piece in enumerate(spec.slices):
+        end = start + piece.length - 1
+        froms = [
+            f"{names[_role(plan, src.model)]} {_span(src.layers[0], src.layers[1] - 1)}"
+            for src in piece.sources
+        ]
+        how = f"{spec.name} of " if len(froms) > 1 else ""
+        lines.append(f"slices[{i}]: layers {_span(start, end)} <- {how}{', '.join(froms)}")
+        start = end + 1
+    return lines
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _role(plan: MergePlan, model: ModelSpec) -> str:
+    spec = plan.recipe.merge
+    assert spec is not None
+    if model == plan.recipe.base:
+        return roles(plan)[0]
+    return f"models[{next(i for i, e in enumerate(spec.models) if e.model == model)}]"
 
 
 def _params(t: PlannedTensor) -> list[str]:
@@ -62,37 +93,55 @@ def _passes(t: PlannedTensor) -> int:
     return 1 + (t.method.stat_passes() if t.method is not None else 0)
 
 
-def _layer_cells(stack: LayerStack, tensors: tuple[PlannedTensor, ...]) -> dict[Any, list[str]]:
+def roles(plan: MergePlan) -> list[str]:
+    """The inputs' roles, the base first, then the models in the recipe's order."""
+    spec = plan.recipe.merge
+    assert spec is not None
+    first = ["base"] if spec.has_base or spec.base_at is None else [f"models[{spec.base_at}]"]
+    return first + [f"models[{i}]" for i in range(len(spec.models)) if i != spec.base_at]
+
+
+def _layer_cells(plan: MergePlan) -> dict[Any, dict[str, set[str]]]:
     """Per layer (None: outside the layers), each column's distinct values."""
-    cells: dict[Any, list[set[str]]] = {}
-    for t in tensors:
+    cells: dict[Any, dict[str, set[str]]] = {}
+    sliced = bool(plan.recipe.merge and plan.recipe.merge.slices)
+    for t in plan.tensors:
         if t.call is None:  # an integer buffer: the base's, as it is
             continue
-        row = cells.setdefault(stack.layer_of(t.name), [])
-        values = [*_params(t), str(_passes(t))]
-        row.extend(set() for _ in range(len(values) - len(row)))
-        for col, v in zip(row, values, strict=False):
-            col.add(v)
-    return {k: [" | ".join(sorted(c)) for c in cols] for k, cols in cells.items()}
+        layer = plan.stack.layer_of(t.name)
+        row = cells.setdefault(layer, {})
+        shared, *mine = _params(t)
+        values = {"shared": shared, "passes": str(_passes(t))}
+        values |= {i.role: v for i, v in zip(t.inputs, mine, strict=True)}
+        if sliced and layer is not None:
+            values["from"] = " ".join(
+                f"{i.role}:{plan.stack.layer_of(i.ref.name)}" for i in t.inputs
+            )
+        for col, v in values.items():
+            row.setdefault(col, set()).add(v)
+    return cells
 
 
 def method_table(plan: MergePlan) -> list[str]:
-    """One line per decoder layer (then `rest`): each input's parameters, the passes."""
-    spec = plan.recipe.merge
-    assert spec is not None
-    rows = _layer_cells(plan.stack, plan.tensors)
-    roles = ["base"] + [f"models[{i}]" for i in range(len(spec.models)) if i != spec.base_at]
-    head = ["shared", *roles, "passes"]
+    """One line per decoder layer (then `rest`): where a slice takes it from, each
+    input's parameters, the passes."""
+    rows = _layer_cells(plan)
+    sliced = any("from" in r for r in rows.values())
+    head = [*(["from"] if sliced else []), "shared", *roles(plan), "passes"]
     keys = sorted(k for k in rows if k is not None) + ([None] if None in rows else [])
-    table = [[("rest" if k is None else str(k)), *rows[k]] for k in keys]
-    widths = [
-        max(len(h), *(len(r[c + 1]) for r in table if c + 1 < len(r))) for c, h in enumerate(head)
+    table = [
+        [
+            "rest" if k is None else str(k),
+            *(" | ".join(sorted(rows[k].get(h, {"-"}))) for h in head),
+        ]
+        for k in keys
     ]
+    widths = [max(len(h), *(len(r[c + 1]) for r in table)) for c, h in enumerate(head)]
     lines = [
         ("layer  " + "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))).rstrip()
     ]
     for r in table:
-        cells = "  ".join(v.ljust(w) for v, w in zip(r[1:], widths, strict=False))
+        cells = "  ".join(v.ljust(w) for v, w in zip(r[1:], widths, strict=True))
         lines.append(f"{r[0]:>5}  {cells}".rstrip())
     return lines
 
@@ -116,7 +165,7 @@ def labels(plan: MergePlan) -> dict[str, str]:
     snapshot's: the repository's), the role added where two would read the same."""
     spec = plan.recipe.merge
     assert spec is not None
-    paths = {"base": plan.base.path}
+    paths = {roles(plan)[0]: plan.base.path}
     paths |= {f"models[{i}]": e.model.path for i, e in enumerate(spec.models) if i != spec.base_at}
     names = {role: _dir_name(path) for role, path in paths.items()}
     seen = list(names.values())

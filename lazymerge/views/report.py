@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lazymerge.plan.model import COMPUTE, COPY_BASE, COPY_OTHER, MergePlan, PlannedTensor, Role
+from lazymerge.plan.model import (
+    COMPUTE,
+    COPY,
+    COPY_BASE,
+    COPY_OTHER,
+    MergePlan,
+    PlannedTensor,
+    Role,
+)
 from lazymerge.recipe.spec import DTYPE_LABELS, GradientRule
 from lazymerge.run.budget import INTERPRETER, estimate_peak
 from lazymerge.views import nmodel
@@ -94,7 +102,7 @@ def inputs(plan: MergePlan) -> list[str]:
     """Which checkpoint format each model was read from, and what was left out."""
     lines = []
     if plan.recipe.merge is not None:
-        lines += [nmodel.headline(plan), *nmodel.models(plan)]
+        lines += [nmodel.headline(plan), *nmodel.models(plan), *nmodel.slice_map(plan)]
     for role, index in (("base", plan.base), ("other", plan.other)):
         if index is not None and plan.recipe.merge is None:
             lines.append(f"{role}: {index.path} ({index.note or index.format})")
@@ -111,9 +119,14 @@ def inputs(plan: MergePlan) -> list[str]:
 def _counts(plan: MergePlan) -> str:
     actions = [t.action for t in plan.tensors]
     loras = sum(len(i.terms) for t in plan.tensors for i in t.inputs)
+    if plan.recipe.merge is not None:
+        copied = f"{actions.count(COPY) + actions.count(COPY_BASE)} copied as they are"
+    else:
+        copied = (
+            f"{actions.count(COPY_BASE)} copied from base, {actions.count(COPY_OTHER)} from other"
+        )
     return (
-        f"tensors: {len(actions)} ({actions.count(COMPUTE)} computed, "
-        f"{actions.count(COPY_BASE)} copied from base, {actions.count(COPY_OTHER)} from other); "
+        f"tensors: {len(actions)} ({actions.count(COMPUTE)} computed, {copied}); "
         f"{loras} LoRA terms applied"
     )
 
