@@ -165,3 +165,87 @@ def test_timeline_samples_a_merge_by_phase(tmp_path: Path) -> None:
     for row in record["samples"]:
         assert row["read_mb_s"] >= 0 and row["write_mb_s"] >= 0 and row["cores"] >= 0
     assert list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_method_cases_are_the_published_slices_configs() -> None:
+    from benchmarks.method_cases import CASES, case_config
+
+    models, base, ft = Path("m"), "m/base", "m/finetune-1"
+    slerp, stack = case_config(models, "slerp", 2), case_config(models, "passthrough", 2)
+    assert slerp["slices"] == [{"sources": [
+        {"model": base, "layer_range": [0, 2]}, {"model": ft, "layer_range": [0, 2]},
+    ]}]  # fmt: skip
+    assert [slerp[k] for k in ("merge_method", "base_model", "dtype")] == ["slerp", base, "float16"]
+    assert [r.get("filter") for r in slerp["parameters"]["t"]] == ["self_attn", "mlp", None]
+    assert stack["slices"] == [
+        {"sources": [{"model": m, "layer_range": [0, 2]}]} for m in (base, ft)
+    ]
+    assert [stack.get(k) for k in ("merge_method", "base_model", "dtype")] == [
+        "passthrough", None, "float16",
+    ]  # fmt: skip
+    assert CASES == ("ties", "dare_ties", "slerp", "passthrough")
+
+
+def test_method_comparison_needs_no_base_for_a_frankenmerge(tmp_path: Path) -> None:
+    """A passthrough's later layers exist in no input under their name: ulps against
+    mergekit's output only; slerp keeps the base's names, so the unchanged shares too."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from benchmarks.method_cases import case_config, compare_outputs
+
+    one = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    off = one.view(torch.int16).add(torch.tensor([0, 0, 3], dtype=torch.int16)).view(one.dtype)
+    x0, x1 = "model.layers.0.x", "model.layers.1.x"
+    models = {
+        "base": {x0: one},
+        "finetune-1": {x0: one + 1},
+        "lm-passthrough": {x0: one, x1: one, "only.lm": one},
+        "mk-passthrough": {x0: one, x1: off},
+        "lm-slerp": {x0: one},
+        "mk-slerp": {x0: off},
+    }
+    for name, tensors in models.items():
+        (tmp_path / name).mkdir()
+        save_file({k: v.clone() for k, v in tensors.items()}, tmp_path / name / "model.safetensors")
+    diffs = {}
+    for case in ("passthrough", "slerp"):
+        config = tmp_path / f"{case}.yml"
+        config.write_text(yaml.safe_dump(case_config(tmp_path, case, 1)))
+        diffs[case] = compare_outputs(
+            str(tmp_path / f"lm-{case}"), str(tmp_path / f"mk-{case}"), str(config)
+        )
+        assert diffs[case]["over_1_ulp"] == 1
+        # 3 binary ulps of 3.0 (2**-9 each) in eps * |x| units (2**-10 * 3.006)
+        assert diffs[case]["max_ulp"] == pytest.approx(2.0, rel=0.01)
+        assert diffs[case]["max_abs_diff"] == pytest.approx(3 * 2**-9)
+    assert (diffs["passthrough"]["tensors"], diffs["passthrough"]["elements"]) == (2, 6)
+    assert diffs["passthrough"]["only_lazymerge"] == ["only.lm"]
+    assert "unchanged_lazymerge" not in diffs["passthrough"]
+    assert diffs["slerp"]["unchanged_lazymerge"] == 1.0
+    assert diffs["slerp"]["unchanged_mergekit"] == pytest.approx(2 / 3)
+
+
+def test_methods_benchmark_smoke_run(tmp_path: Path) -> None:
+    """The chosen cases on a few-MB base and fine-tunes, without mergekit; a case the run
+    leaves out keeps its earlier record, with the run it came from."""
+    path = tmp_path / "m.json"
+    earlier = {"date": "then", "layers": 2, "tiny": True, "cases": [{"case": "dare_ties"}]}
+    path.write_text(json.dumps(earlier))
+    cmd = [
+        sys.executable, "-m", "benchmarks.methods", "--tiny", "--layers", "2", "--rounds", "1",
+        "--no-mergekit", "--warm", "--cases", "passthrough,ties,slerp",
+        "--work", str(tmp_path / "work"), "--json", str(path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    record = json.loads(path.read_text())
+    assert [c["case"] for c in record["cases"]] == ["ties", "dare_ties", "slerp", "passthrough"]
+    ties, dare, slerp, stack = record["cases"]
+    assert dare["run"]["date"] == "then" and "run" not in ties
+    for c in (ties, slerp, stack):
+        assert c["bytes_read"] > 0 and c["bytes_written"] > 0 and "mergekit" not in c
+        assert c["lazymerge_over_copy"] == pytest.approx(c["lazymerge_seconds"] / c["copy_seconds"])
+    assert stack["bytes_written"] > slerp["bytes_written"]  # twice the layers
+    assert len(stack["config"]["slices"]) == 2 and record["mergekit"] == "not run: --no-mergekit"
+    assert "passthrough: within 1.1x of the copy" in done.stdout

@@ -9,7 +9,7 @@ all inputs for the methods whose rounding depends on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from lazymerge.errors import InputError, RecipeError
@@ -173,11 +173,13 @@ def copies(method: Method, inputs: Sequence[Input], compute: str, out: str) -> b
 def _check(group: Group, call: Resolved) -> None:
     """Values the method refuses (a density outside (0, 1]...), for each model."""
     check = CHECKS[group.method.name]
-    for model, params in zip(group.models, call.per_input, strict=True):
+    whose: list[tuple[str, Mapping[str, Scalar]]] = [("parameters", {})]
+    whose += [(m.role, p) for m, p in zip(group.models, call.per_input, strict=True)]
+    for who, params in whose:  # the shared values first, alone
         try:
             check(group.method.name, call.shared, params)
         except ValueError as e:
-            raise RecipeError(f"{model.role} on {call.tensor}: {e}") from None
+            raise RecipeError(f"{who} on {call.tensor}: {e}") from None
 
 
 def _input(model: Model, first: Input, name: str) -> Input:

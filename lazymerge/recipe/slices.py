@@ -146,7 +146,8 @@ def _check(
     others = len(seen) - int(has_base)
     problem = method.inputs.problem(method.name, len(seen), others)
     if problem is not None:
-        raise RecipeError(f"{where}.sources: {problem.replace('this config', 'this slice')}")
+        fix = "; give each source a slice of its own" if method.inputs.most == 1 else ""
+        raise RecipeError(f"{where}.sources: {problem.replace('this config', 'this slice')}{fix}")
 
 
 def slice_models(slices: tuple[SliceSpec, ...]) -> tuple[MergeInput, ...]:

@@ -41,4 +41,5 @@ CHECKS: dict[str, Check] = {
     "sce": sce.check,
     **{name: task.check for name in task.FAMILY},
     "karcher": karcher.check,
+    "slerp": slerp.check,
 }

@@ -15,10 +15,11 @@ rows are whole in every block and take none.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lazymerge.meaning.methods.base import Block, Method, Resolved
+from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.geometry import (
     ROWS,
     Pass,
@@ -219,3 +220,13 @@ def build_nuslerp(call: Resolved) -> Nuslerp:
         base=base,
         mode=vectors(call.shape, flatten, along_rows),
     )
+
+
+def check(name: str, shared: Mapping[str, Scalar], per_input: Mapping[str, Scalar]) -> None:
+    """slerp's `t` lies on the arc between its two models: [0, 1] (mergekit extrapolates
+    past it silently, into weights no model had)."""
+    t = float(shared.get("t", 0.0))
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(
+            f"t {t:g} is outside [0, 1]; slerp runs from the base (0) to the other (1)"
+        )
