@@ -1,12 +1,14 @@
 """python -m benchmarks.methods [--layers N] [--rounds R] [--mergekit-rounds M] [--no-mergekit]
-[--work DIR]: N-model methods (TIES, DARE-TIES) on 13B-shaped fine-tunes, against mergekit.
+[--cases C,...] [--work DIR]: mergekit configs (TIES, DARE-TIES, SLERP, a passthrough
+frankenmerge) on 13B-shaped fine-tunes, against mergekit.
 
 A 13B-shaped base and three fine-tunes of it (`benchmarks.generate --finetunes 3`, made
-once and kept in the work directory); one mergekit YAML per case, run as it is by
-`lazymerge merge` and by `mergekit-yaml`, and a plain copy of the bytes the merge reads
-and writes. Rounds alternate lazymerge / copy / mergekit so the disk's drifts hit all
-three alike; medians are reported. The orchestrator never imports torch (peak RSS is
-each child's own, see runner.run_child); the output comparison runs in a child too.
+once and kept in the work directory); one mergekit YAML per case (benchmarks/method_cases.py),
+run as it is by `lazymerge merge` and by `mergekit-yaml`, and a plain copy of the bytes the
+merge reads and writes. Rounds alternate lazymerge / copy / mergekit so the disk's drifts
+hit all three alike; medians are reported. The orchestrator never imports torch (peak RSS
+is each child's own, see runner.run_child); the output comparison runs in a child too.
+Cases a run leaves out keep their earlier record in the JSON file (same layers).
 """
 
 from __future__ import annotations
@@ -25,36 +27,15 @@ from typing import Any
 import yaml
 
 from benchmarks import mergekit
+from benchmarks.method_cases import CASES, FINETUNES, SEED, case_config
 from benchmarks.runner import Child, CopyTimes, copy_baseline, drop_caches, run_child
 
 HERE = Path(__file__).resolve().parent
-FINETUNES = 3
-WEIGHTS = (0.5, 0.3, 0.2)
-TIES_DENSITIES = (0.5, 0.3, 0.7)
-DARE_DENSITY = 0.5
-SEED = 42
-CASES = ("ties", "dare_ties")
 MiB, GiB = 2**20, 2**30
-# The issue's goals, against mergekit's same config in the same run.
+# The issue's goals, against mergekit's same config in the same run; a passthrough is a
+# copy, so against the copy of the same bytes too.
 SPEEDUP_GOAL, RSS_FRACTION_GOAL, PEAK_GOAL = 5.0, 0.1, 512 * MiB
-
-
-def case_config(models: Path, method: str) -> dict[str, Any]:
-    """The mergekit YAML of one case: the base and three weighted, sparsified fine-tunes."""
-    densities = TIES_DENSITIES if method == "ties" else (DARE_DENSITY,) * FINETUNES
-    cfg: dict[str, Any] = {
-        "merge_method": method,
-        "base_model": str(models / "base"),
-        "models": [
-            {"model": str(models / f"finetune-{k + 1}"), "parameters": {"weight": w, "density": d}}
-            for k, (w, d) in enumerate(zip(WEIGHTS, densities, strict=True))
-        ],
-        "dtype": "float16",
-    }
-    if method == "dare_ties":
-        # lazymerge reads it; mergekit ignores the key and gets --random-seed instead.
-        cfg["random_seed"] = SEED
-    return cfg
+COPY_GOAL = {"passthrough": 1.1}
 
 
 def ensure_models(work: Path, layers: int, tiny: bool) -> tuple[Path, dict[str, Any]]:
@@ -88,9 +69,9 @@ class Case:
     diff: dict[str, Any] | None = None
 
 
-def prepare_case(work: Path, models: Path, name: str) -> Case:
+def prepare_case(work: Path, models: Path, name: str, layers: int) -> Case:
     config = work / f"{name}.yml"
-    config.write_text(yaml.safe_dump(case_config(models, name), sort_keys=False))
+    config.write_text(yaml.safe_dump(case_config(models, name, layers), sort_keys=False))
     cmd = [sys.executable, "-m", "benchmarks.reads", str(config)]
     plan = json.loads(run_child(cmd, "plan").stdout)
     return Case(name, config, plan["reads"], plan["bytes_to_read"])
@@ -131,92 +112,13 @@ def run_case_round(case: Case, s: Settings, with_mergekit: bool) -> bool:
 
 def compare_child(lm: Path, mk: Path, config: Path) -> dict[str, Any]:
     """compare_outputs in a child process (it imports torch; this process must not)."""
-    code = "import sys, json; from benchmarks.methods import compare_outputs as c; "
+    code = "import sys, json; from benchmarks.method_cases import compare_outputs as c; "
     code += "json.dump(c(*sys.argv[1:]), sys.stdout)"
     cmd = [sys.executable, "-c", code, str(lm), str(mk), str(config)]
-    return dict(json.loads(run_child(cmd, "compare").stdout))
-
-
-def compare_outputs(lm: str, mk: str, config: str) -> dict[str, Any]:
-    """lazymerge's output against mergekit's, tensor by tensor, in mergekit's fp16 ulps
-    (tests/test_mergekit_methods.py's measure), and the share of elements each left
-    equal to the base (every task vector there trimmed, dropped or out-voted).
-
-    For TIES, also which differing elements sit at a density threshold: where a task
-    vector's magnitude equals the k-th largest, mergekit's unstable sort picks which
-    survive and lazymerge keeps the lowest flat index; anywhere else they must agree.
-    """
-    import torch
-
-    from benchmarks.compare import _locations
-
-    torch.set_num_threads(1)
-    cfg = yaml.safe_load(Path(config).read_text())
-    ties = cfg["merge_method"] == "ties"
-    inputs = [cfg["base_model"]] + ([m["model"] for m in cfg["models"]] if ties else [])
-    densities = [m["parameters"]["density"] for m in cfg["models"]] if ties else []
-    paths = [_locations(Path(p)) for p in (lm, mk, *inputs)]
-    totals: dict[str, float] = {}
-    for name in sorted(paths[0]):
-        got, want, base, *finetunes = (_tensor(p[name], name) for p in paths)
-        stats = _tensor_stats(got, want, base)
-        if ties:
-            stats.update(_tie_stats(got, want, base, finetunes, densities))
-        for key, value in stats.items():
-            merge = max if key.startswith("max") else sum
-            totals[key] = merge((totals.get(key, 0.0), value))
-    n = totals.pop("elements")
-    same_lm, same_mk = totals.pop("same_lazymerge"), totals.pop("same_mergekit")
-    counts = {k: v if k.startswith("max") else int(v) for k, v in totals.items()}
-    return {"tensors": len(paths[0]), "elements": int(n), **counts,
-            "unchanged_lazymerge": same_lm / n, "unchanged_mergekit": same_mk / n}  # fmt: skip
-
-
-def _tensor(path: Path, name: str) -> Any:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.get_tensor(name)
-
-
-def _ulps(got: Any, want: Any) -> Any:
-    import torch
-
-    spacing = torch.finfo(torch.float16).eps * want.float().abs().clamp(min=2.0**-14)
-    return (got.float() - want.float()).abs() / spacing
-
-
-def _tensor_stats(got: Any, want: Any, base: Any) -> dict[str, float]:
-    ulps = _ulps(got, want)
-    return {
-        "elements": got.numel(),
-        "max_abs_diff": float((got.float() - want.float()).abs().max()),
-        "max_ulp": float(ulps.max()),
-        "over_1_ulp": int((ulps > 1).sum()),
-        "same_lazymerge": int((got == base).sum()),
-        "same_mergekit": int((want == base).sum()),
-    }
-
-
-def _tie_stats(
-    got: Any, want: Any, base: Any, finetunes: list[Any], densities: list[float]
-) -> dict[str, float]:
-    """Elements at a threshold tie, and how the outputs differ off them."""
-    import torch
-
-    at_tie = torch.zeros(base.shape, dtype=torch.bool)
-    for ft, density in zip(finetunes, densities, strict=True):
-        mag = (ft - base).abs().float().flatten()  # the task vector in the merge's fp16
-        keep = max(1, int(density * mag.numel()))
-        threshold = mag.kthvalue(mag.numel() - keep + 1).values
-        at_tie |= (mag == threshold).reshape(base.shape)
-    ulps = _ulps(got, want)
-    off_ties = ulps[~at_tie]
-    return {
-        "tie_elements": int(at_tie.sum()),
-        "over_1_ulp_off_ties": int((off_ties > 1).sum()),
-        "max_ulp_off_ties": float(off_ties.max()) if off_ties.numel() else 0.0,
-    }
+    try:  # a comparison that fails must not cost the run's timings
+        return dict(json.loads(run_child(cmd, "compare").stdout))
+    except RuntimeError as e:
+        return {"error": str(e)}
 
 
 def mergekit_version(exe: Path) -> str:
@@ -286,8 +188,8 @@ def _row(r: dict[str, Any]) -> list[str]:
 
 def _over(diff: dict[str, Any]) -> str:
     """Share of elements more than 1 ulp apart; for TIES, how many of those are off ties."""
-    if not diff:
-        return "-"
+    if not diff or "error" in diff:
+        return "error" if diff else "-"
     share = f"{diff['over_1_ulp'] / diff['elements']:.2%}"
     if "over_1_ulp_off_ties" in diff:
         share += f" ({diff['over_1_ulp_off_ties']} off ties)"
@@ -318,6 +220,10 @@ def verdict(record: dict[str, Any]) -> str:
                 f"({mk['speedup']:.2f}x); <= 1/10 of its RSS {'met' if lean else 'MISSED'} "
                 f"({mk['rss_fraction']:.3f})"
             )
+        goal, ratio = COPY_GOAL.get(r["case"]), r["lazymerge_over_copy"]
+        if goal is not None:
+            met = "met" if ratio <= goal else "MISSED"
+            lines.append(f"{r['case']}: within {goal}x of the copy {met} ({ratio:.2f}x)")
     return "\n".join(lines)
 
 
@@ -327,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models, gen = ensure_models(args.work, args.layers, args.tiny)
     exe, why = (None, "--no-mergekit") if args.no_mergekit else mergekit.ensure_mergekit(args.work)
     s = Settings(args.work, models, not args.warm, exe)
-    cases = [prepare_case(args.work, models, name) for name in CASES]
+    cases = [prepare_case(args.work, models, name, args.layers) for name in args.cases]
     mk_rounds = args.rounds if args.mergekit_rounds is None else args.mergekit_rounds
     cold, loads = True, []
     for r in range(args.rounds):
@@ -346,6 +252,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cases(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{unknown or text!r}: cases are {', '.join(CASES)}")
+    return names
+
+
+def keep_earlier_cases(record: dict[str, Any], path: Path) -> None:
+    """Cases this run left out keep their record from `path` (same layers and size), each
+    with the run it came from under "run"; the cases in CASES order."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if (old.get("layers"), old.get("tiny", False)) != (record["layers"], record["tiny"]):
+        return
+    ran = {c["case"] for c in record["cases"]}
+    keys = ("date", "command", "machine", "cache", "mergekit", "load_averages")
+    origin = {k: old.get(k) for k in keys}
+    kept = [{**c, "run": c.get("run", origin)} for c in old.get("cases", [])]
+    cases = record["cases"] + [c for c in kept if c["case"] not in ran]
+    order = {name: k for k, name in enumerate(CASES)}
+    record["cases"] = sorted(cases, key=lambda c: order.get(c["case"], len(CASES)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.__main__ import machine  # its module runs nothing on import
 
@@ -362,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "methods.json")
     parser.add_argument("--warm", action="store_true", help="never drop the page cache")
     parser.add_argument("--tiny", action="store_true", help="a few-MB model (smoke test)")
+    parser.add_argument("--cases", type=_cases, default=CASES,
+                        help=f"comma-separated, of {','.join(CASES)} (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     started = time.monotonic()
     record = {
@@ -370,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.methods "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "layers": args.layers,
+        "tiny": args.tiny,
         **run(args),
     }
     record["wall_seconds"] = round(time.monotonic() - started, 1)
     print(table(record))
     print(verdict(record))
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    keep_earlier_cases(record, args.json)
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"JSON: {args.json}")
     return 0
