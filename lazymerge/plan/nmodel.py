@@ -151,13 +151,22 @@ def plan_tensor(group: Group, name: str) -> PlannedTensor:
     inputs: tuple[Input, ...] = (Input(first.role, ref, tuple(first.terms.get(ref.name, ()))),)
     inputs += tuple(_input(m, inputs[0], m.source(name, group.stack)) for m in group.models[1:])
     compute = _compute(group.spec, inputs)
-    out = group.recipe.output.dtype or (ref.dtype if group.spec.compute is None else compute)
+    out = group.recipe.output.dtype or _natural_out(group, ref.dtype, compute)
     resolved = _resolve(group, name, ref.shape, compute)
     _check(group, resolved)
     method = BUILDERS[group.method.name](resolved)
     nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(out)
     action = COPY if copies(method, inputs, compute, out) else COMPUTE
     return PlannedTensor(name, out, ref.shape, nbytes, action, inputs, method, call=resolved)
+
+
+def _natural_out(group: Group, stored: str, compute: str) -> str:
+    """The output dtype when the recipe sets none: the input's (native recipes), the
+    compute dtype (mergekit's), but fp32 where mergekit's result is fp32 whatever its
+    inputs (arcee_fusion's float32 mask promotes it)."""
+    if group.spec.compute is None:
+        return stored
+    return "F32" if group.method.name == "arcee_fusion" and compute != "F64" else compute
 
 
 def copies(method: Method, inputs: Sequence[Input], compute: str, out: str) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lazymerge.meaning.layers import LayerStack
 from lazymerge.meaning.methods.base import Scalar
 from lazymerge.plan.model import MergePlan, PlannedTensor
 from lazymerge.recipe.spec import DTYPE_LABELS, ModelSpec
@@ -158,6 +159,9 @@ class ShareRow:
     shares: dict[str, float]  # each weighted model's weight / the layer's total |weight|
     densities: dict[str, float]  # each model's density (the fraction of its task vector kept)
     topk: float | None  # sce's select_topk
+    t: float | None = None  # slerp's, nearswap's t
+    # layer surgery: where the layer comes from, (model label, its layer) per source
+    sources: list[tuple[str, int]] | None = None
 
 
 def labels(plan: MergePlan) -> dict[str, str]:
@@ -188,10 +192,14 @@ def share_rows(plan: MergePlan) -> list[ShareRow]:
         if t.call is not None:
             groups.setdefault(plan.stack.layer_of(t.name), []).append(t)
     keys = sorted(k for k in groups if k is not None) + ([None] if None in groups else [])
-    return [_share_row(k, groups[k], names) for k in keys]
+    sliced = plan.recipe.merge is not None and bool(plan.recipe.merge.slices)
+    stack = plan.stack if sliced else None
+    return [_share_row(k, groups[k], names, stack) for k in keys]
 
 
-def _share_row(layer: int | None, tensors: list[PlannedTensor], names: dict[str, str]) -> ShareRow:
+def _share_row(
+    layer: int | None, tensors: list[PlannedTensor], names: dict[str, str], stack: LayerStack | None
+) -> ShareRow:
     def mean(key: str, role: str | None) -> float | None:
         values = [float(v) for t in tensors if (v := _param(t, key, role)) is not None]
         return sum(values) / len(values) if values else None
@@ -201,7 +209,10 @@ def _share_row(layer: int | None, tensors: list[PlannedTensor], names: dict[str,
     total = sum(abs(w) for w in weights.values())
     shares = {n: (w / total if total else 0.0) for n, w in weights.items()}
     densities = {names[r]: d for r in roles if (d := mean("density", r)) is not None}
-    return ShareRow(layer, shares, densities, mean("select_topk", None))
+    sources = None
+    if layer is not None and stack is not None:
+        sources = [(names[i.role], stack.layer_of(i.ref.name) or 0) for i in tensors[0].inputs]
+    return ShareRow(layer, shares, densities, mean("select_topk", None), mean("t", None), sources)
 
 
 def _param(t: PlannedTensor, key: str, role: str | None) -> Scalar | None:

@@ -24,7 +24,11 @@ from lazymerge.views import nmodel
 from lazymerge.views.report import LayerRow, layer_rows
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matplotlib.axes import Axes
+
+    Panel = Callable[[Axes, list[nmodel.ShareRow], dict[str, str], str], None]
 
 # The founding model card's colours: "Blue is chronos [the base] and green is airolima".
 BASE_COLOUR, OTHER_COLOUR = "#3b6fb6", "#4caf50"
@@ -170,7 +174,7 @@ def render_shares(picture: dict[str, Any], path: Path, title: str) -> Path:
     rows = [nmodel.ShareRow(**r) for r in picture["rows"]]
     method, names = picture["method"], picture["labels"]
     colours = dict(zip(names, (BASE_COLOUR, *MODEL_COLOURS * len(names)), strict=False))
-    panels = [_shares, _densities] if any(r.densities for r in rows) else [_shares]
+    panels = _panels(rows, method)
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(max(7.0, 0.28 * len(rows) + 4), 1.2 + 2.6 * len(panels)),
         squeeze=False, sharex=True,
@@ -189,12 +193,49 @@ def render_shares(picture: dict[str, Any], path: Path, title: str) -> Path:
     return path
 
 
+def _panels(rows: list[nmodel.ShareRow], method: str) -> list[Panel]:
+    """What the rows have to show: where sliced layers come from, weight shares (sce:
+    its select_topk instead), densities, t."""
+    panels: list[Panel] = [_sources] if any(r.sources for r in rows) else []
+    if any(r.shares for r in rows):
+        panels.append(_shares)
+    elif method == "sce":
+        panels.append(_no_weights)
+    if any(r.densities for r in rows):
+        panels.append(_densities)
+    if any(r.t is not None for r in rows):
+        panels.append(_t)
+    return panels or [_sources]
+
+
+def _sources(ax: Axes, rows: list[nmodel.ShareRow], colours: dict[str, str], method: str) -> None:
+    """Layer surgery: each output layer a bar split among its sources, each in its model's
+    colour and labelled with the source layer."""
+    from matplotlib.patches import Patch
+
+    for x, r in enumerate(rows):
+        for k, (name, layer) in enumerate(r.sources or []):
+            part = 1 / len(r.sources or [1])
+            ax.bar(x, part, bottom=k * part, color=colours.get(name, BASE_COLOUR), width=0.9)
+            ax.text(x, (k + 0.5) * part, str(layer), ha="center", va="center", fontsize=6)
+    handles = [Patch(color=c, label=n) for n, c in colours.items()]
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_title(f"{method}: each output layer's source layers, by model", fontsize=9)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+
+def _t(ax: Axes, rows: list[nmodel.ShareRow], colours: dict[str, str], method: str) -> None:
+    points = [(x, r.t) for x, r in enumerate(rows) if r.t is not None]
+    ax.plot(*zip(*points, strict=True), color=BASE_COLOUR, marker="o", markersize=3)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("t (mean)")
+    ax.set_title(f"{method}: t, the layer's mean over its tensors (0: the base)", fontsize=9)
+
+
 def _shares(ax: Axes, rows: list[nmodel.ShareRow], colours: dict[str, str], method: str) -> None:
     """Stacked bars, one colour per model: positive shares up from 0, negative down."""
     xs = list(range(len(rows)))
-    if not any(r.shares for r in rows):
-        _no_weights(ax, rows, list(colours), method)
-        return
     up, down = [0.0] * len(rows), [0.0] * len(rows)
     for name, colour in colours.items():
         if not any(name in r.shares for r in rows):
@@ -226,8 +267,11 @@ def _densities(ax: Axes, rows: list[nmodel.ShareRow], colours: dict[str, str], m
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 
 
-def _no_weights(ax: Axes, rows: list[nmodel.ShareRow], names: list[str], method: str) -> None:
+def _no_weights(
+    ax: Axes, rows: list[nmodel.ShareRow], colours: dict[str, str], method: str
+) -> None:
     """sce has no weight to draw: its select_topk per layer, and why."""
+    names = list(colours)
     xs = list(range(len(rows)))
     ax.bar(xs, [1.0 if r.topk is None else r.topk for r in rows], color=BASE_COLOUR, width=0.9)
     ax.set_ylim(0, 1.45)
