@@ -72,3 +72,25 @@ def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
     plan = build_plan(load_recipe(tmp_path / "l8-safetensors" / "recipe.yaml"))
     estimate = estimate_peak(plan, DEFAULT_MAX_MEMORY)
     assert abs(estimate - peak8) < 32 * MiB, f"{report}, estimated {estimate / MiB:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_slerp_streams_whole_tensor_statistics_within_the_budget(tmp_path: Path) -> None:
+    """SLERP needs norms and a dot product of whole tensors before it writes a row: they
+    come from a streaming pass, so at --max-memory 32MiB the merge holds nowhere near a
+    whole fp32 copy of its largest tensor (the 2 x 48 MB embeddings here)."""
+    from lazymerge.testing import write_llama
+
+    shape = LlamaShape(layers=2, hidden=768, intermediate=2048, heads=12, kv_heads=12, vocab=32000)
+    for k, name in enumerate(("a", "b")):
+        write_llama(tmp_path / name, shape, seed=k)
+    config = {"merge_method": "slerp", "base_model": "a", "dtype": "float16",
+              "parameters": {"t": [0.2, 0.8]}, "slices": [{"sources": [
+                  {"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]}]}  # fmt: skip
+    (tmp_path / "slerp.yml").write_text(json.dumps(config))
+    args = ["merge", str(tmp_path / "slerp.yml"), "-o", str(tmp_path / "out"), "-q"]
+    args += ["--max-memory", "32MiB"]
+    idle = child_peak(f"import lazymerge.cli, lazymerge.run.merge, torch; {PEAK}")
+    peak = child_peak(f"from lazymerge.cli import main; assert main({args!r}) == 0; {PEAK}")
+    whole = 32000 * 768 * 4  # the embedding in fp32: what holding one tensor would take
+    assert peak - idle < whole / 2, f"idle {idle / MiB:.0f} MiB, slerp {peak / MiB:.0f} MiB"
