@@ -23,6 +23,7 @@ RANK = {
     "write": 5,
     "run": 6,
     "testing": 6,  # fixtures: checkpoints written with the plan's shard split
+    "testing_tokenizer": 6,  # fixtures: small tokenizers, trained here
     "views": 7,
     "cli": 8,
     "__main__": 9,  # the entry point: the command line, with start-up settings
@@ -83,6 +84,7 @@ def test_only_the_output_lifecycle_writes_the_output_files() -> None:
         if any(w in text for w in ("write_json(", "write_text(")) and name not in (
             "lazymerge.write.output",
             "lazymerge.testing",  # writes input fixtures, not outputs
+            "lazymerge.testing_tokenizer",  # likewise: a tokenizer beside a test model
             "lazymerge.demo",  # writes the demo's recipes
         ):
             writers.append(name)

@@ -13,6 +13,7 @@ import click
 from lazymerge import __version__
 from lazymerge.cli.flags import (
     BatchFlags,
+    OutputFlags,
     WriteFlags,
     batch_options,
     flag_plan_options,
@@ -117,6 +118,9 @@ def plan(  # click passes each flag as a parameter
     shard_size: str | None,
     max_memory: str | None,
     allow_noop: bool,
+    format_: str | None,
+    quant: str | None,
+    no_tokenizer: bool,
     as_json: bool,
 ) -> None:
     """Show what `merge` will do, from headers alone: per-layer ratios (or, for a method
@@ -127,7 +131,8 @@ def plan(  # click passes each flag as a parameter
     """
     from lazymerge.views.report import plan_json, plan_text
 
-    the_plan, budget = plan_from(load_recipe(recipe), dtype, shard_size, max_memory, allow_noop)
+    output = OutputFlags(dtype, shard_size, format_, quant, no_tokenizer)
+    the_plan, budget = plan_from(load_recipe(recipe), output, max_memory, allow_noop)
     warn_limits(the_plan, budget)
     click.echo(
         json.dumps(plan_json(the_plan, budget), indent=2)
@@ -154,7 +159,7 @@ def plot(recipe: Path, out: Path) -> None:
     from lazymerge.views.plot import plot_blend
 
     # Drawing a blend that changes nothing harms nothing: no --allow-noop needed here.
-    the_plan, _ = plan_from(load_recipe(recipe), None, None, None, allow_noop=True)
+    the_plan, _ = plan_from(load_recipe(recipe), OutputFlags(), None, allow_noop=True)
     click.echo(f"wrote {plot_blend(the_plan, out, recipe.stem)}")
 
 
@@ -185,9 +190,7 @@ def _run(recipe: Recipe, title: str, **opts: Any) -> None:
         raise RecipeError(
             "--resume keeps an earlier attempt's shards, --overwrite discards them: choose one"
         )
-    the_plan, budget = plan_from(
-        recipe, flags.dtype, flags.shard_size, flags.max_memory, flags.allow_noop
-    )
+    the_plan, budget = plan_from(recipe, flags.output, flags.max_memory, flags.allow_noop)
     warn_limits(the_plan, budget)
     picture = start_picture(the_plan, title)
     options = MergeOptions(

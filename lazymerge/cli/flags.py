@@ -4,7 +4,7 @@ MergeOptions' parts, BatchSettings, an executor)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +15,8 @@ from lazymerge.plan.build import build_plan
 from lazymerge.plan.model import MergePlan
 from lazymerge.plan.noop import refuse_noop
 from lazymerge.plan.shards import largest_oversized
-from lazymerge.recipe.parse import parse_dtype, parse_size
-from lazymerge.recipe.spec import Recipe
+from lazymerge.recipe.parse import check_output, parse_dtype, parse_format, parse_size
+from lazymerge.recipe.spec import GGUF_QUANTS, Recipe
 from lazymerge.run.budget import (
     DEFAULT_MAX_MEMORY,
     LORA_ROWS,
@@ -58,6 +58,11 @@ def _plan_options(dtype_help: str) -> Decorator:
                      help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
                      "larger tensors are processed in row blocks (of at least 64 rows)."),
         click.option("--allow-noop", is_flag=True, help=ALLOW_NOOP),
+        click.option("--format", "format_", type=click.Choice(["safetensors", "gguf"]),
+                     help="Output format: safetensors (default, unless a recipe says) or gguf, one llama.cpp file (needs --quant)."),
+        click.option("--quant", help=f"GGUF encoding: {', '.join(GGUF_QUANTS)}."),
+        click.option("--no-tokenizer", is_flag=True,
+                     help="GGUF without tokenizer keys (llama.cpp refuses such a file; transformers can use one)."),
     ])  # fmt: skip
 
 
@@ -109,21 +114,35 @@ def floats(text: str, flag: str) -> list[float]:
         raise RecipeError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
 
 
+@dataclass(frozen=True)
+class OutputFlags:
+    """The command line's output settings, each None (or False) where not given."""
+
+    dtype: str | None = None
+    shard_size: str | None = None
+    format: str | None = None
+    quant: str | None = None
+    no_tokenizer: bool = False
+
+    def apply(self, recipe: Recipe) -> Recipe:
+        """`recipe` with these over its own output settings, checked as a whole."""
+        out = recipe.with_output(
+            dtype=parse_dtype(self.dtype, "--dtype") if self.dtype is not None else None,
+            shard_size=parse_size(self.shard_size, "--shard-size") if self.shard_size else None,
+            format=parse_format(self.format, "--format") if self.format is not None else None,
+            quant=self.quant,
+            tokenizer=False if self.no_tokenizer else None,
+        )
+        return replace(out, output=check_output(out.output, "output (--format, --quant)"))
+
+
 def plan_from(
-    recipe: Recipe,
-    dtype: str | None,
-    shard_size: str | None,
-    max_memory: str | None,
-    allow_noop: bool = False,
+    recipe: Recipe, output: OutputFlags, max_memory: str | None, allow_noop: bool = False
 ) -> tuple[MergePlan, int]:
     """The plan and the working budget the flags ask for; a plan that would change nothing
     is refused (NoopError) unless `allow_noop`."""
-    recipe = recipe.with_output(
-        parse_dtype(dtype, "--dtype") if dtype is not None else None,
-        parse_size(shard_size, "--shard-size") if shard_size is not None else None,
-    )
     budget = parse_size(max_memory, "--max-memory") if max_memory else DEFAULT_MAX_MEMORY
-    plan = build_plan(recipe)
+    plan = build_plan(output.apply(recipe))
     if not allow_noop:
         refuse_noop(plan)
     return plan, budget
@@ -168,12 +187,19 @@ class WriteFlags:
     shard_size: str | None
     max_memory: str | None
     allow_noop: bool
+    format_: str | None
+    quant: str | None
+    no_tokenizer: bool
     overwrite: bool
     resume: bool
     allow_nonfinite: bool
     device: str
     quiet: bool
     as_json: bool
+
+    @property
+    def output(self) -> OutputFlags:
+        return OutputFlags(self.dtype, self.shard_size, self.format_, self.quant, self.no_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -189,6 +215,9 @@ class BatchFlags:
     shard_size: str | None
     max_memory: str | None
     allow_noop: bool
+    format_: str | None
+    quant: str | None
+    no_tokenizer: bool
     overwrite: bool
     allow_nonfinite: bool
     device: str
@@ -198,6 +227,11 @@ class BatchFlags:
     def __post_init__(self) -> None:
         if self.address is not None and self.executor != "ray":
             raise RecipeError("--address is for --executor ray")
+        if self.format_ == "gguf" or self.quant is not None or self.no_tokenizer:
+            raise RecipeError(
+                "batch writes safetensors shards; GGUF output (one file) is for merge: "
+                "run lazymerge merge --format gguf per recipe"
+            )
 
     def settings(self) -> BatchSettings:
         from lazymerge.run.batch import BatchSettings

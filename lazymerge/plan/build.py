@@ -54,6 +54,15 @@ class _Sources:
 
 def build_plan(recipe: Recipe) -> MergePlan:
     """Open every input's headers (and the base's config.json) and decide the whole merge."""
+    plan = _build(recipe)
+    if recipe.output.format == "gguf":  # the same values, encoded in one GGUF: plan/gguf.py
+        from lazymerge.plan.gguf import to_gguf
+
+        return to_gguf(plan)
+    return plan
+
+
+def _build(recipe: Recipe) -> MergePlan:
     if recipe.merge is not None and recipe.merge.slices:  # layer surgery: plan/slices.py
         from lazymerge.plan.slices import build_sliced_plan
 

@@ -6,6 +6,7 @@ follows them and decides nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -27,11 +28,12 @@ class Action(StrEnum):
     COPY_BASE = "copy-base"  # the base's bytes, as they are
     COPY_OTHER = "copy-other"  # the other's bytes, as they are
     COPY = "copy"  # an N-model merge's one input's bytes, as they are (passthrough)
+    CONSTANT = "constant"  # bytes the plan holds (a GGUF's rope_freqs: from config.json)
     COMPUTE = "compute"  # rows streamed through the tensor's method
 
 
 COPY_BASE, COPY_OTHER, COMPUTE = Action.COPY_BASE, Action.COPY_OTHER, Action.COMPUTE
-COPY = Action.COPY
+COPY, CONSTANT = Action.COPY, Action.CONSTANT
 # Which of the recipe's models an input is: "base", "other" (the founding recipe), or
 # "models[i]" (an N-model recipe's i-th entry).
 Role = str
@@ -49,6 +51,22 @@ class Input:
     def refs(self) -> list[TensorRef]:
         """Every input tensor this one reads: its own and its terms' factors."""
         return [self.ref] + [r for term in self.terms for r in term.refs()]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a GGUF holds an output tensor (plan/gguf.py): llama.cpp's name for it, its
+    type, and the Q/K row permutation llama.cpp's converter applies within each of
+    `heads` heads (None: rows as they are). The values are the tensor's in `dtype`."""
+
+    name: str  # "blk.3.attn_q.weight"
+    qtype: int  # gguf.GGMLQuantizationType
+    type_name: str  # "Q8_0", for people
+    heads: int | None = None
+
+    def copies(self, dtype: str) -> bool:
+        """The bytes are the tensor's in `dtype` as they are (a copy may serve)."""
+        return self.heads is None and self.type_name == dtype
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,9 @@ class PlannedTensor:
     # Leading rows every input has (a smaller vocabulary); past them, the base's alone.
     shared_rows: int = -1  # -1: all of them
     call: Resolved | None = None  # N-model merges: the parameters the method was built from
+    encoding: Encoding | None = None  # a GGUF output's: name, type, permutation
+    pad: int = 0  # zero bytes after it in its file (GGUF aligns every tensor's data)
+    data: bytes | None = None  # CONSTANT: its bytes
 
     def __post_init__(self) -> None:
         if self.shared_rows < 0:
@@ -78,6 +99,17 @@ class PlannedTensor:
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row (1 for a 1-D tensor, whose elements are its rows)."""
+        return math.prod(self.shape[1:])
+
+    @property
+    def row_align(self) -> int:
+        """Blocks of rows start at multiples of this: a permuted GGUF tensor's head."""
+        e = self.encoding
+        return self.rows // e.heads if e is not None and e.heads else 1
 
     def reads(self) -> list[TensorRef]:
         """The input tensors producing this one reads (LoRA factors last)."""
@@ -103,6 +135,9 @@ class PlannedTensor:
             "base_loras": [str(lo.adapter) for lo in self.terms("base")],
             "other_loras": [str(lo.adapter) for lo in self.terms("other")],
         }
+        if self.encoding is not None:
+            e = self.encoding
+            decision["gguf"] = {"name": e.name, "type": e.type_name, "permuted_heads": e.heads}
         if self.call is None or self.method is None:
             return decision  # the founding recipe's tensors (and buffers) say no more
         inputs = zip(self.inputs, self.call.per_input, strict=True)
@@ -132,10 +167,13 @@ class AdapterUse:
 class Shard:
     name: str
     tensors: tuple[PlannedTensor, ...]
+    # A GGUF's header (write/gguf.py, attached before writing); None: safetensors', built
+    # from the tensors
+    header: bytes | None = None
 
     @property
     def data_size(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes + t.pad for t in self.tensors)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -16,6 +17,8 @@ from lazymerge.recipe.slices import Syntax, parse_span
 from lazymerge.recipe.spec import (
     DEFAULT_SHARD_SIZE,
     DTYPE_NAMES,
+    GGUF_QUANTS,
+    Format,
     GradientRule,
     LoraSpec,
     ModelSpec,
@@ -207,10 +210,37 @@ def _rule(value: object, where: str) -> GradientRule:
 
 
 def _output(value: object, where: str) -> OutputSpec:
-    d = _mapping(value, where, {"dtype", "shard_size"})
+    d = _mapping(value, where, {"dtype", "shard_size", "format", "quant", "tokenizer"})
     dtype = parse_dtype(d["dtype"], f"{where}.dtype") if d.get("dtype") is not None else None
     size = d.get("shard_size", DEFAULT_SHARD_SIZE)
-    return OutputSpec(dtype, parse_size(size, f"{where}.shard_size"))
+    out = OutputSpec(dtype, parse_size(size, f"{where}.shard_size"))
+    tokenizer = d.get("tokenizer", True)
+    if not isinstance(tokenizer, bool):
+        raise RecipeError(f"{where}.tokenizer: expected true or false, got {tokenizer!r}")
+    fmt = parse_format(d.get("format", "safetensors"), f"{where}.format")
+    return check_output(replace(out, format=fmt, quant=d.get("quant"), tokenizer=tokenizer), where)
+
+
+def parse_format(value: object, where: str) -> Format:
+    if value not in ("safetensors", "gguf"):
+        raise RecipeError(f"{where}: {value!r}; use safetensors or gguf")
+    return "gguf" if value == "gguf" else "safetensors"
+
+
+def check_output(out: OutputSpec, where: str) -> OutputSpec:
+    """A GGUF needs a quant that exists; safetensors takes none."""
+    if out.format != "gguf":
+        if out.quant is not None or not out.tokenizer:
+            raise RecipeError(f"{where}: quant and tokenizer are for format: gguf")
+        return out
+    if out.quant is None:
+        raise RecipeError(f"{where}: format gguf needs a quant: one of {', '.join(GGUF_QUANTS)}")
+    quant = str(out.quant).lower()
+    if quant not in GGUF_QUANTS:
+        raise RecipeError(
+            f"{where}: quant {out.quant!r} does not exist; use one of {', '.join(GGUF_QUANTS)}"
+        )
+    return replace(out, quant=quant)
 
 
 def parse_dtype(value: object, where: str = "dtype") -> str:

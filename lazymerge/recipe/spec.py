@@ -18,6 +18,13 @@ DTYPE_NAMES = {
 DTYPE_LABELS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 DEFAULT_SHARD_SIZE = 2 * 10**9
 Over = Literal["layers", "tensors"]
+Format = Literal["safetensors", "gguf"]
+# GGUF encodings a recipe may ask for: llama.cpp's types, and its two k-quant mixes
+# (write/quants.py encodes them; which tensor gets which type is llama.cpp's choice).
+GGUF_QUANTS = (
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
+    "q4_k_m", "q5_k_m",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,8 +144,14 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
+    """What the merge writes: safetensors shards, or one llama.cpp GGUF (`format: gguf`)
+    whose tensors hold the same values encoded as `quant` (write/quants.py)."""
+
     dtype: str | None = None  # safetensors code (F16, BF16, F32); None: the base's
     shard_size: int = DEFAULT_SHARD_SIZE
+    format: Format = "safetensors"
+    quant: str | None = None  # gguf only: one of GGUF_QUANTS
+    tokenizer: bool = True  # gguf only: False writes no tokenizer keys (llama.cpp refuses it)
 
 
 @dataclass(frozen=True)
@@ -164,12 +177,10 @@ class Recipe:
         models = self.models()
         return [p for m in models for p in (m.path, *(lo.path for lo in m.loras))]
 
-    def with_output(self, dtype: str | None = None, shard_size: int | None = None) -> Recipe:
+    def with_output(self, **changes: Any) -> Recipe:
         """This recipe with the command line's output settings over its own (None: keep)."""
-        out = self.output
-        out = replace(out, dtype=dtype) if dtype is not None else out
-        out = replace(out, shard_size=shard_size) if shard_size is not None else out
-        return replace(self, output=out)
+        given = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, output=replace(self.output, **given)) if given else self
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data with absolute paths: a valid recipe again (the model
@@ -201,6 +212,9 @@ class Recipe:
         output: dict[str, Any] = {"shard_size": self.output.shard_size}
         if self.output.dtype is not None:
             output["dtype"] = DTYPE_LABELS[self.output.dtype]
+        if self.output.format == "gguf":
+            output |= {"format": "gguf", "quant": self.output.quant}
+            output |= {} if self.output.tokenizer else {"tokenizer": False}
         data["output"] = output
         if self.layers_prefix is not None:
             data["layers_prefix"] = self.layers_prefix

@@ -155,7 +155,9 @@ def _refuse_same_names(recipes: Sequence[Path]) -> None:
 
 def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
     """Plan one merge and prepare its output; the tasks of the shards it still needs."""
-    recipe = load_recipe(m.recipe_path).with_output(settings.dtype, settings.shard_size)
+    recipe = load_recipe(m.recipe_path).with_output(
+        dtype=settings.dtype, shard_size=settings.shard_size
+    )
     m.plan = plan = build_plan(recipe)
     if not settings.allow_noop:
         refuse_noop(plan)

@@ -4,6 +4,7 @@ estimate the executor lives by."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from lazymerge.meaning.adapters import REPLACE
@@ -32,7 +33,7 @@ def _per_row(t: PlannedTensor) -> int:
     """Working bytes per row of a computed tensor: fp32 rows (two for the founding blend;
     an N-model method's task vectors, stacked, masks: two per input, and two), the output
     row, and the mapped input rows."""
-    row_numel = t.nbytes // itemsize(t.dtype) // t.rows if t.rows else 0
+    row_numel = t.row_numel
     fp32_rows = 2 if t.call is None else 2 * len(t.inputs) + 2
     return row_numel * (4 * fp32_rows + itemsize(t.dtype)) + sum(i.ref.row_nbytes for i in t.inputs)
 
@@ -44,8 +45,9 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
     Always a multiple of LORA_ROWS (or the whole tensor), so that every LoRA product is
     computed over the same row chunks whatever the budget.
     """
-    rows = budget // max(_per_row(t), 1) // LORA_ROWS * LORA_ROWS
-    return max(1, min(t.rows, max(rows, LORA_ROWS)))
+    unit = math.lcm(LORA_ROWS, t.row_align)
+    rows = budget // max(_per_row(t), 1) // unit * unit
+    return max(1, min(t.rows, max(rows, unit)))
 
 
 def chunk_rows(t: PlannedTensor, rows: int, threads: int) -> int:
@@ -54,7 +56,7 @@ def chunk_rows(t: PlannedTensor, rows: int, threads: int) -> int:
     products, blend and cast of a chunk run in cache rather than each streaming a whole
     block through memory. Element-wise arithmetic and fixed LoRA chunks: the bytes do not
     depend on it."""
-    width = max(t.nbytes // itemsize(t.dtype) // max(t.rows, 1), 1)
+    width = max(t.row_numel, 1)
     fit = CACHE_CHUNK * threads // (4 * width)
     return min(rows, max(LORA_ROWS, fit // LORA_ROWS * LORA_ROWS))
 
@@ -76,7 +78,9 @@ def working_memory(t: PlannedTensor, budget: int, threads: int) -> int:
     chunk = chunk_rows(t, rows, threads)
     # Two output blocks (one filled, one queued for the writer), and one chunk's fp32
     # rows and mapped input rows.
-    total = 2 * rows * (t.nbytes // max(t.rows, 1)) + chunk * _per_row(t)
+    row_out = t.row_numel * itemsize(t.dtype)  # the values, and a GGUF's encoded row too
+    row_out += t.nbytes // max(t.rows, 1) if t.encoding is not None else 0
+    total = 2 * rows * row_out + chunk * _per_row(t)
     for term in (term for i in t.inputs for term in i.terms):
         if term.kind == REPLACE:
             total += chunk * term.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,6 +45,18 @@ class MergeResult:
     already_complete: bool = False  # --resume found this merge finished: nothing written
 
 
+def with_header(plan: MergePlan, name: str) -> MergePlan:
+    """A GGUF plan with its header bytes: metadata and tokenizer read, and refused in one
+    line if they cannot be written, before the output directory is touched."""
+    if plan.recipe.output.format != "gguf":
+        return plan
+    from lazymerge.write.gguf import check_layout, gguf_header
+
+    check_layout(plan)
+    shard = replace(plan.shards[0], header=gguf_header(plan, name))
+    return replace(plan, shards=(shard,))
+
+
 def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -> MergeResult:
     """Write the merged model described by `plan` into directory `out`.
 
@@ -53,6 +65,7 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
     """
     opts = options or MergeOptions()
     resolve_device(opts.device)  # refuse a missing GPU before the output is touched
+    plan = with_header(plan, out.expanduser().resolve().name)
     start = time.monotonic()
     tune_process_memory()
     path = check_dir(out, plan.recipe.inputs())

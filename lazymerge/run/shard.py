@@ -14,7 +14,7 @@ from lazymerge.run.options import MergeOptions
 from lazymerge.run.tensor import ShardContext, Step, write_tensor
 
 __all__ = ["write_shard", "write_tensor"]  # write_tensor: what tests and the timeline wrap
-from lazymerge.write.safetensors import ShardResult, ShardWriter
+from lazymerge.write.safetensors import ShardResult, ShardWriter, build_header
 
 
 def write_shard(
@@ -25,7 +25,8 @@ def write_shard(
     Returns its record and the tensors written with NaN/Inf (allow_nonfinite).
     """
     (out / shard.name).unlink(missing_ok=True)  # a stale or damaged earlier copy
-    writer = ShardWriter(out / shard.name, shard.tensors, inflight=WRITE_QUEUE)
+    header = shard.header if shard.header is not None else build_header(shard.tensors)
+    writer = ShardWriter(out / shard.name, header, shard.data_size, inflight=WRITE_QUEUE)
     scratch = Scratch(resolve_device(opts.device))
     ctx = ShardContext(reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite)
     reads = [(t, t.reads()) for t in shard.tensors]
@@ -35,6 +36,8 @@ def write_shard(
                 if t.action != COMPUTE:
                     scratch.trim()
                 write_tensor(ctx, t)
+                if t.pad:  # a GGUF aligns the next tensor's data
+                    writer.write(t.offset + t.nbytes, bytes(t.pad))
                 reader.release_touched()
                 for r in refs:
                     ahead.used(r)

@@ -21,6 +21,7 @@ from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
 from lazymerge.run.device import Scratch
+from lazymerge.run.encode import encode_rows
 from lazymerge.run.rows import Factor, Source, TensorBlock
 from lazymerge.write.safetensors import ShardWriter
 
@@ -49,6 +50,9 @@ def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:
     """Produce one output tensor's bytes into the shard's writer."""
     if t.action == COMPUTE:
         _compute(ctx, t)
+    elif t.data is not None:  # CONSTANT: the plan's own bytes
+        ctx.writer.write(t.offset, t.data)
+        ctx.step(len(t.data))
     else:
         _copy(ctx, t)
 
@@ -96,8 +100,11 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
             acc = t.method.combine(TensorBlock(ctx.source, t, factors, c0, c1), stats)
             ctx.scratch.cast(out[c0 - r0 : c1 - r0], acc)
         _check_finite(ctx, t, out, (r0, r1))
-        view = out.reshape(-1).view(torch.uint8).numpy().data
         give_back = functools.partial(ctx.scratch.give_back, out)
+        if t.encoding is not None:  # a GGUF's: the values encoded (f32's may be `out` itself)
+            view = encode_rows(out, t.encoding, t.row_align).data
+        else:
+            view = out.reshape(-1).view(torch.uint8).numpy().data
         ctx.writer.write(t.offset + r0 * row_bytes, view, after=give_back)
         ctx.step((r1 - r0) * row_bytes)
 

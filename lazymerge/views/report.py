@@ -6,6 +6,7 @@ its MergeResult; `plan`, `merge`, the plot and the model card all read the same 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -133,7 +134,25 @@ def _counts(plan: MergePlan) -> str:
 
 def shard_sizes(plan: MergePlan) -> list[int]:
     """Each output shard's file size, header included, as the writer will make it."""
+    if plan.recipe.output.format == "gguf":  # its header holds the tokenizer: build it
+        from lazymerge.write.gguf import gguf_header
+
+        return [len(gguf_header(plan, "merge")) + plan.shards[0].data_size]
     return [len(build_header(s.tensors)) + s.data_size for s in plan.shards]
+
+
+def gguf_lines(plan: MergePlan) -> list[str]:
+    """A GGUF output: its quant, how many tensors of each type, the permuted ones."""
+    encodings = [t.encoding for t in plan.tensors if t.encoding is not None]
+    if not encodings:
+        return []
+    types = Counter(e.type_name for e in encodings)
+    permuted = sum(e.heads is not None for e in encodings)
+    listing = ", ".join(f"{n} {k}" for k, n in types.most_common())
+    return [
+        f"GGUF {plan.recipe.output.quant}: {listing}; Q/K rows permuted in {permuted} "
+        f"(llama.cpp's layout){'; no tokenizer' if not plan.recipe.output.tokenizer else ''}"
+    ]
 
 
 def plan_text(plan: MergePlan, budget: int) -> str:
@@ -143,8 +162,13 @@ def plan_text(plan: MergePlan, budget: int) -> str:
         *inputs(plan),
         *(ratio_table(plan) if plan.recipe.merge is None else nmodel.method_table(plan)),
         _counts(plan),
+        *gguf_lines(plan),
         f"read {human_bytes(plan.bytes_to_read)}, write {human_bytes(sum(sizes))} "
-        f"in {len(sizes)} shard(s) of at most {human_bytes(plan.recipe.output.shard_size)}:",
+        + (
+            "in one GGUF file:"
+            if plan.recipe.output.format == "gguf"
+            else f"in {len(sizes)} shard(s) of at most {human_bytes(plan.recipe.output.shard_size)}:"
+        ),
         *(
             f"  {s.name}  {human_bytes(n)}  ({len(s.tensors)} tensors)"
             for s, n in zip(plan.shards, sizes, strict=True)

@@ -23,8 +23,10 @@ def verify_output(out: Path, deep: bool = False) -> str:
         raise OutputError(
             f"{out / MANIFEST}: the merge is incomplete (status {manifest.get('status')!r}); resume it"
         )
-    index = _load(out / SAFETENSORS_INDEX)
     shards: dict[str, Any] = manifest.get("shards", {})
+    if any(name.endswith(".gguf") for name in shards):
+        return _verify_gguf(out, manifest, deep)
+    index = _load(out / SAFETENSORS_INDEX)
     headers = {name: _check_shard(out / name, rec) for name, rec in shards.items()}
     _check_index(out, index, headers)
     tensors = [ref for refs in headers.values() for ref in refs.values()]
@@ -100,3 +102,45 @@ def _check_finite(tensors: list[TensorRef]) -> None:
                     raise OutputError(f"{ref.file}: tensor {ref.name} holds NaN/Inf values")
                 reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
             reader.release_touched()
+
+
+def _verify_gguf(out: Path, manifest: dict[str, Any], deep: bool) -> str:
+    """A GGUF output: the file's size and sha256 as recorded, gguf-py reads it, it holds
+    exactly the tensors the manifest names; `deep`: every value finite, dequantized."""
+    from gguf import GGUFReader
+
+    name, rec = next(iter(manifest.get("shards", {}).items()))
+    path = out / name
+    if not path.is_file() or path.stat().st_size != rec.get("size"):
+        raise OutputError(f"{path}: missing or not the {rec.get('size')} bytes the manifest says")
+    if file_sha256(path) != rec.get("sha256"):
+        raise OutputError(f"{path}: sha256 differs from the manifest; the file is damaged")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise OutputError(f"{path}: not a readable GGUF ({e})") from None
+    want = {d["gguf"]["name"] for d in manifest.get("tensors", {}).values() if "gguf" in d}
+    held = {t.name for t in reader.tensors}
+    if held != want:
+        odd = sorted(held ^ want)[0]
+        raise OutputError(f"{path}: tensor {odd} is in one of the file and its manifest only")
+    if deep:
+        _gguf_finite(path, reader)
+    return (
+        f"{out}: sound - 1 GGUF file, {len(held)} tensors, {human_bytes(rec['size'])}, "
+        f"sha256 verified{', all values finite' if deep else ''}"
+    )
+
+
+def _gguf_finite(path: Path, reader: Any) -> None:
+    import numpy as np
+    from gguf import quants
+
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        rows = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
+        step = max(1, BLOCK // max(rows[0].nbytes, 1))
+        for r0 in range(0, rows.shape[0], step):
+            values = quants.dequantize(rows[r0 : r0 + step], t.tensor_type)
+            if not np.isfinite(values).all():
+                raise OutputError(f"{path}: tensor {t.name} holds NaN/Inf values")

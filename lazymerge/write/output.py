@@ -96,7 +96,9 @@ def prepare_dir(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool
     (out / MANIFEST).unlink(missing_ok=True)
     for f in existing:
         if f.is_file() and (
-            f.name.endswith((".safetensors", PARTIAL)) or f.name in AUX_FILES or f.name in OWN_FILES
+            f.name.endswith((".safetensors", ".gguf", PARTIAL))
+            or f.name in AUX_FILES
+            or f.name in OWN_FILES
         ):
             f.unlink()
     return out
@@ -116,7 +118,7 @@ def _holds_complete_merge(out: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (
-        (out / SAFETENSORS_INDEX).is_file()
+        ((out / SAFETENSORS_INDEX).is_file() or any(out.glob("*.gguf")))
         and isinstance(manifest, dict)
         and manifest.get("status") == "complete"
     )
@@ -171,10 +173,11 @@ class Output:
     ) -> None:
         """Config, tokenizer files, the complete manifest, the card, and last the index."""
         plan, out = self.plan, self.path
-        if plan.config is not None:
+        gguf = plan.recipe.output.format == "gguf"  # one file, config and tokenizer inside
+        if plan.config is not None and not gguf:
             write_json(out / CONFIG, _config(plan.config, plan.out_dtype))
         base_dir = model_dir(plan.base.path)
-        for name in AUX_FILES:
+        for name in AUX_FILES if not gguf else ():
             if (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, out / name)
         extra = {"nonfinite": list(nonfinite)} if nonfinite else {}
@@ -182,9 +185,10 @@ class Output:
         if card is not None:
             picture = PICTURE if card.picture(out / PICTURE) else None
             (out / CARD).write_text(card.text(picture, out), encoding="utf-8")
-        weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
-        index = {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map}
-        write_json(out / SAFETENSORS_INDEX, index)
+        if not gguf:
+            weight_map = {t.name: plan.shards[t.shard].name for t in plan.tensors}
+            index = {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map}
+            write_json(out / SAFETENSORS_INDEX, index)
         _fsync_dir(out)
 
 

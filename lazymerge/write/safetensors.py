@@ -113,15 +113,16 @@ class ShardWriter:
     """
 
     def __init__(
-        self, final: Path, tensors: Sequence[HeaderEntry], inflight: int = 64 * 2**20
+        self, final: Path, header: bytes, data_size: int, inflight: int = 64 * 2**20
     ) -> None:
+        """`header` (safetensors' build_header, a GGUF's write/gguf.py header) goes first;
+        `data_size` bytes of tensor data follow it, written in order."""
         self.final = final
         self.partial = final.with_name(final.name + PARTIAL)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._sha = hashlib.sha256()
-        header = build_header(tensors)
         self._data_start = len(header)
-        self._end = self._data_start + sum(t.nbytes for t in tensors)
+        self._end = self._data_start + data_size
         self._pos = 0
         self._flushed = 0  # writeback started up to here
         self._sha.update(header)

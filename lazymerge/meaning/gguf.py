@@ -1,0 +1,155 @@
+"""llama.cpp's view of a Hugging Face checkpoint, for GGUF output (plan/gguf.py), from
+config.json and tensor names alone: the GGUF architecture of a family, llama.cpp's name
+for each tensor, and which Q/K rows its converter permutes (convert_hf_to_gguf.py's
+conversion/llama.py, qwen.py). write/gguf_meta.py writes the rest of the header.
+
+Families: `llama` and `mistral` (both llama.cpp's `llama` architecture, Q and K rows
+permuted: its `llama` graph applies rope to interleaved pairs, transformers to halves),
+`qwen2` and `qwen3` (their own architectures, rope on halves: no permutation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+from typing import Any
+
+import gguf
+import numpy as np
+
+from lazymerge.errors import InputError
+
+ARCHS: dict[str, gguf.MODEL_ARCH] = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "mistral": gguf.MODEL_ARCH.LLAMA,  # llama.cpp's converter writes Mistral as Llama
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+}
+# The transformers classes (config.json's architectures) convert_hf_to_gguf.py takes, and
+# the architecture it writes each as.
+CLASSES = {
+    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+}
+PERMUTED = frozenset({gguf.MODEL_ARCH.LLAMA})  # LlamaModel.undo_permute
+# Families gguf-py names otherwise than transformers' model_type does.
+GGUF_NAMES = {"mixtral": "llama", "gemma3_text": "gemma3", "cohere": "command-r"}
+# What _write_hparams reads; num_key_value_heads defaults to the heads, as in transformers.
+REQUIRED = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "rms_norm_eps",
+    "vocab_size",
+)
+# Tensors the converter drops (prepare_tensors): buffers some checkpoints saved.
+SKIPPED = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, as a tensor (see rope_freqs)
+
+
+def arch_of(config: dict[str, Any], where: str) -> gguf.MODEL_ARCH:
+    """The GGUF architecture of the model `config` (its config.json, at `where`)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHS:
+        raise InputError(f"{where}: {_unsupported(model_type)}")
+    arch = ARCHS[model_type]
+    classes = config.get("architectures")  # none: model_type says enough
+    cls = classes[0] if isinstance(classes, list) and classes else None
+    if cls is not None and CLASSES.get(str(cls)) != arch:
+        raise InputError(
+            f"{where}: architectures {cls!r}: llama.cpp's converter has no {cls} for "
+            f"model_type {model_type!r} (a GGUF holds a causal LM); write safetensors instead"
+        )
+    for key in REQUIRED:
+        if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
+            raise InputError(f"{where}: no number {key}, which a GGUF states; fix config.json")
+    return arch
+
+
+def _unsupported(model_type: object) -> str:
+    known = ", ".join(ARCHS)
+    if not isinstance(model_type, str):
+        return f"no model_type, so no GGUF architecture to write (lazymerge writes {known})"
+    name = GGUF_NAMES.get(model_type, model_type)
+    flat = {re.sub("[-_]", "", n): n for n in gguf.MODEL_ARCH_NAMES.values()}
+    if (arch := flat.get(re.sub("[-_]", "", name))) is not None:
+        return (
+            f"model_type {model_type!r}: GGUF output is not supported yet for it (lazymerge "
+            f"writes {known}); write safetensors and convert them with llama.cpp's "
+            f"convert_hf_to_gguf.py (it knows {arch!r})"
+        )
+    return (
+        f"model_type {model_type!r}: llama.cpp's converter has no architecture for it "
+        f"(lazymerge writes GGUF for {known}); write safetensors instead"
+    )
+
+
+def skipped(hf_name: str) -> bool:
+    """Whether llama.cpp's converter leaves this tensor out of a GGUF (a saved buffer)."""
+    return hf_name.endswith(SKIPPED)
+
+
+@cache
+def _name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_layers)
+
+
+def tensor_name(arch: gguf.MODEL_ARCH, hf_name: str, n_layers: int) -> str:
+    """llama.cpp's name for the Hugging Face tensor `hf_name` ("blk.3.attn_q.weight")."""
+    name = _name_map(arch, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise InputError(
+            f"{hf_name}: llama.cpp has no name for this tensor in a "
+            f"{gguf.MODEL_ARCH_NAMES[arch]} GGUF of {n_layers} layers; drop it from the "
+            f"merge or write safetensors"
+        )
+    return str(name)
+
+
+def permuted_heads(arch: gguf.MODEL_ARCH, hf_name: str, config: dict[str, Any]) -> int | None:
+    """The head count whose row permutation (row_order) llama.cpp's converter applies to
+    this tensor: the query heads for q_proj, the key/value heads for k_proj; else None."""
+    if arch not in PERMUTED:
+        return None
+    n_head = int(config["num_attention_heads"])
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return n_head
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return int(config.get("num_key_value_heads") or n_head)
+    return None
+
+
+def row_order(rows: int, heads: int) -> np.ndarray:
+    """The permutation as row indices: GGUF row r is Hugging Face row `row_order[r]`.
+    Each head's rows (first half, second half) become pairs, interleaved."""
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5's `rope_parameters`, or 4's `rope_scaling` and `rope_theta`."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", config.get("rope_theta"))
+    params.setdefault("rope_type", params.get("type") or "default")
+    return params
+
+
+def rope_freqs(arch: gguf.MODEL_ARCH, config: dict[str, Any]) -> np.ndarray | None:
+    """The `rope_freqs.weight` tensor (float32, head_dim/2) llama.cpp's converter adds
+    for Llama 3.1's rope scaling: each frequency's divisor; None for other ropes."""
+    rope = rope_params(config)
+    if arch != gguf.MODEL_ARCH.LLAMA or str(rope["rope_type"]).lower() != "llama3":
+        return None
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = rope["rope_theta"] if rope["rope_theta"] is not None else 10000.0
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = np.where(wavelen < old_ctx / high, 1.0, 1 / ((1 - smooth) / factor + smooth))
+    return np.where(wavelen > old_ctx / low, factor, out).astype(np.float32)

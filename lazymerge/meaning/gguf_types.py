@@ -1,0 +1,112 @@
+"""Which GGUF type llama.cpp gives each tensor for a quant name, and how many bytes a row
+of it takes: pure functions over names and shapes, for the plan (plan/gguf.py);
+write/quants.py encodes the bytes."""
+
+from __future__ import annotations
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+T = GGMLQuantizationType
+_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+QUANTS: dict[str, GGMLQuantizationType] = {q: GGMLQuantizationType[q.upper()] for q in _NAMES}
+MIXES: tuple[str, ...] = ("q4_k_m", "q5_k_m")  # llama.cpp's mixes
+
+
+def row_bytes(columns: int, qtype: GGMLQuantizationType | int) -> int:
+    """Bytes of one row of `columns` elements in `qtype`."""
+    block, size = GGML_QUANT_SIZES[T(qtype)]
+    if columns % block:
+        raise ValueError(f"a row of {columns} is not whole {T(qtype).name} blocks of {block}")
+    return columns // block * size
+
+
+# ---- which type llama.cpp gives each tensor ------------------------------------------------
+
+# convert_hf_to_gguf.py (conversion/base.py, prepare_tensors) keeps these float32 at any
+# --outtype, and llama-quantize leaves them so (those a Llama-family model can have).
+_KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "token_types.weight")
+_CONVERTER = ("f32", "f16", "bf16", "q8_0")  # its --outtype choices
+_PURE = ("q4_k", "q5_k")  # llama-quantize --pure: its plain "Q4_K" means Q4_K_M
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}  # tensor_type_fallback
+
+
+def tensor_type(  # 6 parameters: the tensor, and the two model facts llama.cpp's rules read
+    quant: str,
+    name: str,
+    shape: tuple[int, ...],
+    n_layers: int,
+    *,
+    tied_embeddings: bool = False,
+    llm_70b: bool = False,
+) -> GGMLQuantizationType:
+    """The type llama.cpp gives GGUF tensor `name` of (HF-order) `shape` for `quant`.
+
+    f32/f16/bf16/q8_0: convert_hf_to_gguf.py --outtype. q4_0, q4_1, q5_0, q5_1, q6_k,
+    q4_k_m, q5_k_m: llama-quantize with that ftype and no imatrix (output.weight ->
+    Q6_K; in the mixes attn_v and ffn_down of use_more_bits layers -> Q6_K). q4_k, q5_k:
+    llama-quantize --pure. 1-D tensors and norms stay F32; a row that is not whole
+    blocks falls back as llama.cpp's does. `tied_embeddings`: no output.weight, so
+    token_embd.weight is quantized as the output; `llm_70b`: llama.cpp's LLM_TYPE_70B
+    (80 layers, grouped-query attention), whose attn_v get Q5_K for Q4_K.
+
+    Raises:
+        ValueError: `quant` is not a name in QUANTS or MIXES (the message lists them).
+    """
+    if quant not in QUANTS and quant not in MIXES:
+        raise ValueError(f"unknown quant {quant!r}; valid: {', '.join([*QUANTS, *MIXES])}")
+    if len(shape) <= 1 or name.endswith(_KEEP_F32) or not name.endswith(".weight"):
+        return T.F32
+    columns = shape[-1]
+    if quant in _CONVERTER:
+        qtype = QUANTS[quant]  # gguf-py's QuantError -> F16
+        return qtype if columns % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
+    default = QUANTS[quant[:4]]  # q4_k_m -> q4_k: llama_ftype_get_default_type
+    if quant in _PURE:
+        return _fallback(default, columns)
+    if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
+        # Q8_0 if the row is not whole blocks of the default type, else Q6_K
+        qtype = T.Q8_0 if columns % GGML_QUANT_SIZES[default][0] else T.Q6_K
+    elif quant in MIXES:
+        qtype = _mix_type(name, default, n_layers, llm_70b)
+    else:
+        qtype = default
+    return _fallback(qtype, columns)
+
+
+def _mix_type(
+    name: str, default: GGMLQuantizationType, n_layers: int, llm_70b: bool
+) -> GGMLQuantizationType:
+    """llama_tensor_get_type_impl's Q4_K_M / Q5_K_M rules for a dense model's tensor."""
+    # tensor_get_category: attn_qkv and attn_kv_b count as attn_v; ffn_down is a substring
+    attn_v = any(k in name for k in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight"))
+    if not attn_v and "ffn_down" not in name:
+        return default
+    if _use_more_bits(_layer_of(name), n_layers):
+        return T.Q6_K
+    if attn_v and llm_70b and default == T.Q4_K:
+        return T.Q5_K  # a 70B's attn_v is 8x smaller than attn_q: more bits are cheap
+    return default
+
+
+def _layer_of(name: str) -> int:
+    """N of blk.N.*. llama.cpp counts attn_v / ffn_down tensors in its loader's order
+    (by layer, then name): for one a layer, that count is the layer number."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdecimal():
+        raise ValueError(f"{name}: not a blk.N.* tensor; llama.cpp's rule needs its layer")
+    return int(parts[1])
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama-quant.cpp: the first and last eighth of the layers, and every third between."""
+    eighth = n_layers // 8
+    return i_layer < eighth or i_layer >= 7 * n_layers // 8 or (i_layer - eighth) % 3 == 2
+
+
+def _fallback(qtype: GGMLQuantizationType, columns: int) -> GGMLQuantizationType:
+    """tensor_type_fallback: a row that is not whole blocks of `qtype` takes a 32-block
+    type, and one that is not whole 32-blocks either, F16."""
+    if columns % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    qtype = _FALLBACK.get(qtype, qtype)
+    return qtype if columns % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16

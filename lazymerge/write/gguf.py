@@ -1,0 +1,66 @@
+"""The header of a GGUF output (plan/gguf.py planned its tensors): magic, metadata
+(architecture, tokenizer: write/gguf_meta.py), and every tensor's name, shape, type and
+offset, padded to the data alignment. Serialized by gguf-py's GGUFWriter, so the bytes
+are llama.cpp's own format; the tensor data follows, streamed by the shard writer at
+the offsets the plan fixed (GGUFWriter lays them out the same way: each padded to 32).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from lazymerge.errors import OutputError
+from lazymerge.plan.gguf import ALIGNMENT
+from lazymerge.plan.model import MergePlan
+from lazymerge.read.config import model_dir
+
+# general.file_type: llama.cpp's LLAMA_FTYPE for each quant (the mixes name theirs).
+FILE_TYPES = {
+    "f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
+    "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K",
+    "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M",
+}  # fmt: skip
+
+
+def gguf_header(plan: MergePlan, name: str) -> bytes:
+    """The header bytes of `plan`'s GGUF, up to its first tensor's data; `name` is the
+    model's general.name."""
+    import gguf
+    import numpy as np
+
+    from lazymerge.meaning.gguf import arch_of
+    from lazymerge.write.gguf_meta import write_metadata
+
+    out, config = plan.recipe.output, plan.config
+    assert out.quant is not None and config is not None  # plan/gguf.py checked both
+    arch = arch_of(config, f"{plan.base.path}/config.json")
+    with tempfile.TemporaryDirectory(prefix="lazymerge-gguf-") as tmp:
+        path = Path(tmp) / "header.gguf"
+        w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+        write_metadata(w, config, model_dir(plan.base.path), tokenizer=out.tokenizer, name=name)
+        w.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[out.quant]]))
+        for t in plan.tensors:
+            e = t.encoding
+            assert e is not None  # every tensor of a GGUF plan has one
+            qtype = gguf.GGMLQuantizationType(e.qtype)
+            w.add_tensor_info(e.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        header = path.read_bytes()
+    return header + bytes(-len(header) % ALIGNMENT)
+
+
+def check_layout(plan: MergePlan) -> None:
+    """The plan's offsets are the ones GGUFWriter wrote into the header (each tensor's
+    data padded to the alignment, in order): anything else would be a corrupt file."""
+    offset = 0
+    for t in plan.tensors:
+        if t.offset != offset:
+            raise OutputError(
+                f"{t.name}: planned at {t.offset} in the GGUF, its header says {offset}"
+            )
+        offset += t.nbytes + (-t.nbytes % ALIGNMENT)
