@@ -211,6 +211,18 @@ def run_many(
     return {job["name"]: job["error"] for job in json.loads(listing.read_text())}
 
 
+def merge_all(
+    ref: Mergekit, root: Path, configs: dict[tuple[str, torch.dtype], dict[str, Any]]
+) -> dict[tuple[str, torch.dtype], Path]:
+    """Every (case, dtype)'s config merged by mergekit in one process (run_many) under
+    `root`; fails naming every config mergekit refused."""
+    names = {key: f"{key[0]}-{str(key[1]).removeprefix('torch.')}" for key in configs}
+    jobs = {names[k]: (cfg, root / names[k]) for k, cfg in configs.items()}
+    errors = {k: e for k, e in run_many(ref, jobs).items() if e}
+    assert not errors, errors
+    return {k: root / names[k] for k in configs}
+
+
 def run_kernels(
     venv: Path, tensors: dict[str, torch.Tensor], cases: list[dict[str, Any]], root: Path
 ) -> dict[str, Any]:

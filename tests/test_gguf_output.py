@@ -355,3 +355,27 @@ def test_llama31_rope_scaling_is_written_as_rope_freqs(recipe: Path, tmp_path: P
     want = rope_freqs(gguf.MODEL_ARCH.LLAMA, config)
     assert want is not None and np.array_equal(np.asarray(t.data), want)
     assert run_cli("verify", out) == 0
+
+
+def test_inspect_reads_a_gguf(recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = merge_gguf(recipe, "q4_k_m")
+    capsys.readouterr()
+    assert run_cli("inspect", path.parent, "--all") == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"gguf: {path} (")
+    assert f"architecture: llama; decoder layers: {LAYERS}; tokenizer: yes" in text
+    assert "blk.1.attn_v.weight" in text and "Q6_K" in text and "token_embd.weight" in text
+    _, tensors = read_gguf(path)
+    assert f"tensors: {len(tensors)} (" in text
+
+
+def test_the_bytes_do_not_depend_on_the_memory_budget(recipe: Path) -> None:
+    """Blocks of any size, encoded in the lane beside the next block: the same file."""
+    path = merge_gguf(recipe, "q4_k_m")
+    out = recipe.parent / "narrow"
+    flags = ["--format", "gguf", "--quant", "q4_k_m", "--max-memory", "1KiB"]
+    assert run_cli("merge", recipe, "-o", out, "-q", *flags) == 0
+    (_, wide), (_, narrow) = read_gguf(path), read_gguf(out / "model-q4_k_m.gguf")
+    assert wide.keys() == narrow.keys()
+    for name, t in wide.items():  # the header differs only in general.name (the directory)
+        assert np.asarray(t.data).tobytes() == np.asarray(narrow[name].data).tobytes(), name

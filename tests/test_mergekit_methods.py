@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from conftest import make_adapter, run_cli
-from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, run_many
+from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, merge_all, run_many
 
 pytestmark = pytest.mark.mergekit
 
@@ -209,13 +209,7 @@ def mergekit_outputs(
 ) -> dict[tuple[str, torch.dtype], Path]:
     """Every case merged by mergekit, in one process of its venv (run_many)."""
     root = tmp_path_factory.mktemp("mergekit-outputs")
-    jobs = {
-        f"{c}-{DTYPES[d]}": (case_config(families, c, d), root / f"{c}-{DTYPES[d]}")
-        for c, d in PAIRS
-    }
-    errors = {k: e for k, e in run_many(mergekit, jobs).items() if e}
-    assert not errors, errors
-    return {(c, d): root / f"{c}-{DTYPES[d]}" for c, d in PAIRS}
+    return merge_all(mergekit, root, {(c, d): case_config(families, c, d) for c, d in PAIRS})
 
 
 @pytest.mark.parametrize(("case", "dtype"), PAIRS, ids=[f"{c}-{DTYPES[d]}" for c, d in PAIRS])

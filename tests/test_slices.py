@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import error_of, run_cli
-from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, run_many
+from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, merge_all
 from test_mergekit_methods import SUMS, dtype_ulps, ulps
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -106,10 +106,7 @@ def mergekit_outputs(
 ) -> dict[tuple[str, torch.dtype], Path]:
     """Every case merged by mergekit, in one process of its venv."""
     root = tmp_path_factory.mktemp("slices-mergekit")
-    jobs = {f"{c}-{DTYPES[d]}": (case(families[d], c), root / f"{c}-{DTYPES[d]}") for c, d in PAIRS}
-    errors = {k: e for k, e in run_many(mergekit, jobs).items() if e}
-    assert not errors, errors
-    return {(c, d): root / f"{c}-{DTYPES[d]}" for c, d in PAIRS}
+    return merge_all(mergekit, root, {(c, d): case(families[d], c) for c, d in PAIRS})
 
 
 def merge(cfg: dict[str, Any], tmp: Path, *flags: str) -> Path:

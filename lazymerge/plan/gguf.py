@@ -78,9 +78,10 @@ def _constant(name: str, data: bytes, offset: int) -> PlannedTensor:
 def _encoded(
     t: PlannedTensor, encoding: Encoding, nbytes: int, pad: int, offset: int
 ) -> PlannedTensor:
-    """`t` in the GGUF: computed (through its method, else as its one input is) unless
-    its bytes are its input's as they are."""
+    """`t` in the GGUF. A copy stays a copy (its input's values, re-encoded from the map
+    by the encoding lane, run/tensor.py) unless its input is laid out otherwise: then
+    it goes through a method as its one input is."""
     t = replace(t, encoding=encoding, nbytes=nbytes, pad=pad, shard=0, offset=offset)
-    if t.action == COMPUTE or encoding.copies(t.dtype):
+    if t.action == COMPUTE or (t.inputs[0].ref.contiguous and not t.inputs[0].terms):
         return t
     return replace(t, action=COMPUTE, method=Linear((1.0,)))

@@ -18,6 +18,9 @@ COPY_CHUNK = 64 * 2**20
 # Bytes queued for the writer's threads (hash, pwrite) while the next block is computed;
 # a block larger than this still goes, alone.
 WRITE_QUEUE = 64 * 2**20
+# A GGUF's blocks: every tensor is computed (a copy is re-encoded), and a block costs
+# the same per byte at any size past a few MiB, so larger ones would only add memory.
+ENCODED_BLOCKS = 96 * 2**20
 # Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
 # --max-memory below ~64 rows of the widest tensor is exceeded by that much.
 LORA_ROWS = 64
@@ -35,7 +38,13 @@ def _per_row(t: PlannedTensor) -> int:
     row, and the mapped input rows."""
     row_numel = t.row_numel
     fp32_rows = 2 if t.call is None else 2 * len(t.inputs) + 2
-    return row_numel * (4 * fp32_rows + itemsize(t.dtype)) + sum(i.ref.row_nbytes for i in t.inputs)
+    # a GGUF's encoded rows besides: a block being encoded, and one queued for the writer
+    encoded = 2 * (t.nbytes // t.rows) if t.encoding is not None and t.rows else 0
+    return (
+        row_numel * (4 * fp32_rows + itemsize(t.dtype))
+        + sum(i.ref.row_nbytes for i in t.inputs)
+        + encoded
+    )
 
 
 def block_rows(t: PlannedTensor, budget: int) -> int:
@@ -46,6 +55,8 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
     computed over the same row chunks whatever the budget.
     """
     unit = math.lcm(LORA_ROWS, t.row_align)
+    if t.encoding is not None:  # a GGUF computes every tensor, the embeddings too
+        budget = min(budget, ENCODED_BLOCKS)
     rows = budget // max(_per_row(t), 1) // unit * unit
     return max(1, min(t.rows, max(rows, unit)))
 

@@ -3,6 +3,7 @@ shards were written before it, or where (lazymerge.run.batch relies on that)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from lazymerge.plan.model import COMPUTE, Shard
@@ -10,6 +11,7 @@ from lazymerge.read.mapped import MappedReader
 from lazymerge.read.readahead import ReadAhead
 from lazymerge.run.budget import WRITE_QUEUE
 from lazymerge.run.device import Scratch, resolve_device
+from lazymerge.run.encode import EncodeLane
 from lazymerge.run.options import MergeOptions
 from lazymerge.run.tensor import ShardContext, Step, write_tensor
 
@@ -28,7 +30,8 @@ def write_shard(
     header = shard.header if shard.header is not None else build_header(shard.tensors)
     writer = ShardWriter(out / shard.name, header, shard.data_size, inflight=WRITE_QUEUE)
     scratch = Scratch(resolve_device(opts.device))
-    ctx = ShardContext(reader, writer, scratch, opts.max_memory, step, opts.allow_nonfinite)
+    sink = EncodeLane(writer) if shard.header is not None else writer  # a GGUF encodes
+    ctx = ShardContext(reader, sink, scratch, opts.max_memory, step, opts.allow_nonfinite)
     reads = [(t, t.reads()) for t in shard.tensors]
     try:
         with ReadAhead([r for _, refs in reads for r in refs], opts.max_memory) as ahead:
@@ -37,11 +40,16 @@ def write_shard(
                     scratch.trim()
                 write_tensor(ctx, t)
                 if t.pad:  # a GGUF aligns the next tensor's data
-                    writer.write(t.offset + t.nbytes, bytes(t.pad))
+                    sink.write(t.offset + t.nbytes, bytes(t.pad))
                 reader.release_touched()
                 for r in refs:
                     ahead.used(r)
+        if isinstance(sink, EncodeLane):
+            sink.close()
         return writer.finish(), ctx.nonfinite
     except BaseException:
+        if isinstance(sink, EncodeLane):
+            with contextlib.suppress(BaseException):
+                sink.close()
         writer.abort()
         raise

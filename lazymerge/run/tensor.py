@@ -21,7 +21,7 @@ from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
 from lazymerge.run.device import Scratch
-from lazymerge.run.encode import encode_rows
+from lazymerge.run.encode import EncodeLane
 from lazymerge.run.rows import Factor, Source, TensorBlock
 from lazymerge.write.safetensors import ShardWriter
 
@@ -34,7 +34,7 @@ class ShardContext:
     buffers, the budget, the progress callback, and what it found."""
 
     reader: MappedReader
-    writer: ShardWriter
+    writer: ShardWriter | EncodeLane  # a GGUF's writes go through its encoding lane
     scratch: Scratch
     budget: int
     step: Step
@@ -57,7 +57,27 @@ def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:
         _copy(ctx, t)
 
 
+def _encode_copy(ctx: ShardContext, t: PlannedTensor) -> None:
+    """A GGUF tensor whose values are one input's as they are, re-encoded: the lane reads
+    the mapped rows itself, block by block; nothing is computed here."""
+    assert isinstance(ctx.writer, EncodeLane) and t.encoding is not None
+    src = t.inputs[0].ref
+    rows = memory.block_rows(t, ctx.budget)
+    row_bytes = t.nbytes // t.rows if t.rows else 0
+    for r0 in range(0, t.rows, rows):
+        r1 = min(r0 + rows, t.rows)
+        view = ctx.reader.rows(src, r0, r1)
+        release = functools.partial(
+            ctx.reader.release, src, r0 * src.row_nbytes, r1 * src.row_nbytes
+        )
+        ctx.writer.write_encoded(t.offset + r0 * row_bytes, view, t.encoding, t.row_align, release)
+        ctx.step((r1 - r0) * row_bytes)
+
+
 def _copy(ctx: ShardContext, t: PlannedTensor) -> None:
+    if t.encoding is not None and not t.encoding.copies(t.dtype):
+        _encode_copy(ctx, t)
+        return
     src = t.inputs[0].ref  # the plan copies from exactly one input
     chunk = max(min(ctx.budget, memory.COPY_CHUNK), 1)
     for start in range(0, src.nbytes, chunk):
@@ -101,11 +121,13 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
             ctx.scratch.cast(out[c0 - r0 : c1 - r0], acc)
         _check_finite(ctx, t, out, (r0, r1))
         give_back = functools.partial(ctx.scratch.give_back, out)
-        if t.encoding is not None:  # a GGUF's: the values encoded (f32's may be `out` itself)
-            view = encode_rows(out, t.encoding, t.row_align).data
+        at = t.offset + r0 * row_bytes
+        if t.encoding is not None:  # a GGUF's: encoded in the lane, beside the next block
+            assert isinstance(ctx.writer, EncodeLane)  # run/shard.py gives a GGUF one
+            ctx.writer.write_encoded(at, out, t.encoding, t.row_align, after=give_back)
         else:
             view = out.reshape(-1).view(torch.uint8).numpy().data
-        ctx.writer.write(t.offset + r0 * row_bytes, view, after=give_back)
+            ctx.writer.write(at, view, after=give_back)
         ctx.step((r1 - r0) * row_bytes)
 
 

@@ -24,7 +24,41 @@ def describe(path: Path, show_all: bool = False) -> str:
     """A checkpoint's or an adapter's summary and tensor listing."""
     if (path / CONFIG).is_file():
         return _adapter(path, show_all)
+    gguf = sorted(path.glob("*.gguf")) if path.is_dir() else [path]
+    if gguf and gguf[0].suffix == ".gguf" and not any(path.glob("*.safetensors*")):
+        return _gguf(gguf[0], show_all)
     return _checkpoint(path, show_all)
+
+
+def _gguf(path: Path, show_all: bool) -> str:
+    """A GGUF file (lazymerge's output, or llama.cpp's): architecture, types, tensors."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise LazyMergeError(f"{path}: not a readable GGUF ({e})") from None
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else "?"
+    tensors = reader.tensors
+    types = Counter(GGMLQuantizationType(t.tensor_type).name for t in tensors)
+    params = sum(int(np.prod(t.shape)) for t in tensors)
+    layers = reader.fields.get(f"{arch}.block_count")
+    shown = tensors if show_all else tensors[:SHORT_LISTING]
+    width = max((len(t.name) for t in shown), default=0)
+    lines = [
+        f"gguf: {path} ({human_bytes(path.stat().st_size)})",
+        f"architecture: {arch}; decoder layers: {layers.contents() if layers else '?'}; "
+        f"tokenizer: {'yes' if 'tokenizer.ggml.tokens' in reader.fields else 'none'}",
+        f"tensors: {len(tensors)} ({', '.join(f'{k} x{n}' for k, n in types.most_common())}); "
+        f"parameters: {params:,}",
+        *(f"  {t.name:<{width}}  {GGMLQuantizationType(t.tensor_type).name:<5} "
+          f"{list(reversed([int(n) for n in t.shape]))}" for t in shown),
+    ]  # fmt: skip
+    if len(shown) < len(tensors):
+        lines.append(f"  ... {len(tensors) - len(shown)} more (--all lists every tensor)")
+    return "\n".join(lines)
 
 
 def _listing(refs: list[TensorRef], show_all: bool, stack: LayerStack | None = None) -> list[str]:
