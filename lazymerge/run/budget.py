@@ -21,6 +21,9 @@ WRITE_QUEUE = 64 * 2**20
 # A GGUF's blocks: every tensor is computed (a copy is re-encoded), and a block costs
 # the same per byte at any size past a few MiB, so larger ones would only add memory.
 ENCODED_BLOCKS = 96 * 2**20
+# The encoding lane's own: a 4 MiB float32 chunk (run/encode.py) and the quantizer's
+# copies of it.
+ENCODE_TEMPS = 5 * 4 * 2**20
 # Row quantum of the LoRA products (see block_rows); also the smallest row block, so a
 # --max-memory below ~64 rows of the widest tensor is exceeded by that much.
 LORA_ROWS = 64
@@ -83,8 +86,25 @@ def merge_threads() -> int:
 def working_memory(t: PlannedTensor, budget: int, threads: int) -> int:
     """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU
     with `threads` torch threads."""
+    if t.encoding is not None and t.action != COMPUTE and t.data is None:
+        return _encoded_copy(t, budget)
     if t.action != COMPUTE:
         return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
+    if t.encoding is not None:  # the lane's float32 chunk and the quantizer's copies of it
+        return _computed(t, budget, threads) + ENCODE_TEMPS
+    return _computed(t, budget, threads)
+
+
+def _encoded_copy(t: PlannedTensor, budget: int) -> int:
+    """A GGUF tensor re-encoded from its input's map (run/tensor.py): three blocks of
+    mapped rows and their encoded bytes (two queued for the lane, one in it), the
+    writer's queue of encoded bytes, and the lane's temporaries."""
+    rows = block_rows(t, budget)
+    per_row = t.inputs[0].ref.row_nbytes + t.nbytes // max(t.rows, 1)
+    return 3 * rows * per_row + WRITE_QUEUE + ENCODE_TEMPS
+
+
+def _computed(t: PlannedTensor, budget: int, threads: int) -> int:
     rows = block_rows(t, budget)
     chunk = chunk_rows(t, rows, threads)
     # Two output blocks (one filled, one queued for the writer), and one chunk's fp32
