@@ -379,3 +379,31 @@ def test_the_bytes_do_not_depend_on_the_memory_budget(recipe: Path) -> None:
     assert wide.keys() == narrow.keys()
     for name, t in wide.items():  # the header differs only in general.name (the directory)
         assert np.asarray(t.data).tobytes() == np.asarray(narrow[name].data).tobytes(), name
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llama_cpp_loads_it_with_the_transformers_logits(recipe: Path, quant: str) -> None:
+    """Optional (runs where llama-cpp-python imports): llama.cpp itself loads our GGUF,
+    tokenizes as transformers does, and its logits agree with transformers' on the
+    safetensors output (f16: fp16 arithmetic apart; q8_0: within quantization)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = merge_gguf(recipe, quant)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False
+    )
+    text = "hello world"
+    hf = AutoTokenizer.from_pretrained(recipe.parent / "st")
+    assert (
+        llm.tokenize(text.encode(), add_bos=False)
+        == hf(text, add_special_tokens=False)["input_ids"]
+    )
+    ids = [1, 5, 9, 17, 33, 65, 129, 257]
+    llm.eval(ids)
+    ours = np.array(llm.scores[: len(ids)])
+    ref = AutoModelForCausalLM.from_pretrained(recipe.parent / "st", dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    tolerance = 0.02 if quant == "f16" else 0.1
+    assert np.abs(ours - want).max() <= tolerance * np.abs(want).max()
