@@ -167,8 +167,9 @@ def plot(recipe: Path, out: Path) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="List every tensor.")
 def inspect(path: Path, show_all: bool) -> None:
-    """Describe a checkpoint (format, shards, dtypes, parameters, layers, tensors) or a
-    PEFT adapter (rank, alpha, rsLoRA, targets, the base tensors it touches).
+    """Describe a checkpoint (format, shards, dtypes, parameters, layers, tensors), a
+    PEFT adapter (rank, alpha, rsLoRA, targets, the base tensors it touches), or a GGUF
+    file (architecture, types, tokenizer, tensors).
 
     Example: lazymerge inspect ./chronos-13b-v2 --all
     """
