@@ -404,3 +404,21 @@ def test_batch_device_cuda_without_a_gpu_is_refused_before_writing(
     rc, report = batch(small[0], "--out-root", out, "--device", "auto", capsys=capsys)
     assert rc == 0 and report["merges"][0]["status"] == "merged"
     assert_serial(small[:1], out)
+
+
+def test_gguf_output_is_refused_by_batch(
+    small: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GGUF is one file, written by merge: batch (one task per safetensors shard)
+    refuses the flags and a recipe that asks for one, in one line, writing nothing."""
+    out = tmp_path / "out"
+    flags = ["--format", "gguf", "--quant", "q8_0"]
+    assert run_cli("batch", small[0], "--out-root", out, "-q", *flags) == 1
+    assert "run lazymerge merge --format gguf per recipe" in capsys.readouterr().err
+    gguf = small[0].parent / "gguf-recipe.yaml"
+    recipe = yaml.safe_load(small[0].read_text()) | {"output": {"format": "gguf", "quant": "q8_0"}}
+    gguf.write_text(yaml.safe_dump(recipe))
+    assert run_cli("batch", gguf, "--out-root", out, "-q") == 1
+    err = capsys.readouterr().err
+    assert "output format gguf is one file" in err and "Traceback" not in err
+    assert not (out / "gguf-recipe" / "model-q8_0.gguf").exists()

@@ -158,6 +158,11 @@ def _open(i: int, m: Merge, settings: BatchSettings) -> list[ShardTask]:
     recipe = load_recipe(m.recipe_path).with_output(
         dtype=settings.dtype, shard_size=settings.shard_size
     )
+    if recipe.output.format == "gguf":
+        raise RecipeError(
+            f"{m.recipe_path}: output format gguf is one file, written by lazymerge merge; "
+            "batch writes safetensors shards: merge this recipe on its own"
+        )
     m.plan = plan = build_plan(recipe)
     if not settings.allow_noop:
         refuse_noop(plan)
