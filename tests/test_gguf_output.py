@@ -382,7 +382,9 @@ def test_the_bytes_do_not_depend_on_the_memory_budget(recipe: Path) -> None:
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_llama_cpp_loads_it_with_the_transformers_logits(recipe: Path, quant: str) -> None:
+def test_llama_cpp_loads_it_with_the_transformers_logits(
+    recipe: Path, safetensors_out: dict[str, torch.Tensor], quant: str
+) -> None:
     """Optional (runs where llama-cpp-python imports): llama.cpp itself loads our GGUF,
     tokenizes as transformers does, and its logits agree with transformers' on the
     safetensors output (f16: fp16 arithmetic apart; q8_0: within quantization)."""
@@ -405,5 +407,5 @@ def test_llama_cpp_loads_it_with_the_transformers_logits(recipe: Path, quant: st
     ref = AutoModelForCausalLM.from_pretrained(recipe.parent / "st", dtype=torch.float32)
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
-    tolerance = 0.02 if quant == "f16" else 0.1
+    tolerance = 0.005 if quant == "f16" else 0.05  # measured: 0.0004, 0.019 of the max
     assert np.abs(ours - want).max() <= tolerance * np.abs(want).max()

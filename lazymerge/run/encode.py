@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,11 @@ import torch
 
 from lazymerge.meaning.gguf_types import row_bytes
 from lazymerge.plan.model import Encoding
+from lazymerge.run.budget import ENCODE_LANES
 from lazymerge.write.safetensors import ShardWriter
 
 CHUNK = 4 * 2**20  # bytes of float32 values encoded at once
+_Item = Callable[[], object]  # a write to make, in order (an encoded one waits for its lane)
 
 
 def encode_rows(rows: torch.Tensor, e: Encoding, head_rows: int) -> np.ndarray:
@@ -51,17 +54,19 @@ def permute_heads(x: torch.Tensor, head_rows: int) -> torch.Tensor:
 
 
 class EncodeLane:
-    """A GGUF shard's writer, seen through one thread that encodes blocks: the next block
-    is computed while this one is encoded (on the other core), and every write reaches
-    the shard writer in the order it was made (offsets must arrive in order). Blocks in
-    flight are bounded by the scratch's output buffers, which come back once encoded."""
+    """A GGUF shard's writer, seen through ENCODE_LANES threads that encode blocks: the
+    next blocks are computed (or mapped) while earlier ones are encoded, on the other
+    cores, and a feeder hands every write to the shard writer in the order it was made
+    (offsets must arrive in order). Blocks in flight: the lanes' and a queue of
+    ENCODE_LANES + 1 (budget.working_memory counts them)."""
 
     def __init__(self, writer: ShardWriter) -> None:
         self._writer = writer
-        self._tasks: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize=2)
+        self._pool = ThreadPoolExecutor(ENCODE_LANES, thread_name_prefix="encode")
+        self._order: queue.Queue[_Item | None] = queue.Queue(maxsize=ENCODE_LANES + 1)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="encode", daemon=True)
-        self._thread.start()
+        self._feeder = threading.Thread(target=self._feed, name="encode-feed", daemon=True)
+        self._feeder.start()
 
     def write(self, offset: int, data: Any, after: Callable[[], object] | None = None) -> None:
         self._put(lambda: self._writer.write(offset, data, after))
@@ -83,32 +88,30 @@ class EncodeLane:
         head_rows: int,
         after: Callable[[], object],
     ) -> None:
-        """Encode `rows` and write the bytes; `after` once they are written: the block's
-        buffer comes back only then, so the scratch's two output buffers bound the encoded
-        bytes in flight too (the writer's queue would otherwise hold 64 MiB more)."""
-
-        def task() -> None:
-            self._writer.write(offset, encode_rows(rows, e, head_rows).data, after)
-
-        self._put(task)
+        """Encode `rows` in a lane and write the bytes in turn; `after` once they are
+        written: the block's buffer comes back only then, so the scratch's output buffers
+        bound the encoded bytes in flight too."""
+        done = self._pool.submit(encode_rows, rows, e, head_rows)
+        self._put(lambda: self._writer.write(offset, done.result().data, after))
 
     def close(self) -> None:
-        """Wait for every queued write; raise what went wrong in the lane, if anything."""
-        if self._thread.is_alive():
-            self._tasks.put(None)
-            self._thread.join()
+        """Wait for every queued write; raise what went wrong in a lane, if anything."""
+        if self._feeder.is_alive():
+            self._order.put(None)
+            self._feeder.join()
+        self._pool.shutdown(wait=True)
         if self._error is not None:
             raise self._error
 
-    def _put(self, task: Callable[[], object]) -> None:
+    def _put(self, item: _Item) -> None:
         if self._error is not None:
             raise self._error
-        self._tasks.put(task)
+        self._order.put(item)
 
-    def _run(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            if self._error is None:  # after a failure, tasks are only let go
+    def _feed(self) -> None:
+        while (item := self._order.get()) is not None:
+            if self._error is None:  # after a failure, items are only let go
                 try:
-                    task()
+                    item()
                 except BaseException as e:
                     self._error = e
