@@ -354,6 +354,16 @@ def test_llama31_rope_scaling_is_written_as_rope_freqs(recipe: Path, tmp_path: P
     assert GGMLQuantizationType(t.tensor_type) == GGMLQuantizationType.F32
     want = rope_freqs(gguf.MODEL_ARCH.LLAMA, config)
     assert want is not None and np.array_equal(np.asarray(t.data), want)
+    # independently: transformers' own llama3 frequencies, as divisors of the plain ones
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = LlamaConfig(**config)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    dim = HIDDEN // HEADS
+    theta = hf.rope_parameters["rope_theta"]
+    plain = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    np.testing.assert_allclose(np.asarray(t.data), (plain / scaled).numpy(), rtol=1e-6)
     assert run_cli("verify", out) == 0
 
 

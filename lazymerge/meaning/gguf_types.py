@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from lazymerge.recipe.spec import GGUF_MIXES, GGUF_QUANTS
+
 T = GGMLQuantizationType
-_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
-QUANTS: dict[str, GGMLQuantizationType] = {q: GGMLQuantizationType[q.upper()] for q in _NAMES}
-MIXES: tuple[str, ...] = ("q4_k_m", "q5_k_m")  # llama.cpp's mixes
+MIXES: tuple[str, ...] = GGUF_MIXES  # llama.cpp's mixes
+# The quant names that are one type each: the recipe's, but the mixes.
+QUANTS: dict[str, GGMLQuantizationType] = {
+    q: GGMLQuantizationType[q.upper()] for q in GGUF_QUANTS if q not in MIXES
+}
 
 
 def row_bytes(columns: int, qtype: GGMLQuantizationType | int) -> int:

@@ -146,7 +146,7 @@ def _check(
     others = len(seen) - int(has_base)
     problem = method.inputs.problem(method.name, len(seen), others)
     if problem is not None:
-        fix = "; give each source a slice of its own" if method.inputs.most == 1 else ""
+        fix = "; give each source a slice of its own" if method.inputs.most == 1 < len(seen) else ""
         raise RecipeError(f"{where}.sources: {problem.replace('this config', 'this slice')}{fix}")
 
 

@@ -20,10 +20,11 @@ DEFAULT_SHARD_SIZE = 2 * 10**9
 Over = Literal["layers", "tensors"]
 Format = Literal["safetensors", "gguf"]
 # GGUF encodings a recipe may ask for: llama.cpp's types, and its two k-quant mixes
-# (write/quants.py encodes them; which tensor gets which type is llama.cpp's choice).
+# (meaning/gguf_types.py maps them; which tensor gets which type is llama.cpp's choice).
+GGUF_MIXES = ("q4_k_m", "q5_k_m")
 GGUF_QUANTS = (
     "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
-    "q4_k_m", "q5_k_m",
+    *GGUF_MIXES,
 )  # fmt: skip
 
 

@@ -50,9 +50,8 @@ def with_header(plan: MergePlan, name: str) -> MergePlan:
     line if they cannot be written, before the output directory is touched."""
     if plan.recipe.output.format != "gguf":
         return plan
-    from lazymerge.write.gguf import check_layout, gguf_header
+    from lazymerge.write.gguf import gguf_header
 
-    check_layout(plan)
     shard = replace(plan.shards[0], header=gguf_header(plan, name))
     return replace(plan, shards=(shard,))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lazymerge.errors import OutputError
 from lazymerge.plan.gguf import ALIGNMENT
 from lazymerge.plan.model import MergePlan
 from lazymerge.read.config import model_dir
@@ -52,15 +51,3 @@ def gguf_header(plan: MergePlan, name: str) -> bytes:
         w.close()
         header = path.read_bytes()
     return header + bytes(-len(header) % ALIGNMENT)
-
-
-def check_layout(plan: MergePlan) -> None:
-    """The plan's offsets are the ones GGUFWriter wrote into the header (each tensor's
-    data padded to the alignment, in order): anything else would be a corrupt file."""
-    offset = 0
-    for t in plan.tensors:
-        if t.offset != offset:
-            raise OutputError(
-                f"{t.name}: planned at {t.offset} in the GGUF, its header says {offset}"
-            )
-        offset += t.nbytes + (-t.nbytes % ALIGNMENT)
