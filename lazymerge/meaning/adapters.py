@@ -31,7 +31,7 @@ from lazymerge.errors import InputError
 from lazymerge.meaning import experts
 from lazymerge.meaning.names import Mapping, fitting_mapping, rename
 from lazymerge.read.checkpoint import CheckpointIndex, read_tensor_file
-from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.config import checkpoint_config
 from lazymerge.read.tensorref import TensorRef
 
 CONFIG = "adapter_config.json"
@@ -155,7 +155,7 @@ class LoraAdapter:
         """Terms on fused 3-D expert tensors, in the layout `index` stores them."""
         if not any(t.experts for t in terms):
             return terms
-        model_type = (read_config(model_dir(index.path)) or {}).get("model_type")
+        model_type = (checkpoint_config(index.path) or {}).get("model_type")
         out = []
         for t in terms:
             if t.experts:

@@ -29,7 +29,7 @@ from lazymerge.plan.model import (
 )
 from lazymerge.plan.shards import shard_name, split
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.config import checkpoint_config
 from lazymerge.read.tensorref import TensorRef, itemsize
 from lazymerge.recipe.spec import ModelSpec, Recipe
 
@@ -72,7 +72,7 @@ def _build(recipe: Recipe) -> MergePlan:
 
         return build_nmodel_plan(recipe)
     base = CheckpointIndex.open(recipe.base.path)
-    config = read_config(model_dir(base.path))
+    config = checkpoint_config(base.path)
     other = CheckpointIndex.open(recipe.other.path) if recipe.other else None
     # The family's natural order (config.json model_type): the output's, and tensor mode's.
     stack = replace(_layer_stack(recipe, base, other), order=order_of(config))
@@ -182,7 +182,7 @@ def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
         inputs = (other,) if action == COPY_OTHER else (base, other)
     if action == COMPUTE:
         method = Linear((1.0 - ratio, ratio) if other is not None else (1.0,))
-    nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(dtype)
+    nbytes = ref.numel * itemsize(dtype)
     return PlannedTensor(
         ref.name, dtype, ref.shape, nbytes, action, inputs, method, ratio, rule, shared_rows=shared
     )
@@ -190,10 +190,17 @@ def _plan_tensor(src: _Sources, ref: TensorRef, ratio: float) -> PlannedTensor:
 
 def plan_buffer(ref: TensorRef, rule: int | None) -> PlannedTensor:
     """Integer/bool buffers are not blended: the base's values, as they are."""
-    action, method = (COPY_BASE, None) if ref.contiguous else (COMPUTE, Linear((1.0,)))
+    action, method = (COPY_BASE, None) if ref.copyable else (COMPUTE, Linear((1.0,)))
     inputs = (Input("base", ref),)
     return PlannedTensor(
-        ref.name, ref.dtype, ref.shape, ref.nbytes, action, inputs, method, rule=rule
+        ref.name,
+        ref.dtype,
+        ref.shape,
+        ref.numel * itemsize(ref.dtype),
+        action,
+        inputs,
+        method,
+        rule=rule,
     )
 
 
@@ -213,8 +220,8 @@ def _action(ratio: float, base: Input, other: Input | None, dtype: str) -> Actio
 
 
 def _copyable(ref: TensorRef, dtype: str) -> bool:
-    """Its bytes are the output's bytes: same dtype, plain row-major layout."""
-    return ref.dtype == dtype and ref.contiguous
+    """Its values are the output's: same dtype, not a strided view."""
+    return ref.dtype == dtype and ref.copyable
 
 
 def _other_ref(ref: TensorRef, other: CheckpointIndex) -> TensorRef:

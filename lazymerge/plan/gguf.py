@@ -82,6 +82,6 @@ def _encoded(
     by the encoding lane, run/tensor.py) unless its input is laid out otherwise: then
     it goes through a method as its one input is."""
     t = replace(t, encoding=encoding, nbytes=nbytes, pad=pad, shard=0, offset=offset)
-    if t.action == COMPUTE or (t.inputs[0].ref.contiguous and not t.inputs[0].terms):
+    if t.action == COMPUTE or (t.inputs[0].ref.copyable and not t.inputs[0].terms):
         return t
     return replace(t, action=COMPUTE, method=Linear((1.0,)))

@@ -18,7 +18,7 @@ from lazymerge.meaning.methods import Method
 from lazymerge.meaning.methods.base import Resolved
 from lazymerge.meaning.names import Mapping
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.tensorref import TensorRef
+from lazymerge.read.tensorref import Blocks, TensorRef
 from lazymerge.recipe.spec import LoraSpec, Recipe
 
 
@@ -67,6 +67,10 @@ class Encoding:
     def copies(self, dtype: str) -> bool:
         """The bytes are the tensor's in `dtype` as they are (a copy may serve)."""
         return self.heads is None and self.type_name == dtype
+
+    def same_blocks(self, blocks: Blocks) -> bool:
+        """A GGUF input's bytes are this encoding's: same type, same row order."""
+        return (self.qtype, self.heads) == (blocks.qtype, blocks.heads)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from lazymerge.meaning.params import Level, position, resolve
 from lazymerge.plan import build
 from lazymerge.plan.model import COMPUTE, COPY, AdapterUse, Input, MergePlan, PlannedTensor
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.config import checkpoint_config
 from lazymerge.read.tensorref import itemsize
 from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams, Param, Scope
 from lazymerge.recipe.spec import MethodSpec, Recipe
@@ -80,7 +80,7 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
     """Open every model's headers and decide every tensor of an N-model merge."""
     assert recipe.merge is not None
     base = CheckpointIndex.open(recipe.base.path)
-    config = read_config(model_dir(base.path))
+    config = checkpoint_config(base.path)
     stack = find_stack(base.tensors, f"base {base.path}", recipe.layers_prefix)
     stack = replace(stack, order=order_of(config))
     merge, uses = _open(recipe, recipe.merge, base, stack)
@@ -155,7 +155,7 @@ def plan_tensor(group: Group, name: str) -> PlannedTensor:
     resolved = _resolve(group, name, ref.shape, compute)
     _check(group, resolved)
     method = BUILDERS[group.method.name](resolved)
-    nbytes = ref.nbytes // itemsize(ref.dtype) * itemsize(out)
+    nbytes = ref.numel * itemsize(out)
     action = COPY if copies(method, inputs, compute, out) else COMPUTE
     return PlannedTensor(name, out, ref.shape, nbytes, action, inputs, method, call=resolved)
 
@@ -176,7 +176,7 @@ def copies(method: Method, inputs: Sequence[Input], compute: str, out: str) -> b
         return False
     ref = inputs[0].ref
     exact = compute in (ref.dtype, "F32", "F64")
-    return not inputs[0].terms and ref.contiguous and ref.dtype == out and exact
+    return not inputs[0].terms and ref.copyable and ref.dtype == out and exact
 
 
 def _check(group: Group, call: Resolved) -> None:

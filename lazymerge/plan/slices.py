@@ -23,7 +23,7 @@ from lazymerge.plan import build
 from lazymerge.plan.model import AdapterUse, MergePlan, PlannedTensor
 from lazymerge.plan.nmodel import Group, Model, check_filters, plan_tensor
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.config import checkpoint_config
 from lazymerge.recipe.methods import METHOD_PARAMS
 from lazymerge.recipe.spec import MethodSpec, ModelSpec, Recipe, SliceSpec
 
@@ -87,7 +87,7 @@ def _open_all(
             )  # fmt: skip
         terms, more = build.lora_terms(role, model, index)
         uses += more
-        opened[model] = _Opened(role, index, terms, stack, read_config(model_dir(index.path)))
+        opened[model] = _Opened(role, index, terms, stack, checkpoint_config(index.path))
     return opened, uses
 
 

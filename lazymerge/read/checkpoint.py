@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lazymerge.errors import InputError
+from lazymerge.read.gguf import header_bytes, is_gguf
+from lazymerge.read.gguf_model import gguf_tensors
 from lazymerge.read.safetensors import JsonObject, load_json, read_header
 from lazymerge.read.tensorref import TensorRef
 from lazymerge.read.torchzip import is_torch_zip, metadata_digest, read_bin
@@ -26,14 +28,19 @@ BIN_FILE = "pytorch_model.bin"
 
 
 def read_tensor_file(path: Path) -> dict[str, TensorRef]:
-    """Tensor references of one weights file: safetensors, or a torch.save zip (.bin)."""
+    """Tensor references of one weights file: safetensors, a torch.save zip (.bin), or
+    a llama.cpp GGUF (under transformers' names)."""
+    if is_gguf(path):
+        return gguf_tensors(path)
     if path.suffix in (".bin", ".pt", ".pth") or is_torch_zip(path):
         return read_bin(path)
     return read_header(path)
 
 
 def header_digest(path: Path) -> str:
-    """sha256 of a weights file's metadata (safetensors header or .bin data.pkl)."""
+    """sha256 of a weights file's metadata (safetensors or GGUF header, .bin data.pkl)."""
+    if is_gguf(path):
+        return hashlib.sha256(header_bytes(path)).hexdigest()
     if path.suffix in (".bin", ".pt", ".pth") or is_torch_zip(path):
         return metadata_digest(path)
     with open(path, "rb") as f:
@@ -47,7 +54,7 @@ class CheckpointIndex:
     def __init__(self, path: Path, tensors: dict[str, TensorRef], fmt: str, note: str = "") -> None:
         self.path = path
         self.tensors = tensors
-        self.format = fmt  # "safetensors" or "bin"
+        self.format = fmt  # "safetensors", "bin" or "gguf"
         self.note = note  # e.g. which format was chosen when both are present
 
     @classmethod
@@ -59,9 +66,7 @@ class CheckpointIndex:
         p = Path(path)
         if p.is_file():
             refs = read_tensor_file(p)
-            return cls(
-                p, refs, "bin" if p.suffix != ".safetensors" and is_torch_zip(p) else "safetensors"
-            )
+            return cls(p, refs, _file_format(p))
         if not p.is_dir():
             raise InputError(f"{p}: no such checkpoint (not a file or directory)")
         safetensors = _open_dir(p, SAFETENSORS_INDEX, SINGLE_FILE)
@@ -97,6 +102,12 @@ class CheckpointIndex:
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.tensors.values())
+
+
+def _file_format(path: Path) -> str:
+    if is_gguf(path):
+        return "gguf"
+    return "bin" if path.suffix != ".safetensors" and is_torch_zip(path) else "safetensors"
 
 
 def _open_dir(directory: Path, index_name: str, single: str) -> dict[str, TensorRef] | None:

@@ -17,6 +17,18 @@ def model_dir(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The config.json of the checkpoint at `path` (a directory, or a weights file in
+    one); a GGUF file's is built from its metadata."""
+    from lazymerge.read.gguf import is_gguf
+
+    if path.is_file() and is_gguf(path):
+        from lazymerge.read.gguf_model import gguf_config
+
+        return gguf_config(path)
+    return read_config(model_dir(path))
+
+
 def read_config(directory: Path) -> dict[str, Any] | None:
     """`directory`'s config.json as a JSON object; None when there is none."""
     path = directory / CONFIG

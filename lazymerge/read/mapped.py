@@ -72,11 +72,26 @@ class MappedReader:
         Never modify the result in place: the map is read-only. Copy it first.
         """
         shape = (row_stop - row_start, *ref.shape[1:]) if ref.shape else ()
+        if ref.blocks is not None:  # a GGUF tensor: decoded, a copy (and not read-only)
+            return self._decoded(ref, row_start, row_stop).view(shape)
         if ref.strides is not None:  # a strided .bin view: map its reach, then stride it
             whole = self._frombuffer(ref, ref.offset, (ref.span or 0) // itemsize(ref.dtype))
             return whole.as_strided(ref.shape, ref.strides)[row_start:row_stop]
         count = (row_stop - row_start) * (ref.row_nbytes // itemsize(ref.dtype))
         return self._frombuffer(ref, ref.offset + row_start * ref.row_nbytes, count).view(shape)
+
+    def _decoded(self, ref: TensorRef, row_start: int, row_stop: int) -> torch.Tensor:
+        """Rows of a GGUF tensor in transformers' order: dequantized to float32, or its
+        plain dtype's values, rows put back in place (read/gguf_model.py)."""
+        import numpy as np
+
+        from lazymerge.read.gguf_model import decode_rows
+
+        raw = np.frombuffer(self._map(ref.file), np.uint8, count=ref.nbytes, offset=ref.offset)
+        rows = decode_rows(raw.reshape(ref.rows, -1), ref, row_start, row_stop)
+        if rows.dtype == np.uint8:  # a plain type's bytes, gathered
+            return torch.from_numpy(np.ascontiguousarray(rows)).view(DTYPES[ref.dtype])
+        return torch.from_numpy(rows)
 
     def _frombuffer(self, ref: TensorRef, offset: int, count: int) -> torch.Tensor:
         if count == 0:

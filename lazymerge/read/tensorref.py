@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,17 @@ def itemsize(code: str) -> int:
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """How a GGUF tensor's bytes hold its values (read/gguf.py): llama.cpp's type
+    (GGMLQuantizationType's value and name), whose blocks the reader decodes, and the head
+    count of the Q/K row permutation llama.cpp's converter applied, which it undoes."""
+
+    qtype: int
+    type_name: str
+    heads: int | None = None
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """Where one tensor's bytes live: file, dtype code, shape, absolute byte offset."""
 
@@ -32,10 +44,24 @@ class TensorRef:
     # Element strides when the bytes are not plain row-major (a .bin view); None when they are.
     strides: tuple[int, ...] | None = None
     span: int | None = None  # bytes reachable from `offset` when strided
+    # A GGUF tensor stored in llama.cpp's blocks or row order: `dtype` is what it reads as
+    # (F32 for a quantized type), `nbytes` what it takes in the file; None when plain.
+    blocks: Blocks | None = None
 
     @property
     def contiguous(self) -> bool:
+        """Plain row-major bytes of `dtype`: what a byte copy may take as it is."""
+        return self.strides is None and self.blocks is None
+
+    @property
+    def copyable(self) -> bool:
+        """Its values may be copied as they are: plain bytes, or a GGUF's rows decoded by
+        the copy itself (run/tensor.py); a strided .bin view goes through a method."""
         return self.strides is None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def rows(self) -> int:

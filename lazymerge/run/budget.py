@@ -9,7 +9,7 @@ import os
 
 from lazymerge.meaning.adapters import REPLACE
 from lazymerge.plan.model import COMPUTE, MergePlan, PlannedTensor
-from lazymerge.read.tensorref import itemsize
+from lazymerge.read.tensorref import TensorRef, itemsize
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 # Plain copies move at most this much per step, so the mapped input pages a copy makes
@@ -47,9 +47,17 @@ def _per_row(t: PlannedTensor) -> int:
     encoded = 2 * (t.nbytes // t.rows) if t.encoding is not None and t.rows else 0
     return (
         row_numel * (4 * fp32_rows + itemsize(t.dtype))
-        + sum(i.ref.row_nbytes for i in t.inputs)
+        + sum(read_row_bytes(i.ref) for i in t.inputs)
         + encoded
     )
+
+
+def read_row_bytes(ref: TensorRef) -> int:
+    """Bytes one row of an input holds while read: its mapped bytes; a GGUF tensor's
+    also gathered (permuted rows) and decoded, with the dequantizer's float32 temporaries."""
+    if ref.blocks is None:
+        return ref.row_nbytes
+    return 2 * ref.row_nbytes + 3 * 4 * (ref.numel // max(ref.rows, 1))
 
 
 def block_rows(t: PlannedTensor, budget: int) -> int:
@@ -88,7 +96,9 @@ def merge_threads() -> int:
 def working_memory(t: PlannedTensor, budget: int, threads: int) -> int:
     """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU
     with `threads` torch threads."""
-    if t.encoding is not None and t.action != COMPUTE and t.data is None:
+    if t.data is not None:
+        return t.nbytes
+    if t.action != COMPUTE and (t.encoding is not None or not t.inputs[0].ref.contiguous):
         return _encoded_copy(t, budget)
     if t.action != COMPUTE:
         return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
@@ -98,11 +108,11 @@ def working_memory(t: PlannedTensor, budget: int, threads: int) -> int:
 
 
 def _encoded_copy(t: PlannedTensor, budget: int) -> int:
-    """A GGUF tensor re-encoded from its input's map (run/tensor.py): blocks of mapped
-    rows and their encoded bytes (one in each lane, ENCODE_LANES + 1 queued), the
-    writer's queue of encoded bytes, and the lanes' temporaries."""
+    """A GGUF tensor re-encoded from its input's map, or a GGUF input's rows decoded
+    into safetensors (run/tensor.py): blocks of mapped rows and their encoded bytes (one
+    in each lane, ENCODE_LANES + 1 queued), the writer's queue, the lanes' temporaries."""
     rows = block_rows(t, budget)
-    per_row = t.inputs[0].ref.row_nbytes + t.nbytes // max(t.rows, 1)
+    per_row = read_row_bytes(t.inputs[0].ref) + t.nbytes // max(t.rows, 1)
     blocks = 2 * ENCODE_LANES + 1
     return blocks * rows * per_row + WRITE_QUEUE + ENCODE_LANES * ENCODE_TEMPS
 
@@ -119,7 +129,7 @@ def _computed(t: PlannedTensor, budget: int, threads: int) -> int:
         if term.kind == REPLACE:
             total += chunk * term.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most
         else:  # the whole factors in fp32, and this chunk's B rows (mapped and fp32)
-            total += sum(r.nbytes // itemsize(r.dtype) * 4 for r in term.refs())
+            total += sum(r.numel * 4 for r in term.refs())
             total += chunk * term.rank * 4 * 2
     return total
 

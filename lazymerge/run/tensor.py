@@ -75,10 +75,36 @@ def _encode_copy(ctx: ShardContext, t: PlannedTensor) -> None:
 
 
 def _copy(ctx: ShardContext, t: PlannedTensor) -> None:
-    if t.encoding is not None and not t.encoding.copies(t.dtype):
+    """One input's values as they are (the plan copies from exactly one input): its
+    bytes, or re-encoded for a GGUF, or a GGUF input's rows decoded."""
+    src, e = t.inputs[0].ref, t.encoding
+    if e is not None and src.blocks is not None and e.same_blocks(src.blocks):
+        _byte_copy(ctx, t)  # a GGUF input's blocks, already what the output holds
+    elif e is not None and (not e.copies(t.dtype) or not src.contiguous):
         _encode_copy(ctx, t)
-        return
-    src = t.inputs[0].ref  # the plan copies from exactly one input
+    elif not src.contiguous:
+        _decode_copy(ctx, t)
+    else:
+        _byte_copy(ctx, t)
+
+
+def _decode_copy(ctx: ShardContext, t: PlannedTensor) -> None:
+    """A GGUF input's values into safetensors: its rows decoded, block by block."""
+    src = t.inputs[0].ref
+    rows = memory.block_rows(t, ctx.budget)
+    row_bytes = t.nbytes // t.rows if t.rows else 0
+    for r0 in range(0, t.rows, rows):
+        r1 = min(r0 + rows, t.rows)
+        values = ctx.reader.rows(src, r0, r1)  # a decoded copy, in the output's dtype
+        ctx.reader.release(src, r0 * src.row_nbytes, r1 * src.row_nbytes)
+        ctx.writer.write(
+            t.offset + r0 * row_bytes, values.reshape(-1).view(torch.uint8).numpy().data
+        )
+        ctx.step((r1 - r0) * row_bytes)
+
+
+def _byte_copy(ctx: ShardContext, t: PlannedTensor) -> None:
+    src = t.inputs[0].ref
     chunk = max(min(ctx.budget, memory.COPY_CHUNK), 1)
     for start in range(0, src.nbytes, chunk):
         stop = min(start + chunk, src.nbytes)

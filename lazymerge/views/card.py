@@ -13,7 +13,7 @@ import yaml
 from lazymerge import __version__
 from lazymerge.errors import LazyMergeError
 from lazymerge.plan.model import MergePlan
-from lazymerge.read.config import model_dir, read_config
+from lazymerge.read.config import checkpoint_config
 from lazymerge.views import nmodel
 from lazymerge.views.plot import PictureJob, plot_blend
 from lazymerge.views.report import human_bytes, ratio_table
@@ -132,7 +132,7 @@ def hub_ids_of(model: Path) -> list[str]:
     made up from a folder name). Its README's `base_model` is not used: that names the
     model it was made from, not the model itself."""
     try:
-        config = read_config(model_dir(model)) or {}
+        config = checkpoint_config(model) or {}
     except LazyMergeError:
         config = {}
     named = config.get("_name_or_path")

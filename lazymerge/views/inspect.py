@@ -13,8 +13,8 @@ from lazymerge.meaning.adapters import CONFIG, LoraAdapter
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
 from lazymerge.meaning.order import order_of
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.config import model_dir, read_config
-from lazymerge.read.tensorref import TensorRef, itemsize
+from lazymerge.read.config import checkpoint_config
+from lazymerge.read.tensorref import TensorRef
 from lazymerge.views.report import human_bytes
 
 SHORT_LISTING = 12
@@ -78,8 +78,8 @@ def _dtypes(refs: list[TensorRef]) -> str:
 def _checkpoint(path: Path, show_all: bool) -> str:
     index = CheckpointIndex.open(path)
     refs = list(index)
-    params = sum(r.nbytes // itemsize(r.dtype) for r in refs)
-    cfg = read_config(model_dir(index.path))
+    params = sum(r.numel for r in refs)
+    cfg = checkpoint_config(index.path)
     stack, why = _stack(index, cfg)
     arch = ""
     if cfg is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from lazymerge.plan.gguf import ALIGNMENT
 from lazymerge.plan.model import MergePlan
 from lazymerge.read.config import model_dir
+from lazymerge.read.gguf import is_gguf
 
 # general.file_type: llama.cpp's LLAMA_FTYPE for each quant (the mixes name theirs).
 FILE_TYPES = {
@@ -38,7 +39,7 @@ def gguf_header(plan: MergePlan, name: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="lazymerge-gguf-") as tmp:
         path = Path(tmp) / "header.gguf"
         w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-        write_metadata(w, config, model_dir(plan.base.path), tokenizer=out.tokenizer, name=name)
+        write_metadata(w, config, _tokenizer_source(plan), tokenizer=out.tokenizer, name=name)
         w.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[out.quant]]))
         for t in plan.tensors:
             e = t.encoding
@@ -51,3 +52,9 @@ def gguf_header(plan: MergePlan, name: str) -> bytes:
         w.close()
         header = path.read_bytes()
     return header + bytes(-len(header) % ALIGNMENT)
+
+
+def _tokenizer_source(plan: MergePlan) -> Path:
+    """Where the tokenizer comes from: the base's directory, or a GGUF base itself."""
+    path = plan.base.path
+    return path if path.is_file() and is_gguf(path) else model_dir(path)

@@ -55,14 +55,16 @@ def write_metadata(
         >>> w = gguf.GGUFWriter(path, "llama")
         >>> write_metadata(w, config, base_dir, name="my-merge")
     """
-    where = str(model_dir / "config.json")
+    where = str(model_dir if model_dir.is_file() else model_dir / "config.json")
     arch = arch_of(config, where)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name or model_dir.name)
+    w.add_name(name or model_dir.stem)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_hparams(w, config, arch)
     _write_rope(w, config, where)
-    if tokenizer:
+    if tokenizer and model_dir.is_file():  # a GGUF base: its tokenizer keys as they are
+        copy_tokenizer(w, model_dir, int(config["vocab_size"]))
+    elif tokenizer:
         add_tokenizer(w, model_dir, int(config["vocab_size"]))
 
 
@@ -111,6 +113,27 @@ def _write_rope(w: gguf.GGUFWriter, config: dict[str, Any], where: str) -> None:
             f"{where}: rope_type {kind!r}: not supported yet in GGUF output "
             f"(lazymerge writes default, linear, yarn and llama3); write safetensors"
         )
+
+
+def copy_tokenizer(w: gguf.GGUFWriter, path: Path, n_vocab: int) -> None:
+    """The `tokenizer.*` keys of the GGUF at `path`, with their value types, as they are."""
+    from lazymerge.read.gguf import read_gguf
+
+    g = read_gguf(path)
+    tokens = g.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise InputError(
+            f"{path}: no tokenizer.ggml.tokens; pass --no-tokenizer to write the GGUF without "
+            "a tokenizer (llama.cpp refuses those)"
+        )
+    if len(tokens) != n_vocab:
+        raise InputError(
+            f"{path}: {len(tokens)} tokens for {n_vocab} embedding rows; llama.cpp refuses that"
+        )
+    for key, field in g.fields.items():
+        if key.startswith("tokenizer."):
+            item = gguf.GGUFValueType(field.item_type) if field.item_type is not None else None
+            w.add_key_value(key, field.value, gguf.GGUFValueType(field.vtype), sub_type=item)
 
 
 def check_tokenizer(model_dir: Path, n_vocab: int) -> None:
