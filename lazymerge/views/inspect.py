@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -32,29 +33,26 @@ def describe(path: Path, show_all: bool = False) -> str:
 
 def _gguf(path: Path, show_all: bool) -> str:
     """A GGUF file (lazymerge's output, or llama.cpp's): architecture, types, tensors."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
 
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise LazyMergeError(f"{path}: not a readable GGUF ({e})") from None
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else "?"
-    tensors = reader.tensors
-    types = Counter(GGMLQuantizationType(t.tensor_type).name for t in tensors)
-    params = sum(int(np.prod(t.shape)) for t in tensors)
-    layers = reader.fields.get(f"{arch}.block_count")
+    from lazymerge.read.gguf import read_gguf
+
+    g = read_gguf(path)
+    arch = g.get("general.architecture") or "?"
+    tensors = g.tensors
+    types = Counter(GGMLQuantizationType(t.qtype).name for t in tensors)
+    params = sum(math.prod(t.dims) for t in tensors)
+    layers = g.get(f"{arch}.block_count")
     shown = tensors if show_all else tensors[:SHORT_LISTING]
     width = max((len(t.name) for t in shown), default=0)
     lines = [
         f"gguf: {path} ({human_bytes(path.stat().st_size)})",
-        f"architecture: {arch}; decoder layers: {layers.contents() if layers else '?'}; "
-        f"tokenizer: {'yes' if 'tokenizer.ggml.tokens' in reader.fields else 'none'}",
+        f"architecture: {arch}; decoder layers: {layers if layers is not None else '?'}; "
+        f"tokenizer: {'yes' if 'tokenizer.ggml.tokens' in g.fields else 'none'}",
         f"tensors: {len(tensors)} ({', '.join(f'{k} x{n}' for k, n in types.most_common())}); "
         f"parameters: {params:,}",
-        *(f"  {t.name:<{width}}  {GGMLQuantizationType(t.tensor_type).name:<5} "
-          f"{list(reversed([int(n) for n in t.shape]))}" for t in shown),
+        *(f"  {t.name:<{width}}  {GGMLQuantizationType(t.qtype).name:<5} {list(t.shape)}"
+          for t in shown),
     ]  # fmt: skip
     if len(shown) < len(tensors):
         lines.append(f"  ... {len(tensors) - len(shown)} more (--all lists every tensor)")
