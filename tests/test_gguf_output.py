@@ -419,3 +419,60 @@ def test_llama_cpp_loads_it_with_the_transformers_logits(
         want = ref(torch.tensor([ids])).logits[0].numpy()
     tolerance = 0.005 if quant == "f16" else 0.05  # measured: 0.0004, 0.019 of the max
     assert np.abs(ours - want).max() <= tolerance * np.abs(want).max()
+
+
+def test_split_files_as_gguf_split_names_and_cuts_them(
+    recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--shard-size` on a GGUF asks for split files: named as llama.cpp's gguf-split
+    names them, cut where gguf-py's writer cuts (a new file when the next tensor would
+    take this one's data past the size), the metadata in the first, split.no/count/
+    tensors.count in each; together the one-file GGUF's tensors, byte for byte."""
+    whole = merge_gguf(recipe, "q8_0")
+    out = recipe.parent / "split"
+    flags = ["--format", "gguf", "--quant", "q8_0", "--shard-size", "500KB"]
+    assert run_cli("plan", recipe, *flags) == 0
+    assert "model-q8_0-00001-of-00004.gguf" in capsys.readouterr().out
+    assert run_cli("merge", recipe, "-o", out, "-q", *flags) == 0
+    files = sorted(out.glob("*.gguf"))
+    assert [f.name for f in files] == [f"model-q8_0-{i:05d}-of-00004.gguf" for i in range(1, 5)]
+    one, _ = read_gguf(whole)
+    got: dict[str, bytes] = {}
+    sizes = []
+    for i, f in enumerate(files):
+        reader, tensors = read_gguf(f)
+        keys = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+        assert keys["split.no"] == i and keys["split.count"] == 4
+        assert keys["split.tensors.count"] == len(one.tensors)
+        if i == 0:  # the metadata, as the one file's (general.name: the directory)
+            want = {k: v.contents() for k, v in one.fields.items() if not k.startswith("GGUF.")}
+            assert {
+                k: v for k, v in keys.items() if not k.startswith(("split.", "general.name"))
+            } == {k: v for k, v in want.items() if k != "general.name"}
+        else:
+            assert set(keys) == {"split.no", "split.count", "split.tensors.count"}
+        got |= {n: np.asarray(t.data).tobytes() for n, t in tensors.items()}
+        sizes.append(sum(int(t.n_bytes) for t in tensors.values()))
+    assert got == {t.name: np.asarray(t.data).tobytes() for t in one.tensors}
+    limit = 500_000  # each file's data within the size, but for a file of one tensor
+    assert all(size <= limit for size in sizes)
+    assert run_cli("verify", out) == 0
+    assert "4 GGUF split files" in capsys.readouterr().out
+    assert run_cli("merge", recipe, "-o", out, "-q", "--resume", *flags) == 0
+
+
+def test_llama_cpp_loads_split_files_as_the_one_file(recipe: Path) -> None:
+    """Optional (llama-cpp-python): llama.cpp loads the first split and finds the rest
+    by name; the same logits as the one-file GGUF."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = recipe.parent / "split-llama"
+    flags = ["--format", "gguf", "--quant", "q8_0", "--shard-size", "600KB"]
+    assert run_cli("merge", recipe, "-o", out, "-q", *flags) == 0
+    ids = [1, 5, 9, 17, 33]
+    scores = []
+    for path in (merge_gguf(recipe, "q8_0"), sorted(out.glob("*.gguf"))[0]):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+        llm.eval(ids)
+        scores.append(np.array(llm.scores[: len(ids)]))
+    assert len(list(out.glob("*.gguf"))) > 1
+    assert np.array_equal(scores[0], scores[1])

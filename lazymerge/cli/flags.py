@@ -53,7 +53,9 @@ ALLOW_NOOP = (
 def _plan_options(dtype_help: str) -> Decorator:
     return apply([
         click.option("--dtype", help=dtype_help),
-        click.option("--shard-size", help="Largest output shard, e.g. 2GB, 500MiB (default 2GB)."),
+        click.option("--shard-size",
+                     help="Largest output shard, e.g. 2GB, 500MiB (default 2GB); a GGUF is one file "
+                     "unless given, then split files named as llama.cpp's gguf-split names them."),
         click.option("--max-memory", default=None,
                      help=f"Working-buffer budget, e.g. 512MiB (default {DEFAULT_MAX_MEMORY // 2**20}MiB); "
                      "larger tensors are processed in row blocks (of at least 64 rows)."),
@@ -154,7 +156,7 @@ def limit_warnings(plan: MergePlan, budget: int) -> list[str]:
     from lazymerge.views.report import human_bytes
 
     lines = []
-    shard_size = plan.recipe.output.shard_size
+    shard_size = plan.recipe.output.shard_limit
     largest = largest_oversized([t.nbytes for t in plan.tensors], shard_size)
     if largest is not None:
         lines.append(

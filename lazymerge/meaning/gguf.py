@@ -10,7 +10,6 @@ permuted: its `llama` graph applies rope to interleaved pairs, transformers to h
 
 from __future__ import annotations
 
-import math
 import re
 from functools import cache
 from typing import Any
@@ -19,6 +18,7 @@ import gguf
 import numpy as np
 
 from lazymerge.errors import InputError
+from lazymerge.read.gguf_model import llama3_freqs
 
 ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,
@@ -148,8 +148,4 @@ def rope_freqs(arch: gguf.MODEL_ARCH, config: dict[str, Any]) -> np.ndarray | No
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
-    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    out = np.where(wavelen < old_ctx / high, 1.0, 1 / ((1 - smooth) / factor + smooth))
-    return np.where(wavelen > old_ctx / low, factor, out).astype(np.float32)
+    return llama3_freqs(dim, base, factor, low, high, old_ctx)

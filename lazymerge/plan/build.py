@@ -87,7 +87,7 @@ def _build(recipe: Recipe) -> MergePlan:
     )
     ratios = all_ratios([r.name for r in kept], recipe.gradient, stack) if other else {}
     planned = [_plan_tensor(sources, ref, ratios.get(ref.name, 0.0)) for ref in kept]
-    tensors, shards = shard(planned, recipe.output.shard_size)
+    tensors, shards = shard(planned, recipe.output.shard_limit)
     dropped = tuple(r.name for r in base if DROPPED.search(r.name))
     notes = tuple(renamed(uses)) + vocab_notes(tensors)
     return MergePlan(

@@ -90,7 +90,7 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
     )
     planned = [plan_tensor(merge, ref.name) for ref in kept]
     check_filters([merge], [t.name for t in planned])
-    tensors, shards = build.shard(planned, recipe.output.shard_size)
+    tensors, shards = build.shard(planned, recipe.output.shard_limit)
     dropped = tuple(r.name for r in base if build.DROPPED.search(r.name))
     notes = tuple(build.renamed(uses))
     others = tuple(m.index for m in merge.models[1:])

@@ -55,7 +55,7 @@ def build_sliced_plan(recipe: Recipe) -> MergePlan:
     groups = [replace(g, stack=stack) for g in groups]
     planned = _tensors(groups, donor, stack)
     check_filters(groups, [t.name for t in planned])
-    tensors, shards = build.shard(planned, recipe.output.shard_size)
+    tensors, shards = build.shard(planned, recipe.output.shard_limit)
     config = out_config(spec.slices, opened, donor, count)
     dropped = tuple(r.name for r in donor.index if build.DROPPED.search(r.name))
     others = tuple(o.index for m, o in opened.items() if m != recipe.base)

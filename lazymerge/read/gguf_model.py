@@ -224,7 +224,7 @@ def _llama3_rope(g: GgufFile, freqs: GgufTensor, config: dict[str, Any]) -> dict
         have = np.frombuffer(f.read(freqs.nbytes), "<f4")
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     for factor, low, high, ctx in LLAMA3_ROPES:
-        if np.array_equal(have, _llama3_freqs(dim, config["rope_theta"], factor, low, high, ctx)):
+        if np.array_equal(have, llama3_freqs(dim, config["rope_theta"], factor, low, high, ctx)):
             return {
                 "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                 "high_freq_factor": high, "original_max_position_embeddings": ctx,
@@ -235,11 +235,12 @@ def _llama3_rope(g: GgufFile, freqs: GgufTensor, config: dict[str, Any]) -> dict
     )
 
 
-def _llama3_freqs(
+def llama3_freqs(
     dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int
 ) -> np.ndarray:
-    """llama.cpp's converter's rope_freqs for these parameters (meaning/gguf.rope_freqs
-    writes them; read here to recognise them)."""
+    """llama.cpp's converter's rope_freqs.weight for Llama 3's rope scaling with these
+    parameters: each frequency's divisor (meaning/gguf.rope_freqs writes them; read
+    here to recognise them)."""
     import numpy as np
 
     freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)

@@ -15,7 +15,6 @@ from lazymerge.errors import RecipeError
 from lazymerge.recipe import models
 from lazymerge.recipe.slices import Syntax, parse_span
 from lazymerge.recipe.spec import (
-    DEFAULT_SHARD_SIZE,
     DTYPE_NAMES,
     GGUF_QUANTS,
     Format,
@@ -212,8 +211,8 @@ def _rule(value: object, where: str) -> GradientRule:
 def _output(value: object, where: str) -> OutputSpec:
     d = _mapping(value, where, {"dtype", "shard_size", "format", "quant", "tokenizer"})
     dtype = parse_dtype(d["dtype"], f"{where}.dtype") if d.get("dtype") is not None else None
-    size = d.get("shard_size", DEFAULT_SHARD_SIZE)
-    out = OutputSpec(dtype, parse_size(size, f"{where}.shard_size"))
+    size = d.get("shard_size")
+    out = OutputSpec(dtype, parse_size(size, f"{where}.shard_size") if size is not None else None)
     tokenizer = d.get("tokenizer", True)
     if not isinstance(tokenizer, bool):
         raise RecipeError(f"{where}.tokenizer: expected true or false, got {tokenizer!r}")

@@ -149,10 +149,17 @@ class OutputSpec:
     whose tensors hold the same values encoded as `quant` (write/quants.py)."""
 
     dtype: str | None = None  # safetensors code (F16, BF16, F32); None: the base's
-    shard_size: int = DEFAULT_SHARD_SIZE
+    # Largest shard; None: DEFAULT_SHARD_SIZE for safetensors, one file for a GGUF (set, a
+    # GGUF is split as llama.cpp's gguf-split splits one: plan/gguf.py).
+    shard_size: int | None = None
     format: Format = "safetensors"
     quant: str | None = None  # gguf only: one of GGUF_QUANTS
     tokenizer: bool = True  # gguf only: False writes no tokenizer keys (llama.cpp refuses it)
+
+    @property
+    def shard_limit(self) -> int:
+        """The largest safetensors shard."""
+        return self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,9 @@ class Recipe:
         if self.other is not None:
             data["other"] = model(self.other)
             data["gradient"] = [rule(r) for r in self.gradient]
-        output: dict[str, Any] = {"shard_size": self.output.shard_size}
+        output: dict[str, Any] = {}
+        if self.output.shard_size is not None:  # (unset: 2 GB shards, or one GGUF file)
+            output["shard_size"] = self.output.shard_size
         if self.output.dtype is not None:
             output["dtype"] = DTYPE_LABELS[self.output.dtype]
         if self.output.format == "gguf":

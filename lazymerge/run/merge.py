@@ -50,10 +50,11 @@ def with_header(plan: MergePlan, name: str) -> MergePlan:
     line if they cannot be written, before the output directory is touched."""
     if plan.recipe.output.format != "gguf":
         return plan
-    from lazymerge.write.gguf import gguf_header
+    from lazymerge.write.gguf import gguf_headers
 
-    shard = replace(plan.shards[0], header=gguf_header(plan, name))
-    return replace(plan, shards=(shard,))
+    headers = gguf_headers(plan, name)
+    shards = tuple(replace(s, header=h) for s, h in zip(plan.shards, headers, strict=True))
+    return replace(plan, shards=shards)
 
 
 def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -> MergeResult:

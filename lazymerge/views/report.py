@@ -135,9 +135,10 @@ def _counts(plan: MergePlan) -> str:
 def shard_sizes(plan: MergePlan) -> list[int]:
     """Each output shard's file size, header included, as the writer will make it."""
     if plan.recipe.output.format == "gguf":  # its header holds the tokenizer: build it
-        from lazymerge.write.gguf import gguf_header
+        from lazymerge.write.gguf import gguf_headers
 
-        return [len(gguf_header(plan, "merge")) + plan.shards[0].data_size]
+        headers = gguf_headers(plan, "merge")
+        return [len(h) + s.data_size for h, s in zip(headers, plan.shards, strict=True)]
     return [len(build_header(s.tensors)) + s.data_size for s in plan.shards]
 
 
@@ -167,7 +168,7 @@ def plan_text(plan: MergePlan, budget: int) -> str:
         + (
             "in one GGUF file:"
             if plan.recipe.output.format == "gguf"
-            else f"in {len(sizes)} shard(s) of at most {human_bytes(plan.recipe.output.shard_size)}:"
+            else f"in {len(sizes)} shard(s) of at most {human_bytes(plan.recipe.output.shard_limit)}:"
         ),
         *(
             f"  {s.name}  {human_bytes(n)}  ({len(s.tensors)} tensors)"

@@ -105,29 +105,36 @@ def _check_finite(tensors: list[TensorRef]) -> None:
 
 
 def _verify_gguf(out: Path, manifest: dict[str, Any], deep: bool) -> str:
-    """A GGUF output: the file's size and sha256 as recorded, gguf-py reads it, it holds
-    exactly the tensors the manifest names; `deep`: every value finite, dequantized."""
+    """A GGUF output (one file, or its splits): each file's size and sha256 as recorded,
+    gguf-py reads it, together they hold exactly the tensors the manifest names; `deep`:
+    every value finite, dequantized."""
     from gguf import GGUFReader
 
-    name, rec = next(iter(manifest.get("shards", {}).items()))
-    path = out / name
-    if not path.is_file() or path.stat().st_size != rec.get("size"):
-        raise OutputError(f"{path}: missing or not the {rec.get('size')} bytes the manifest says")
-    if file_sha256(path) != rec.get("sha256"):
-        raise OutputError(f"{path}: sha256 differs from the manifest; the file is damaged")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise OutputError(f"{path}: not a readable GGUF ({e})") from None
+    held: set[str] = set()
+    shards: dict[str, Any] = manifest.get("shards", {})
+    for name, rec in shards.items():
+        path = out / name
+        if not path.is_file() or path.stat().st_size != rec.get("size"):
+            raise OutputError(
+                f"{path}: missing or not the {rec.get('size')} bytes the manifest says"
+            )
+        if file_sha256(path) != rec.get("sha256"):
+            raise OutputError(f"{path}: sha256 differs from the manifest; the file is damaged")
+        try:
+            reader = GGUFReader(path)
+        except (ValueError, OSError) as e:
+            raise OutputError(f"{path}: not a readable GGUF ({e})") from None
+        held |= {t.name for t in reader.tensors}
+        if deep:
+            _gguf_finite(path, reader)
     want = {d["gguf"]["name"] for d in manifest.get("tensors", {}).values() if "gguf" in d}
-    held = {t.name for t in reader.tensors}
     if held != want:
         odd = sorted(held ^ want)[0]
-        raise OutputError(f"{path}: tensor {odd} is in one of the file and its manifest only")
-    if deep:
-        _gguf_finite(path, reader)
+        raise OutputError(f"{out}: tensor {odd} is in one of the GGUF and its manifest only")
+    total = sum(rec["size"] for rec in shards.values())
+    files = "1 GGUF file" if len(shards) == 1 else f"{len(shards)} GGUF split files"
     return (
-        f"{out}: sound - 1 GGUF file, {len(held)} tensors, {human_bytes(rec['size'])}, "
+        f"{out}: sound - {files}, {len(held)} tensors, {human_bytes(total)}, "
         f"sha256 verified{', all values finite' if deep else ''}"
     )
 

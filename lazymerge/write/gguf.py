@@ -24,9 +24,10 @@ FILE_TYPES = {
 }  # fmt: skip
 
 
-def gguf_header(plan: MergePlan, name: str) -> bytes:
-    """The header bytes of `plan`'s GGUF, up to its first tensor's data; `name` is the
-    model's general.name."""
+def gguf_headers(plan: MergePlan, name: str) -> tuple[bytes, ...]:
+    """The header bytes of each file of `plan`'s GGUF (one, or its splits), up to its
+    first tensor's data; `name` is the model's general.name. A split GGUF's first file
+    holds the metadata, every file the split keys, as gguf-py's writer writes them."""
     import gguf
     import numpy as np
 
@@ -38,7 +39,8 @@ def gguf_header(plan: MergePlan, name: str) -> bytes:
     arch = arch_of(config, f"{plan.base.path}/config.json")
     with tempfile.TemporaryDirectory(prefix="lazymerge-gguf-") as tmp:
         path = Path(tmp) / "header.gguf"
-        w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+        split = out.shard_size if len(plan.shards) > 1 else 0
+        w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch], split_max_size=split or 0)
         write_metadata(w, config, _tokenizer_source(plan), tokenizer=out.tokenizer, name=name)
         w.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[out.quant]]))
         for t in plan.tensors:
@@ -46,12 +48,16 @@ def gguf_header(plan: MergePlan, name: str) -> bytes:
             assert e is not None  # every tensor of a GGUF plan has one
             qtype = gguf.GGMLQuantizationType(e.qtype)
             w.add_tensor_info(e.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=qtype)
+        # plan/gguf.py cut the files by gguf-py's rule: the same tensors in each
+        cut = [[t.encoding.name for t in s.tensors if t.encoding] for s in plan.shards]
+        assert [list(files) for files in w.tensors] == cut, "GGUF splits differ from gguf-py's"
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         w.close()
-        header = path.read_bytes()
-    return header + bytes(-len(header) % ALIGNMENT)
+        files = w.format_shard_names(path)
+        headers = [f.read_bytes() for f in files]
+    return tuple(h + bytes(-len(h) % ALIGNMENT) for h in headers)
 
 
 def _tokenizer_source(plan: MergePlan) -> Path:
