@@ -442,3 +442,28 @@ def test_valid_ggufs_parse_as_gguf_py_reads_them(ggufs: dict[str, Path]) -> None
             if not key.startswith("GGUF."):
                 want = field.contents()
                 assert ours.get(key) == want or np.allclose(ours.get(key), want), key
+
+
+def test_a_split_gguf_base_is_read_whole(ggufs: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A split GGUF (gguf-split's files) named by its first file: every file's tensors,
+    the same values as the one file; a later split named, or one missing, is one line."""
+    split = tmp_path / "split"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"base": {"model": str(ggufs["q8_0"]), "loras": [
+        {"path": str(ggufs["lora"]), "weight": 1.0}]}}))  # fmt: skip
+    flags = ("--format", "gguf", "--quant", "q8_0", "--shard-size", "400KB")
+    assert run_cli("merge", recipe, "-o", split, "-q", *flags) == 0
+    files = sorted(split.glob("*.gguf"))
+    assert len(files) > 2
+    assert run_cli("merge", recipe, "-o", tmp_path / "one", "-q", *flags[:4]) == 0
+    whole = read_all(tmp_path / "one" / "model-q8_0.gguf")
+    parts = read_all(files[0])
+    assert parts.keys() == whole.keys()
+    assert all(torch.equal(parts[n], whole[n]) for n in whole)
+    assert checkpoint_config(files[0]) == checkpoint_config(tmp_path / "one" / "model-q8_0.gguf")
+    out = tmp_path / "out"
+    assert "name the first file" in error_of(capsys, "lora", files[1], ggufs["lora"], "--weight", "1", "-o", out)  # fmt: skip
+    files[-1].unlink()
+    assert f"split file {files[-1].name} is missing" in error_of(capsys, "lora", files[0], ggufs["lora"], "--weight", "1", "-o", out)  # fmt: skip
+    assert not out.exists()

@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import itertools
 import mmap
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ SCALARS = {
     12: "d",
 }
 STRING, ARRAY = 8, 9
+SPLIT_NO, SPLIT_COUNT = "split.no", "split.count"  # a split GGUF's keys (gguf-split)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class GgufTensor:
     qtype: int
     offset: int  # absolute, in the file
     nbytes: int
+    path: Path  # the file (of a split GGUF's files) that holds it
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -121,10 +124,54 @@ def _read(path: Path, mtime_ns: int, size: int) -> GgufFile:
 
 
 def header_bytes(path: Path) -> bytes:
-    """The header of a GGUF, up to its data (what a fingerprint of its metadata hashes)."""
+    """The header of one GGUF file, up to its data: what a fingerprint of it hashes."""
     g = read_gguf(path)
     with open(path, "rb") as f:
         return f.read(g.data_start)
+
+
+def read_model(path: Path) -> GgufFile:
+    """A GGUF model: one file, or (`path` its first split) every split of it together:
+    the first file's metadata, every file's tensors."""
+    files = split_files(path)
+    if len(files) == 1:
+        return files[0]
+    tensors = tuple(t for g in files for t in g.tensors)
+    if len({t.name for t in tensors}) < len(tensors):
+        raise InputError(f"{path}: a tensor is in two of its split files; the files are damaged")
+    return replace(files[0], tensors=tensors)
+
+
+def split_files(path: Path) -> tuple[GgufFile, ...]:
+    """The files of the GGUF whose first file is `path`: itself, or its splits, found by
+    llama.cpp's gguf-split names (`<prefix>-00001-of-00003.gguf`) and checked by their
+    split.no, split.count and split.tensors.count keys."""
+    first = read_gguf(path)
+    count = first.get(SPLIT_COUNT)
+    if count is None or count == 1:
+        return (first,)
+    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", path.name)
+    if first.get(SPLIT_NO) != 0 or m is None or int(m.group(3)) != count:
+        raise InputError(
+            f"{path}: split {first.get(SPLIT_NO)} of a {count}-file GGUF; name the first "
+            "file, <name>-00001-of-<count>.gguf, and keep the others beside it"
+        )
+    files = [first]
+    for i in range(1, count):
+        other = path.with_name(f"{m.group(1)}-{i + 1:05d}-of-{count:05d}.gguf")
+        if not other.is_file():
+            raise InputError(f"{path}: split file {other.name} is missing beside it")
+        g = read_gguf(other)
+        if (g.get(SPLIT_NO), g.get(SPLIT_COUNT)) != (i, count):
+            raise InputError(f"{other}: its split keys do not say file {i + 1} of {count}")
+        files.append(g)
+    total = sum(len(g.tensors) for g in files)
+    if first.get("split.tensors.count") != total:
+        raise InputError(
+            f"{path}: split.tensors.count is {first.get('split.tensors.count')} but the "
+            f"{count} files hold {total} tensors; a file is damaged or from another model"
+        )
+    return tuple(files)
 
 
 def _parse(path: Path, cur: _Cursor, size: int) -> GgufFile:
@@ -193,7 +240,7 @@ def _placed(
                 f"{path}: tensor {name!r}'s data (offset {offset}, {nbytes} bytes) {where}; "
                 "the file is truncated or damaged"
             )
-        out[name] = GgufTensor(name, dims, qtype, start + offset, nbytes)
+        out[name] = GgufTensor(name, dims, qtype, start + offset, nbytes, path)
     _check_overlaps(path, list(out.values()))
     return tuple(out.values())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import InputError
-from lazymerge.read.gguf import GgufFile, GgufTensor, read_gguf
+from lazymerge.read.gguf import GgufFile, GgufTensor, read_model
 from lazymerge.read.tensorref import Blocks, TensorRef
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ LLAMA3_ROPES = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 1.0, 4.0, 
 
 def gguf_tensors(path: Path) -> dict[str, TensorRef]:
     """The tensors of a GGUF file under transformers' names, in the file's order."""
-    g = read_gguf(path)
+    g = read_model(path)
     arch = family(g)
     heads = _heads(g, arch)
     refs = {}
@@ -56,7 +56,7 @@ def gguf_tensors(path: Path) -> dict[str, TensorRef]:
                 f"{path}: tensor {t.name!r} has no transformers name in a {arch} model; "
                 "lazymerge reads GGUF llama, qwen2 and qwen3 models"
             )
-        refs[name] = _ref(path, name, t, heads.get(t.name.split(".")[-2]))
+        refs[name] = _ref(name, t, heads.get(t.name.split(".")[-2]))
     return refs
 
 
@@ -91,11 +91,10 @@ def _heads(g: GgufFile, arch: str) -> dict[str, int]:
     return {"attn_q": n_head, "attn_k": _int(g, f"{arch}.attention.head_count_kv", n_head)}
 
 
-def _ref(path: Path, name: str, t: GgufTensor, heads: int | None) -> TensorRef:
+def _ref(name: str, t: GgufTensor, heads: int | None) -> TensorRef:
     from gguf import GGMLQuantizationType
 
-    shape = t.shape
-    dtype = PLAIN.get(t.qtype)
+    path, shape, dtype = t.path, t.shape, PLAIN.get(t.qtype)
     if heads is not None and shape[0] % (2 * heads):
         raise InputError(
             f"{path}: {t.name} has {shape[0]} rows, not pairs of rows for each of {heads} "
@@ -144,7 +143,7 @@ def decode_rows(raw: np.ndarray, ref: TensorRef, start: int, stop: int) -> np.nd
 def gguf_config(path: Path) -> dict[str, Any]:
     """A config.json for the GGUF's model, from its metadata (transformers' GGUF loader
     builds the same keys)."""
-    g = read_gguf(path)
+    g = read_model(path)
     arch = family(g)
     n_head = _int(g, f"{arch}.attention.head_count")
     embd = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
@@ -219,7 +218,7 @@ def _llama3_rope(g: GgufFile, freqs: GgufTensor, config: dict[str, Any]) -> dict
         raise InputError(f"{g.path}: rope_freqs.weight is not F32; the file is damaged")
     import numpy as np
 
-    with open(g.path, "rb") as f:
+    with open(freqs.path, "rb") as f:
         f.seek(freqs.offset)
         have = np.frombuffer(f.read(freqs.nbytes), "<f4")
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

@@ -119,7 +119,7 @@ def copy_tokenizer(w: gguf.GGUFWriter, path: Path, n_vocab: int) -> None:
     """The `tokenizer.*` keys of the GGUF at `path`, with their value types, as they are."""
     from lazymerge.read.gguf import read_gguf
 
-    g = read_gguf(path)
+    g = read_gguf(path)  # (a split GGUF's first file: the metadata)
     tokens = g.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list):
         raise InputError(
