@@ -110,6 +110,21 @@ def tensor_name(arch: gguf.MODEL_ARCH, hf_name: str, n_layers: int) -> str:
     return str(name)
 
 
+# A MoE's per-expert tensor (`mlp.experts.3.up_proj.weight`, Mixtral's
+# `block_sparse_moe.experts.3.w1.weight`): llama.cpp's converter stacks the experts of each
+# projection into one tensor, named as the name without the expert number.
+EXPERT = re.compile(r"(?P<head>.+\.experts)\.(?P<e>\d+)\.(?P<tail>.+)")
+
+
+def gguf_target(arch: gguf.MODEL_ARCH, hf_name: str, n_layers: int) -> tuple[str, int | None]:
+    """llama.cpp's tensor for the Hugging Face tensor `hf_name`, and the expert it is
+    within that tensor (None: the whole tensor)."""
+    m = EXPERT.fullmatch(hf_name)
+    if m is None:
+        return tensor_name(arch, hf_name, n_layers), None
+    return tensor_name(arch, f"{m['head']}.{m['tail']}", n_layers), int(m["e"])
+
+
 def permuted_heads(arch: gguf.MODEL_ARCH, hf_name: str, config: dict[str, Any]) -> int | None:
     """The head count whose row permutation (row_order) llama.cpp's converter applies to
     this tensor: the query heads for q_proj, the key/value heads for k_proj; else None."""

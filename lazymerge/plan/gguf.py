@@ -10,6 +10,7 @@ offsets are known before a byte is read (the header is written first).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,11 +23,8 @@ SPLIT_NAME = "{:s}-{:05d}-of-{:05d}.gguf"  # gguf-split's and gguf-py's split fi
 
 
 def to_gguf(plan: MergePlan) -> MergePlan:
-    """`plan` (its safetensors tensors) as one GGUF file."""
-    from gguf import GGMLQuantizationType
-
-    from lazymerge.meaning.gguf import ROPE_FREQS, arch_of, permuted_heads, rope_freqs, tensor_name
-    from lazymerge.meaning.gguf_types import row_bytes, tensor_type
+    """`plan` (its safetensors tensors) as one GGUF file, or its splits."""
+    from lazymerge.meaning.gguf import ROPE_FREQS, arch_of, gguf_target, rope_freqs
 
     out = plan.recipe.output
     assert out.quant is not None  # recipe/parse.py checks a GGUF has one
@@ -35,40 +33,86 @@ def to_gguf(plan: MergePlan) -> MergePlan:
             f"{plan.base.path}: no config.json; a GGUF needs the architecture it describes"
         )
     arch = arch_of(plan.config, f"{plan.base.path}/config.json")
-    n_layers = plan.stack.count
-    names = {t.name: tensor_name(arch, t.name, n_layers) for t in plan.tensors}
+    targets = {t.name: gguf_target(arch, t.name, plan.stack.count) for t in plan.tensors}
     facts = {
-        "tied_embeddings": "output.weight" not in names.values(),
-        "llm_70b": _llm_70b(arch, plan.config, n_layers),
+        "tied_embeddings": "output.weight" not in {name for name, _ in targets.values()},
+        "llm_70b": _llm_70b(arch, plan.config, plan.stack.count),
     }
-    placed = []
-    for t in plan.tensors:
-        name = names[t.name]
-        qtype = tensor_type(out.quant, name, t.shape, n_layers, **facts)
-        heads = permuted_heads(arch, t.name, plan.config)
-        encoding = Encoding(name, int(qtype), GGMLQuantizationType(qtype).name, heads)
-        columns = t.shape[-1] if len(t.shape) > 1 else 1
-        placed.append(_encoded(t, encoding, t.rows * row_bytes(columns, qtype)))
+    units = [
+        _unit(plan, arch, name, members, facts)
+        for name, members in _stacks(plan.tensors, targets).items()
+    ]
     freqs = rope_freqs(arch, plan.config)
     if freqs is not None:  # Llama 3.1's rope scaling: llama.cpp reads it as a tensor
-        placed.append(_constant(ROPE_FREQS, freqs.astype("<f4").tobytes()))
-    shards = _split(placed, f"model-{out.quant}", out.shard_size)
+        units.append([_constant(ROPE_FREQS, freqs.astype("<f4").tobytes())])
+    shards = _split(units, f"model-{out.quant}", out.shard_size)
     return replace(plan, tensors=tuple(t for s in shards for t in s.tensors), shards=shards)
 
 
-def _split(tensors: list[PlannedTensor], stem: str, limit: int | None) -> tuple[Shard, ...]:
+def _stacks(
+    tensors: Sequence[PlannedTensor], targets: dict[str, tuple[str, int | None]]
+) -> dict[str, list[PlannedTensor]]:
+    """The output tensors of each GGUF tensor, in the GGUF's order (each first seen):
+    one, or a MoE projection's experts in expert order, checked whole and alike."""
+    stacks: dict[str, dict[int, PlannedTensor]] = {}
+    for t in tensors:
+        name, expert = targets[t.name]
+        held = stacks.setdefault(name, {})
+        key = -1 if expert is None else expert
+        if key in held or (held and (expert is None) != (-1 in held)):
+            other = next(iter(held.values())).name
+            raise InputError(f"{t.name} and {other} are both llama.cpp's {name}; a GGUF holds one")
+        held[key] = t
+    for name, held in stacks.items():
+        first = next(iter(held.values()))
+        if -1 not in held and (
+            sorted(held) != list(range(len(held)))
+            or any((t.shape, t.dtype) != (first.shape, first.dtype) for t in held.values())
+        ):
+            raise InputError(
+                f"{first.name}: the experts of llama.cpp's {name} are not 0..{len(held) - 1}, "
+                "each of one shape and dtype; a GGUF stacks them into one tensor"
+            )
+    return {name: [held[k] for k in sorted(held)] for name, held in stacks.items()}
+
+
+def _unit(
+    plan: MergePlan, arch: Any, name: str, members: list[PlannedTensor], facts: dict[str, bool]
+) -> list[PlannedTensor]:  # 5 parameters: the GGUF tensor, and the plan facts its type reads
+    """One GGUF tensor: its output tensors encoded, one after another (a MoE's experts)."""
+    from gguf import GGMLQuantizationType
+
+    from lazymerge.meaning.gguf import EXPERT, permuted_heads
+    from lazymerge.meaning.gguf_types import row_bytes, tensor_type
+
+    first, out = members[0], plan.recipe.output
+    assert out.quant is not None and plan.config is not None  # to_gguf checked both
+    stack = len(members) if EXPERT.fullmatch(first.name) else 0
+    shape = (stack, *first.shape) if stack else first.shape
+    qtype = tensor_type(out.quant, name, shape, plan.stack.count, **facts)
+    heads = permuted_heads(arch, first.name, plan.config)
+    columns = first.shape[-1] if len(first.shape) > 1 else 1
+    nbytes = first.rows * row_bytes(columns, qtype)
+    pad = -nbytes * len(members) % ALIGNMENT  # after the last: the stack is one tensor
+    return [
+        _encoded(
+            t, Encoding(name, int(qtype), GGMLQuantizationType(qtype).name, heads, stack, part),
+            nbytes, pad if part == len(members) - 1 else 0,
+        )
+        for part, t in enumerate(members)
+    ]  # fmt: skip
+
+
+def _split(units: list[list[PlannedTensor]], stem: str, limit: int | None) -> tuple[Shard, ...]:
     """The GGUF's files: one, or (`limit`) as gguf-py's writer and llama.cpp's gguf-split
     cut one: a new file when the next tensor's data would take this one's past `limit`
     (unpadded), named `<stem>-00001-of-00003.gguf`; offsets within each file's data."""
     groups: list[list[PlannedTensor]] = [[]]
-    for t in tensors:
-        if (
-            limit is not None
-            and groups[-1]
-            and sum(u.nbytes for u in groups[-1]) + t.nbytes > limit
-        ):
+    for unit in units:
+        size = sum(t.nbytes for t in unit)
+        if limit is not None and groups[-1] and sum(t.nbytes for t in groups[-1]) + size > limit:
             groups.append([])
-        groups[-1].append(t)
+        groups[-1].extend(unit)
     names = [f"{stem}.gguf"] if len(groups) == 1 else [
         SPLIT_NAME.format(stem, i + 1, len(groups)) for i in range(len(groups))
     ]  # fmt: skip
@@ -100,11 +144,11 @@ def _constant(name: str, data: bytes) -> PlannedTensor:
     )  # fmt: skip
 
 
-def _encoded(t: PlannedTensor, encoding: Encoding, nbytes: int) -> PlannedTensor:
-    """`t` in the GGUF, `nbytes` encoded. A copy stays a copy (its input's values,
-    re-encoded from the map by the encoding lane, or a GGUF input's bytes: run/tensor.py)
-    unless its input is a strided view: then it goes through a method as its one input is."""
-    t = replace(t, encoding=encoding, nbytes=nbytes, pad=-nbytes % ALIGNMENT)
+def _encoded(t: PlannedTensor, encoding: Encoding, nbytes: int, pad: int) -> PlannedTensor:
+    """`t` in the GGUF, `nbytes` encoded, `pad` after. A copy stays a copy (its input's
+    values, re-encoded from the map by the encoding lane, or a GGUF input's bytes:
+    run/tensor.py) unless its input is a strided view: then it goes through a method."""
+    t = replace(t, encoding=encoding, nbytes=nbytes, pad=pad)
     if t.action == COMPUTE or (t.inputs[0].ref.copyable and not t.inputs[0].terms):
         return t
     return replace(t, action=COMPUTE, method=Linear((1.0,)))

@@ -63,6 +63,11 @@ class Encoding:
     qtype: int  # gguf.GGMLQuantizationType
     type_name: str  # "Q8_0", for people
     heads: int | None = None
+    # A MoE's experts, one GGUF tensor [experts, rows, columns] (`blk.3.ffn_up_exps`): how
+    # many (0: not stacked), and which one this output tensor is, its bytes after the
+    # previous expert's.
+    stack: int = 0
+    part: int = 0
 
     def copies(self, dtype: str) -> bool:
         """The bytes are the tensor's in `dtype` as they are (a copy may serve)."""

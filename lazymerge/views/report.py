@@ -144,7 +144,7 @@ def shard_sizes(plan: MergePlan) -> list[int]:
 
 def gguf_lines(plan: MergePlan) -> list[str]:
     """A GGUF output: its quant, how many tensors of each type, the permuted ones."""
-    encodings = [t.encoding for t in plan.tensors if t.encoding is not None]
+    encodings = [t.encoding for t in plan.tensors if t.encoding is not None and not t.encoding.part]
     if not encodings:
         return []
     types = Counter(e.type_name for e in encodings)
@@ -166,7 +166,7 @@ def plan_text(plan: MergePlan, budget: int) -> str:
         *gguf_lines(plan),
         f"read {human_bytes(plan.bytes_to_read)}, write {human_bytes(sum(sizes))} "
         + (
-            "in one GGUF file:"
+            ("in one GGUF file:" if len(sizes) == 1 else f"in {len(sizes)} GGUF split files:")
             if plan.recipe.output.format == "gguf"
             else f"in {len(sizes)} shard(s) of at most {human_bytes(plan.recipe.output.shard_limit)}:"
         ),

@@ -46,10 +46,15 @@ def gguf_headers(plan: MergePlan, name: str) -> tuple[bytes, ...]:
         for t in plan.tensors:
             e = t.encoding
             assert e is not None  # every tensor of a GGUF plan has one
+            if e.part:
+                continue  # a later expert of a stacked tensor: in its first one's info
+            shape = (e.stack, *t.shape) if e.stack else t.shape
             qtype = gguf.GGMLQuantizationType(e.qtype)
-            w.add_tensor_info(e.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=qtype)
+            nbytes = t.nbytes * max(e.stack, 1)
+            w.add_tensor_info(e.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         # plan/gguf.py cut the files by gguf-py's rule: the same tensors in each
-        cut = [[t.encoding.name for t in s.tensors if t.encoding] for s in plan.shards]
+        cut = [[t.encoding.name for t in s.tensors if t.encoding and not t.encoding.part]
+               for s in plan.shards]  # fmt: skip
         assert [list(files) for files in w.tensors] == cut, "GGUF splits differ from gguf-py's"
         w.write_header_to_file()
         w.write_kv_data_to_file()
