@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m lazymerge.demo .demo
 
+# Every test but the rotating cross-checks (heavy extra cases of checks that run anyway),
+# plus one slice of those (about a third), by commit (tests/conftest.py). test-all runs all.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	LAZYMERGE_ALL_TESTS=1 $(BIN)/python -m pytest
 
 # 13B-shaped merges at 2, 4 and 8 layers vs a plain copy and mergekit (~30 GB of disk
 # at 8 layers, freed after each run). BENCH_ARGS="--layers 2 --no-mergekit" to narrow it.

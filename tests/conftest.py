@@ -6,8 +6,11 @@ the merge is checked against checkpoints and adapters lazymerge did not write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,21 @@ from mergekit_ref import SKIP_VARIABLE, Mergekit, MergekitUnavailable, llama_con
 # Drawing each merge's card picture costs a child process with matplotlib (~1 s); the
 # tests that look at the picture turn it back on.
 os.environ.setdefault("LAZYMERGE_NO_PICTURE", "1")
+
+# Rotating cross-checks (marker `rotating`): the heavy extras of a check (a second
+# dtype, a second executor, more mergekit-harness runs, the memory peaks and benchmark
+# smoke runs beyond the first). Every reference keeps a case outside the marker, so each
+# run exercises every reference; of the rotating tests one slice in LAZYMERGE_SLICES
+# runs. A test's slice is a hash of its node id (adding a test moves no other); the slice
+# run is LAZYMERGE_SLICE, else the HEAD commit's hash mod the slice count (each commit
+# draws one; rerunning a commit reruns the same tests), else, without git, the UTC day
+# number mod the slice count. LAZYMERGE_ALL_TESTS=1 (make test-all) runs them all; so
+# does naming one by its node id, or a -m expression that mentions `rotating`.
+ALL_TESTS = "LAZYMERGE_ALL_TESTS"
+SLICES = "LAZYMERGE_SLICES"
+SLICE = "LAZYMERGE_SLICE"
+DEFAULT_SLICES = 3
+ROTATION = pytest.StashKey[str]()
 
 N_LAYERS = 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,6 +103,100 @@ def mergekit() -> Mergekit:
     except MergekitUnavailable as e:
         failure = str(e)
     pytest.fail(failure, pytrace=False)
+
+
+def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f"{low} or more"
+        raise pytest.UsageError(f"{name}={raw!r}: expected a whole number {span}")
+    return value
+
+
+def _slice_of(nodeid: str, slices: int) -> int:
+    """The slice of a rotating test: its node id's hash, whatever else is collected."""
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "big") % slices
+
+
+def _rotation(config: pytest.Config, slices: int) -> tuple[int, str]:
+    """The slice this run takes, and why."""
+    if os.environ.get(SLICE, "").strip():
+        chosen = _env_int(SLICE, 0, 0, slices - 1)
+        return chosen, f"{SLICE}={chosen}"
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=config.rootpath, capture_output=True, text=True,
+            check=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        return int(head, 16) % slices, f"commit {head[:10]}"
+    except (OSError, subprocess.SubprocessError, ValueError):
+        day = int(time.time() // 86400)
+        return day % slices, f"UTC day {day}"
+
+
+def _named(config: pytest.Config) -> list[str]:
+    """Node ids named on the command line (`path::test[...]`), relative to the rootdir."""
+    named = []
+    for arg in config.args:
+        path, sep, rest = arg.partition("::")
+        if not sep:
+            continue
+        where = (config.invocation_params.dir / path).resolve()
+        if where.is_relative_to(config.rootpath):
+            named.append(f"{where.relative_to(config.rootpath).as_posix()}::{rest}")
+    return named
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rotating = [item for item in items if item.get_closest_marker("rotating")]
+    if not rotating:
+        return
+    if os.environ.get(ALL_TESTS) == "1":
+        config.stash[ROTATION] = f"all {len(rotating)} run ({ALL_TESTS}=1)"
+        return
+    if "rotating" in (config.option.markexpr or ""):
+        config.stash[ROTATION] = f"as -m {config.option.markexpr!r} selects"
+        return
+    slices = _env_int(SLICES, DEFAULT_SLICES, 1)
+    chosen, why = _rotation(config, slices)
+    named = _named(config)
+    dropped = {
+        id(item)
+        for item in rotating
+        if _slice_of(item.nodeid, slices) != chosen
+        and not any(item.nodeid == n or item.nodeid.startswith((n + "[", n + "::")) for n in named)
+    }
+    if dropped:
+        config.hook.pytest_deselected(items=[item for item in items if id(item) in dropped])
+        items[:] = [item for item in items if id(item) not in dropped]
+    config.stash[ROTATION] = (
+        f"slice {chosen} of 0..{slices - 1} ({why}), {len(rotating) - len(dropped)} of "
+        f"{len(rotating)} run; {SLICE}=N picks a slice, {ALL_TESTS}=1 runs all"
+    )
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> str | None:
+    """One line under the collection count (a report header would not show under -q)."""
+    rotation = config.stash.get(ROTATION, None)
+    return None if rotation is None else f"rotating cross-checks: {rotation}"
+
+
+def session_runs(request: pytest.FixtureRequest, test: object) -> list[pytest.Function]:
+    """The cases of `test` (a test function) this session runs, after -k, -m and the
+    rotation: what a module fixture that prepares every case at once (one mergekit
+    process for all) has to prepare."""
+    return [
+        item
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.function is test
+    ]
 
 
 def run_cli(*args: str | Path) -> int:

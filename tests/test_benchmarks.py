@@ -98,6 +98,7 @@ def test_mergekit_config_is_the_founding_recipe(layers: int) -> None:
     assert span_for(40) == 25
 
 
+@pytest.mark.rotating  # ~11 s; the runner's own smoke run above runs on every run
 def test_batch_benchmark_compares_ways_on_the_same_bytes(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "benchmarks.batch", "--tiny", "--layers", "2", "--recipes", "2",
@@ -227,6 +228,7 @@ def test_method_comparison_needs_no_base_for_a_frankenmerge(tmp_path: Path) -> N
     assert diffs["slerp"]["unchanged_mergekit"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.rotating  # ~9 s; the runner's own smoke run above runs on every run
 def test_methods_benchmark_smoke_run(tmp_path: Path) -> None:
     """The chosen cases on a few-MB base and fine-tunes, without mergekit; a case the run
     leaves out keeps its earlier record, with the run it came from."""

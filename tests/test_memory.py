@@ -74,7 +74,10 @@ def test_peak_rss_does_not_grow_with_layers(tmp_path: Path) -> None:
     assert abs(estimate - peak8) < 32 * MiB, f"{report}, estimated {estimate / MiB:.0f} MiB"
 
 
+# The layer-count test above runs on every run; the slerp and GGUF peaks (~7 s each)
+# rotate (tests/conftest.py).
 @pytest.mark.slow
+@pytest.mark.rotating
 def test_slerp_streams_whole_tensor_statistics_within_the_budget(tmp_path: Path) -> None:
     """SLERP needs norms and a dot product of whole tensors before it writes a row: they
     come from a streaming pass, so at --max-memory 32MiB the merge holds nowhere near a
@@ -113,6 +116,7 @@ def gguf_peak(root: Path, layers: int) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.rotating
 def test_gguf_peak_does_not_grow_with_layers_and_is_planned(tmp_path: Path) -> None:
     """A GGUF merge encodes every tensor (copies too) in its encoding lane: a few blocks
     of memory whatever the depth, and `lazymerge plan` predicts it."""

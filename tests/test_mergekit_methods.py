@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_adapter, run_cli
-from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, merge_all, run_many
+from conftest import make_adapter, run_cli, session_runs
+from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, merge_all
 
 pytestmark = pytest.mark.mergekit
 
@@ -186,6 +186,14 @@ def dtype_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 # bf16 task vectors take so few values that most tensors tie at SCE's variance threshold
 # even in fp32: nothing would be left to compare (the kernel test covers bf16 SCE).
 PAIRS = [(c, d) for c in CASES for d in DTYPES if (c, d) != ("sce", torch.bfloat16)]
+# Every case runs in fp16 on every run; its bf16 twin is a rotating cross-check
+# (tests/conftest.py): one slice of them per run, all with LAZYMERGE_ALL_TESTS=1.
+PAIR_PARAMS = [
+    pytest.param(
+        c, d, id=f"{c}-{DTYPES[d]}", marks=pytest.mark.rotating if d == torch.bfloat16 else ()
+    )
+    for c, d in PAIRS
+]
 
 
 def case_config(
@@ -202,17 +210,42 @@ def case_config(
 
 
 @pytest.fixture(scope="module")
+def lora(families: dict[torch.dtype, Family], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA on the first fp16 fine-tune."""
+    root = tmp_path_factory.mktemp("mergekit-lora")
+    return make_adapter(families[torch.float16].finetunes[0], root / "lora", seed=9)
+
+
+def lora_config(families: dict[torch.dtype, Family], lora: Path) -> dict[str, Any]:
+    """task_arithmetic with the first fine-tune given as `model+lora`."""
+    family = families[torch.float16]
+    cfg = config(family, "task_arithmetic", weighted(), {})
+    cfg["models"][0]["model"] = f"{family.finetunes[0]}+{lora}"
+    return cfg
+
+
+@pytest.fixture(scope="module")
 def mergekit_outputs(
     mergekit: Mergekit,
     families: dict[torch.dtype, Family],
     tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> dict[tuple[str, torch.dtype], Path]:
-    """Every case merged by mergekit, in one process of its venv (run_many)."""
-    root = tmp_path_factory.mktemp("mergekit-outputs")
-    return merge_all(mergekit, root, {(c, d): case_config(families, c, d) for c, d in PAIRS})
+    """Every case this session compares (and the TIES one the logits test loads, and the
+    `model+lora` one), merged by mergekit in one process of its venv (run_many): its
+    start-up (~6 s) is most of the cost, a case's merge a few hundredths of a second."""
+    runs = session_runs(request, test_method_matches_mergekit)
+    wanted = {(item.callspec.params["case"], item.callspec.params["dtype"]) for item in runs}
+    if session_runs(request, test_output_loads_in_transformers_with_mergekits_logits):
+        wanted.add(("ties", torch.float16))
+    configs = {(c, d): case_config(families, c, d) for c, d in PAIRS if (c, d) in wanted}
+    if session_runs(request, test_model_plus_lora_matches_mergekit):
+        adapter = request.getfixturevalue("lora")
+        configs["model+lora", torch.float16] = lora_config(families, adapter)
+    return merge_all(mergekit, tmp_path_factory.mktemp("mergekit-outputs"), configs)
 
 
-@pytest.mark.parametrize(("case", "dtype"), PAIRS, ids=[f"{c}-{DTYPES[d]}" for c, d in PAIRS])
+@pytest.mark.parametrize(("case", "dtype"), PAIR_PARAMS)
 def test_method_matches_mergekit(
     mergekit_outputs: dict[tuple[str, torch.dtype], Path],
     families: dict[torch.dtype, Family],
@@ -279,18 +312,16 @@ def test_output_loads_in_transformers_with_mergekits_logits(
 
 
 def test_model_plus_lora_matches_mergekit(
-    mergekit: Mergekit, families: dict[torch.dtype, Family], tmp_path: Path
+    mergekit_outputs: dict[tuple[str, torch.dtype], Path],
+    families: dict[torch.dtype, Family],
+    lora: Path,
+    tmp_path: Path,
 ) -> None:
     """`model+lora`: mergekit merges the LoRA into a copy of the model (PEFT) first;
     lazymerge applies it on the fly. The same task_arithmetic result within 1 fp16 ulp."""
     family = families[torch.float16]
-    lora = make_adapter(family.finetunes[0], tmp_path / "lora", seed=9)
-    cfg = config(family, "task_arithmetic", weighted(), {})
-    cfg["models"][0]["model"] = f"{family.finetunes[0]}+{lora}"
-    errors = run_many(mergekit, {"lora": (cfg, tmp_path / "mk-out")})
-    assert errors == {"lora": None}, errors
-    want = load_checkpoint(tmp_path / "mk-out")
-    got = run_lazymerge(cfg, tmp_path)
+    want = load_checkpoint(mergekit_outputs["model+lora", torch.float16])
+    got = run_lazymerge(lora_config(families, lora), tmp_path)
     (tmp_path / "plain").mkdir()
     plain = run_lazymerge(config(family, "task_arithmetic", weighted(), {}), tmp_path / "plain")
     assert set(got) == set(want)

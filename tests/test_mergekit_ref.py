@@ -68,10 +68,13 @@ def linear_longhand(
     return merged
 
 
-CASES = [  # (family dtype, config dtype, out_dtype)
+# (family dtype, config dtype, out_dtype). Each case is a mergekit-yaml process of its
+# own (~6 s): the first runs on every run, the others rotate (tests/conftest.py).
+CASES = [
     (torch.float16, "float16", None),
-    (torch.bfloat16, "bfloat16", "float16"),
-    (torch.float16, "bfloat16", "float16"),  # inputs rounded to bf16, then back to fp16
+    pytest.param(torch.bfloat16, "bfloat16", "float16", marks=pytest.mark.rotating),
+    # inputs rounded to bf16, then back to fp16
+    pytest.param(torch.float16, "bfloat16", "float16", marks=pytest.mark.rotating),
 ]
 
 
@@ -102,6 +105,7 @@ def test_linear_matches_longhand_exactly(
         assert torch.equal(got[name], w), f"{name}: max |diff| {(got[name] - w).abs().max()}"
 
 
+@pytest.mark.rotating  # a mergekit-yaml process (~6 s) pinning mergekit's own refusal
 def test_base_model_without_weight_is_an_error_in_linear(
     mergekit: Mergekit, families: dict[torch.dtype, Family], tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import error_of, run_cli
+from conftest import error_of, run_cli, session_runs
 from mergekit_ref import Family, Mergekit, load_checkpoint, make_family, merge_all
 from test_mergekit_methods import SUMS, dtype_ulps, ulps
 
@@ -96,6 +96,14 @@ CASES = [
     "arcee-fusion-float32",
 ]
 PAIRS = [(c, d) for c in CASES for d in DTYPES]
+# Every case runs in fp16 on every run; its bf16 twin is a rotating cross-check
+# (tests/conftest.py): one slice of them per run, all with LAZYMERGE_ALL_TESTS=1.
+PAIR_PARAMS = [
+    pytest.param(
+        c, d, id=f"{c}-{DTYPES[d]}", marks=pytest.mark.rotating if d == torch.bfloat16 else ()
+    )
+    for c, d in PAIRS
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +111,16 @@ def mergekit_outputs(
     mergekit: Mergekit,
     families: dict[torch.dtype, Family],
     tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> dict[tuple[str, torch.dtype], Path]:
-    """Every case merged by mergekit, in one process of its venv."""
-    root = tmp_path_factory.mktemp("slices-mergekit")
-    return merge_all(mergekit, root, {(c, d): case(families[d], c) for c, d in PAIRS})
+    """Every case this session compares (and the frankenmerge the logits test loads),
+    merged by mergekit in one process of its venv."""
+    runs = session_runs(request, test_slices_match_mergekit)
+    wanted = {(item.callspec.params["name"], item.callspec.params["dtype"]) for item in runs}
+    if session_runs(request, test_frankenmerge_loads_in_transformers_as_mergekits):
+        wanted.add(("frankenmerge", torch.float16))
+    configs = {(c, d): case(families[d], c) for c, d in PAIRS if (c, d) in wanted}
+    return merge_all(mergekit, tmp_path_factory.mktemp("slices-mergekit"), configs)
 
 
 def merge(cfg: dict[str, Any], tmp: Path, *flags: str) -> Path:
@@ -119,7 +133,7 @@ def merge(cfg: dict[str, Any], tmp: Path, *flags: str) -> Path:
 
 
 @pytest.mark.mergekit
-@pytest.mark.parametrize(("name", "dtype"), PAIRS, ids=[f"{c}-{DTYPES[d]}" for c, d in PAIRS])
+@pytest.mark.parametrize(("name", "dtype"), PAIR_PARAMS)
 def test_slices_match_mergekit(
     mergekit_outputs: dict[tuple[str, torch.dtype], Path],
     families: dict[torch.dtype, Family],
