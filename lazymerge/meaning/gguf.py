@@ -3,9 +3,10 @@ config.json and tensor names alone: the GGUF architecture of a family, llama.cpp
 for each tensor, and which Q/K rows its converter permutes (convert_hf_to_gguf.py's
 conversion/llama.py, qwen.py). write/gguf_meta.py writes the rest of the header.
 
-Families: `llama` and `mistral` (both llama.cpp's `llama` architecture, Q and K rows
-permuted: its `llama` graph applies rope to interleaved pairs, transformers to halves),
-`qwen2` and `qwen3` (their own architectures, rope on halves: no permutation).
+Families: `llama`, `mistral` and `mixtral` (all llama.cpp's `llama` architecture, Q and
+K rows permuted: its `llama` graph applies rope to interleaved pairs, transformers to
+halves), `qwen2`, `qwen3`, `qwen2_moe` and `qwen3_moe` (their own architectures, rope on
+halves: no permutation). A MoE's experts are stacked, one tensor a projection.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from lazymerge.read.gguf_model import llama3_freqs
 ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "mistral": gguf.MODEL_ARCH.LLAMA,  # llama.cpp's converter writes Mistral as Llama
+    "mixtral": gguf.MODEL_ARCH.LLAMA,  # ... and Mixtral, its experts stacked
     "qwen2": gguf.MODEL_ARCH.QWEN2,
     "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
+    "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
 }
 # The transformers classes (config.json's architectures) convert_hf_to_gguf.py takes, and
 # the architecture it writes each as.
@@ -33,6 +37,9 @@ CLASSES = {
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "MixtralForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "Qwen2MoeForCausalLM": gguf.MODEL_ARCH.QWEN2MOE,
+    "Qwen3MoeForCausalLM": gguf.MODEL_ARCH.QWEN3MOE,
 }
 PERMUTED = frozenset({gguf.MODEL_ARCH.LLAMA})  # LlamaModel.undo_permute
 # Families gguf-py names otherwise than transformers' model_type does.
@@ -67,7 +74,37 @@ def arch_of(config: dict[str, Any], where: str) -> gguf.MODEL_ARCH:
     for key in REQUIRED:
         if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
             raise InputError(f"{where}: no number {key}, which a GGUF states; fix config.json")
+    # llama.cpp's qwen2moe/qwen3moe have experts in every layer (no dense MLP tensors)
+    if arch in (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN3MOE) and (
+        config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
+    ):
+        raise InputError(
+            f"{where}: mlp_only_layers/decoder_sparse_step make some layers dense, which "
+            f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} cannot hold (experts in every layer)"
+        )
+    _check_routing(arch, config, where)
     return arch
+
+
+# llama.cpp's graphs fix whether a token's top-k expert weights are renormalised:
+# qwen3moe does (its build_moe_ffn norm_w true), qwen2moe does not; no key says otherwise.
+NORMALISED = {gguf.MODEL_ARCH.QWEN2MOE: False, gguf.MODEL_ARCH.QWEN3MOE: True}
+
+
+def _check_routing(arch: gguf.MODEL_ARCH, config: dict[str, Any], where: str) -> None:
+    if arch not in NORMALISED:
+        return
+    if bool(config.get("norm_topk_prob", False)) != NORMALISED[arch]:
+        raise InputError(
+            f"{where}: norm_topk_prob {config.get('norm_topk_prob', False)}, but llama.cpp's "
+            f"{gguf.MODEL_ARCH_NAMES[arch]} always uses {NORMALISED[arch]} (no GGUF key says "
+            "otherwise): its GGUF would compute another model; write safetensors"
+        )
+
+
+def n_experts(config: dict[str, Any]) -> int:
+    """The model's experts (0: a dense model), as the converter reads them."""
+    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
 
 
 def _unsupported(model_type: object) -> str:

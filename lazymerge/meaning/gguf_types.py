@@ -28,13 +28,27 @@ def row_bytes(columns: int, qtype: GGMLQuantizationType | int) -> int:
 
 # convert_hf_to_gguf.py (conversion/base.py, prepare_tensors) keeps these float32 at any
 # --outtype, and llama-quantize leaves them so (those a Llama-family model can have).
-_KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "token_types.weight")
+_KEEP_F32 = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "position_embd.weight",
+    "token_types.weight",
+)  # fmt: skip
 _CONVERTER = ("f32", "f16", "bf16", "q8_0")  # its --outtype choices
 _PURE = ("q4_k", "q5_k")  # llama-quantize --pure: its plain "Q4_K" means Q4_K_M
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}  # tensor_type_fallback
 
 
-def tensor_type(  # 6 parameters: the tensor, and the two model facts llama.cpp's rules read
+def gguf_shape(quant: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a GGUF states for a tensor: llama-quantize rewrites each with
+    ggml_n_dims, dropping outer dimensions of 1 (Qwen2-MoE's shared-expert gate [1, n]
+    becomes [n]); the converter's outtypes keep the checkpoint's."""
+    if quant in _CONVERTER:
+        return shape
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def tensor_type(  # 7 parameters: the tensor, and the three model facts llama.cpp's rules read
     quant: str,
     name: str,
     shape: tuple[int, ...],
@@ -42,6 +56,7 @@ def tensor_type(  # 6 parameters: the tensor, and the two model facts llama.cpp'
     *,
     tied_embeddings: bool = False,
     llm_70b: bool = False,
+    n_expert: int = 0,
 ) -> GGMLQuantizationType:
     """The type llama.cpp gives GGUF tensor `name` of (HF-order) `shape` for `quant`.
 
@@ -51,7 +66,8 @@ def tensor_type(  # 6 parameters: the tensor, and the two model facts llama.cpp'
     llama-quantize --pure. 1-D tensors and norms stay F32; a row that is not whole
     blocks falls back as llama.cpp's does. `tied_embeddings`: no output.weight, so
     token_embd.weight is quantized as the output; `llm_70b`: llama.cpp's LLM_TYPE_70B
-    (80 layers, grouped-query attention), whose attn_v get Q5_K for Q4_K.
+    (80 layers, grouped-query attention), whose attn_v get Q5_K for Q4_K; `n_expert`: a
+    MoE's experts (exactly 8: attn_v and attn_k Q8_0, and for q4_k_m attn_output Q5_K).
 
     Raises:
         ValueError: `quant` is not a name in QUANTS or MIXES (the message lists them).
@@ -70,6 +86,10 @@ def tensor_type(  # 6 parameters: the tensor, and the two model facts llama.cpp'
     if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
         # Q8_0 if the row is not whole blocks of the default type, else Q6_K
         qtype = T.Q8_0 if columns % GGML_QUANT_SIZES[default][0] else T.Q6_K
+    elif n_expert == 8 and name.endswith(("attn_v.weight", "attn_k.weight")):
+        qtype = T.Q8_0  # llama-quant.cpp: "for the 8-expert model, bumping this to Q8_0"
+    elif n_expert == 8 and quant == "q4_k_m" and name.endswith("attn_output.weight"):
+        qtype = T.Q5_K
     elif quant in MIXES:
         qtype = _mix_type(name, default, n_layers, llm_70b)
     else:

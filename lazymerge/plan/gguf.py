@@ -24,7 +24,7 @@ SPLIT_NAME = "{:s}-{:05d}-of-{:05d}.gguf"  # gguf-split's and gguf-py's split fi
 
 def to_gguf(plan: MergePlan) -> MergePlan:
     """`plan` (its safetensors tensors) as one GGUF file, or its splits."""
-    from lazymerge.meaning.gguf import ROPE_FREQS, arch_of, gguf_target, rope_freqs
+    from lazymerge.meaning.gguf import ROPE_FREQS, arch_of, gguf_target, n_experts, rope_freqs
 
     out = plan.recipe.output
     assert out.quant is not None  # recipe/parse.py checks a GGUF has one
@@ -37,6 +37,7 @@ def to_gguf(plan: MergePlan) -> MergePlan:
     facts = {
         "tied_embeddings": "output.weight" not in {name for name, _ in targets.values()},
         "llm_70b": _llm_70b(arch, plan.config, plan.stack.count),
+        "n_expert": n_experts(plan.config),
     }
     units = [
         _unit(plan, arch, name, members, facts)
@@ -77,7 +78,7 @@ def _stacks(
 
 
 def _unit(
-    plan: MergePlan, arch: Any, name: str, members: list[PlannedTensor], facts: dict[str, bool]
+    plan: MergePlan, arch: Any, name: str, members: list[PlannedTensor], facts: dict[str, Any]
 ) -> list[PlannedTensor]:  # 5 parameters: the GGUF tensor, and the plan facts its type reads
     """One GGUF tensor: its output tensors encoded, one after another (a MoE's experts)."""
     from gguf import GGMLQuantizationType

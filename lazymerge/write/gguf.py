@@ -32,6 +32,7 @@ def gguf_headers(plan: MergePlan, name: str) -> tuple[bytes, ...]:
     import numpy as np
 
     from lazymerge.meaning.gguf import arch_of
+    from lazymerge.meaning.gguf_types import gguf_shape
     from lazymerge.write.gguf_meta import write_metadata
 
     out, config = plan.recipe.output, plan.config
@@ -48,7 +49,7 @@ def gguf_headers(plan: MergePlan, name: str) -> tuple[bytes, ...]:
             assert e is not None  # every tensor of a GGUF plan has one
             if e.part:
                 continue  # a later expert of a stacked tensor: in its first one's info
-            shape = (e.stack, *t.shape) if e.stack else t.shape
+            shape = gguf_shape(out.quant, (e.stack, *t.shape) if e.stack else t.shape)
             qtype = gguf.GGMLQuantizationType(e.qtype)
             nbytes = t.nbytes * max(e.stack, 1)
             w.add_tensor_info(e.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)

@@ -22,7 +22,7 @@ from typing import Any
 import gguf
 
 from lazymerge.errors import InputError
-from lazymerge.meaning.gguf import arch_of, rope_params
+from lazymerge.meaning.gguf import arch_of, n_experts, rope_params
 
 # Byte-level pre-tokenizer regexes, as tokenizer.json spells them, and llama.cpp's name
 # for each (llama-vocab.cpp keeps a hand-adapted copy of each regex under that name).
@@ -82,9 +82,23 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_
     if (head_dim := config.get("head_dim")) is not None:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
+    _write_experts(w, config)
     if arch == gguf.MODEL_ARCH.LLAMA:
         w.add_vocab_size(int(config["vocab_size"]))
         w.add_rope_dimension_count(int(head_dim or int(config["hidden_size"]) // n_head))
+
+
+def _write_experts(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """A MoE's: expert count and used count (TextModel), the experts' and the shared
+    expert's feed-forward lengths (Qwen2MoeModel); llama.cpp's graphs fix the rest."""
+    if n_experts(config):
+        w.add_expert_count(n_experts(config))
+    if (used := config.get("num_experts_per_tok")) is not None:
+        w.add_expert_used_count(int(used))
+    if (n_ff := config.get("moe_intermediate_size")) is not None:
+        w.add_expert_feed_forward_length(int(n_ff))
+    if (shared := config.get("shared_expert_intermediate_size")) is not None:
+        w.add_expert_shared_feed_forward_length(int(shared))
 
 
 def _write_rope(w: gguf.GGUFWriter, config: dict[str, Any], where: str) -> None:
