@@ -1,7 +1,9 @@
-"""GGUF output of mixture-of-experts models (issue 18): Mixtral (llama.cpp's `llama`
-with experts), Qwen2-MoE, Qwen3-MoE. llama.cpp's converter stacks each projection's
-experts into one tensor [experts, rows, columns]; its quantizer has rules for 8-expert
-models; Qwen2-MoE's shared-expert gate is F32, 2-D from the converter, 1-D once quantized.
+"""GGUF output beyond the Llama family (issue 18): the mixture-of-experts models Mixtral
+(llama.cpp's `llama` with experts), Qwen2-MoE and Qwen3-MoE, and Gemma 2 and Gemma 3.
+llama.cpp's converter stacks each projection's experts into one tensor [experts, rows,
+columns]; its quantizer has rules for 8-expert models; Qwen2-MoE's shared-expert gate is
+F32, 2-D from the converter, 1-D once quantized. A Gemma's norms are stored plus one
+(added in float16 for a float16 checkpoint), Gemma 2's lm_head is left out.
 
 References: gguf-py's own tensor-name map and quantizers on the safetensors output,
 experts stacked and Q/K permuted longhand here; the type table llama.cpp's quantizer
@@ -37,7 +39,14 @@ FAMILIES = {  # model_type -> (GGUF architecture, config extras)
     "qwen3_moe": ("qwen3moe", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 64,
                                "moe_intermediate_size": 768, "intermediate_size": 512,
                                "norm_topk_prob": True}),
+    # llama.cpp scales a (non-27B) Gemma's attention by 1/sqrt(head_dim), transformers by
+    # query_pre_attn_scalar, which its GGUF loader leaves at 256: head_dim 256, as Gemma's.
+    "gemma2": ("gemma2", {"head_dim": 256, "query_pre_attn_scalar": 256,
+                          "intermediate_size": 512, "tie_word_embeddings": True}),
+    "gemma3_text": ("gemma3", {"head_dim": 256, "query_pre_attn_scalar": 256,
+                               "intermediate_size": 512, "tie_word_embeddings": True}),
 }  # fmt: skip
+GEMMAS = ("gemma2", "gemma3_text")
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
 
 
@@ -45,11 +54,11 @@ def make_moe(directory: Path, model_type: str, seed: int, **changes: Any) -> Pat
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    extra = {**FAMILIES[model_type][1], **changes}
+    extra = {"tie_word_embeddings": False, **FAMILIES[model_type][1], **changes}
     config = AutoConfig.for_model(
         model_type, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-        tie_word_embeddings=False, **extra,
+        **extra,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -97,6 +106,10 @@ def expected(model_type: str, st: dict[str, torch.Tensor]) -> dict[str, np.ndarr
     out = {}
     for name, t in st.items():
         w = t.float().numpy()
+        if model_type in GEMMAS and name.endswith("norm.weight"):  # + 1 in the tensor's dtype
+            w = (t + 1).float().numpy() if t.dtype == torch.float16 else w + np.float32(1)
+        if model_type == "gemma2" and name == "lm_head.weight":
+            continue
         if model_type == "mixtral" and "q_proj" in name:
             w = permute(w, HEADS)
         elif model_type == "mixtral" and "k_proj" in name:
@@ -168,17 +181,18 @@ def test_eight_experts_get_llama_cpps_types(family: Any, quant: str) -> None:
                 assert got == want, (name, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"], indirect=True)
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", *GEMMAS], indirect=True)
 def test_transformers_loads_it(family: Any) -> None:
-    """transformers' GGUF loader reads the Qwen MoEs (Mixtral it would take as a dense
-    Llama): Qwen3-MoE's f16 with the safetensors merge's logits; Qwen2-MoE's in its
+    """transformers' GGUF loader reads the Qwen MoEs and the Gemmas (Mixtral it would
+    take as a dense Llama): their f16 with the safetensors merge's logits (a Gemma's norms
+    minus one again); Qwen2-MoE's in its
     llama-quantize form (a 1-D shared-expert gate, the only one it reads) with the logits
     of the safetensors merge whose every weight is replaced by its q5_k_m value (the
     converter's layout quantized and dequantized here, longhand)."""
     from transformers import AutoModelForCausalLM
 
     model_type, recipe, st = family  # (a Mixtral GGUF it would read as a dense Llama)
-    quant = "f16" if model_type == "qwen3_moe" else "q5_k_m"
+    quant = "q5_k_m" if model_type == "qwen2_moe" else "f16"
     path = gguf_of(recipe, quant)
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 257]])
     ref = AutoModelForCausalLM.from_pretrained(recipe.parent / "st", dtype=torch.float32)
@@ -236,7 +250,7 @@ def fused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_llama_cpp_runs_them(family: Any) -> None:
     """Optional (llama-cpp-python): llama.cpp's own graph on our f16 GGUF, the safetensors
-    merge's logits in transformers (measured 0.06 % of the largest for all three)."""
+    merge's logits in transformers (measured 0.06 % of the largest for the MoEs)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
@@ -258,14 +272,18 @@ def test_llama_cpp_runs_them(family: Any) -> None:
         ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob False"),
         ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob True"),
         ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+        ("gemma2", {"query_pre_attn_scalar": 144}, "scales attention by 1/sqrt(256)"),
+        ("gemma2", {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, "rope_theta"),
+        ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ],
 )
 def test_moes_llama_cpp_would_compute_otherwise_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], model_type: str, change: dict[str, Any],
     says: str,
 ) -> None:  # fmt: skip
-    """llama.cpp's graphs fix top-k renormalisation (qwen3moe on, qwen2moe off) and put
-    experts in every layer; a model that says otherwise would be another model in it."""
+    """llama.cpp's graphs fix top-k renormalisation (qwen3moe on, qwen2moe off), experts
+    in every layer, a Gemma's attention scale (by its layer count), Gemma 2's rope base,
+    no attention softcap in Gemma 3: a model that says otherwise would be another model."""
     base = make_moe(tmp_path / "base", model_type, seed=1)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, **change}))
@@ -274,3 +292,18 @@ def test_moes_llama_cpp_would_compute_otherwise_are_one_line(
                    "--format", "gguf", "--quant", "q8_0")  # fmt: skip
     assert says in err
     assert not out.exists()
+
+
+def test_a_gemmas_sliding_layers_go_into_the_file_when_not_llama_cpps_default() -> None:
+    """llama.cpp's default sliding-window pattern (Gemma 2: every other layer from the
+    first; Gemma 3: five of six): a checkpoint whose layer_types follow it needs no key; a
+    renumbered one (layer surgery) gets attention.sliding_window_pattern, per layer."""
+    from lazymerge.meaning.gguf import sliding_layers
+
+    g2, g3 = gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3
+    s, f = "sliding_attention", "full_attention"
+    assert sliding_layers(g2, {"layer_types": [s, f, s, f]}) is None
+    assert sliding_layers(g2, {"layer_types": [s, f, f, s]}) == [True, False, False, True]
+    assert sliding_layers(g3, {"layer_types": [s] * 5 + [f] + [s] * 2}) is None
+    assert sliding_layers(g3, {"layer_types": [s, f, s]}) == [True, False, True]
+    assert sliding_layers(gguf.MODEL_ARCH.LLAMA, {"layer_types": [f, f]}) is None

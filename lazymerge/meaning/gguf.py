@@ -29,6 +29,8 @@ ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "qwen3": gguf.MODEL_ARCH.QWEN3,
     "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
     "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+    "gemma2": gguf.MODEL_ARCH.GEMMA2,
+    "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
 }
 # The transformers classes (config.json's architectures) convert_hf_to_gguf.py takes, and
 # the architecture it writes each as.
@@ -40,7 +42,15 @@ CLASSES = {
     "MixtralForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "Qwen2MoeForCausalLM": gguf.MODEL_ARCH.QWEN2MOE,
     "Qwen3MoeForCausalLM": gguf.MODEL_ARCH.QWEN3MOE,
+    "Gemma2ForCausalLM": gguf.MODEL_ARCH.GEMMA2,
+    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
 }
+GEMMAS = frozenset({gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3})
+# llama.cpp's Gemma graphs: which layer count it takes for the 27B model (whose attention
+# scale is 1/sqrt(hidden/heads), else 1/sqrt(head_dim)), and its default sliding-window
+# pattern (layer i slides when i % n < n - 1).
+GEMMA_27B = {gguf.MODEL_ARCH.GEMMA2: 46, gguf.MODEL_ARCH.GEMMA3: 62}
+SWA_PATTERN = {gguf.MODEL_ARCH.GEMMA2: 2, gguf.MODEL_ARCH.GEMMA3: 6}
 PERMUTED = frozenset({gguf.MODEL_ARCH.LLAMA})  # LlamaModel.undo_permute
 # Families gguf-py names otherwise than transformers' model_type does.
 GGUF_NAMES = {"mixtral": "llama", "gemma3_text": "gemma3", "cohere": "command-r"}
@@ -83,7 +93,56 @@ def arch_of(config: dict[str, Any], where: str) -> gguf.MODEL_ARCH:
             f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} cannot hold (experts in every layer)"
         )
     _check_routing(arch, config, where)
+    if arch in GEMMAS:
+        _check_gemma(arch, config, where)
     return arch
+
+
+def _check_gemma(arch: gguf.MODEL_ARCH, config: dict[str, Any], where: str) -> None:
+    """What llama.cpp's Gemma graphs fix that a config could set otherwise."""
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    scale = config["hidden_size"] // heads if layers == GEMMA_27B[arch] else head_dim
+    if config.get("query_pre_attn_scalar", scale) != scale:
+        raise InputError(
+            f"{where}: query_pre_attn_scalar {config['query_pre_attn_scalar']}, but "
+            f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} scales attention by 1/sqrt({scale}) "
+            f"for {layers} layers: its GGUF would compute another model; write safetensors"
+        )
+    theta = rope_params(config)["rope_theta"]
+    if arch == gguf.MODEL_ARCH.GEMMA2 and theta not in (None, 10000, 10000.0):
+        raise InputError(
+            f"{where}: rope_theta {theta}, but llama.cpp's gemma2 takes 10000 (its converter "
+            "writes no rope base for it); write safetensors"
+        )
+    if arch == gguf.MODEL_ARCH.GEMMA3 and config.get("attn_logit_softcapping") is not None:
+        raise InputError(
+            f"{where}: attn_logit_softcapping, which llama.cpp's gemma3 has not (its "
+            "converter refuses it); write safetensors"
+        )
+
+
+def sliding_layers(arch: gguf.MODEL_ARCH, config: dict[str, Any]) -> list[bool] | None:
+    """A Gemma's sliding-window layers (config.json layer_types) where they are not
+    llama.cpp's default pattern for it (layers renumbered by slices): a GGUF then says
+    them in attention.sliding_window_pattern, which llama.cpp reads; None otherwise."""
+    kinds = config.get("layer_types")
+    if arch not in SWA_PATTERN or not isinstance(kinds, list):
+        return None
+    n = SWA_PATTERN[arch]
+    slides = [kind == "sliding_attention" for kind in kinds]
+    return None if slides == [i % n < n - 1 for i in range(len(kinds))] else slides
+
+
+def norm_shift(arch: gguf.MODEL_ARCH, hf_name: str) -> float:
+    """What llama.cpp's converter adds to a tensor's values: 1 to a Gemma's norms."""
+    return 1.0 if arch in GEMMAS and hf_name.endswith("norm.weight") else 0.0
+
+
+def dropped(arch: gguf.MODEL_ARCH, hf_name: str) -> bool:
+    """A tensor the converter leaves out: saved buffers, and Gemma 2's lm_head (its
+    graph always reads the embedding as the output)."""
+    return skipped(hf_name) or (arch == gguf.MODEL_ARCH.GEMMA2 and hf_name == "lm_head.weight")
 
 
 # llama.cpp's graphs fix whether a token's top-k expert weights are renormalised:
@@ -182,8 +241,10 @@ def row_order(rows: int, heads: int) -> np.ndarray:
 
 
 def rope_params(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5's `rope_parameters`, or 4's `rope_scaling` and `rope_theta`."""
+    """transformers 5's `rope_parameters` (a Gemma 3's full-attention ones), or 4's
+    `rope_scaling` and `rope_theta`."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = dict(params.get("full_attention", params))
     params.setdefault("rope_theta", config.get("rope_theta"))
     params.setdefault("rope_type", params.get("type") or "default")
     return params

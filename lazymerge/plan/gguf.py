@@ -24,28 +24,31 @@ SPLIT_NAME = "{:s}-{:05d}-of-{:05d}.gguf"  # gguf-split's and gguf-py's split fi
 
 def to_gguf(plan: MergePlan) -> MergePlan:
     """`plan` (its safetensors tensors) as one GGUF file, or its splits."""
-    from lazymerge.meaning.gguf import ROPE_FREQS, arch_of, gguf_target, n_experts, rope_freqs
+    from lazymerge.meaning import gguf as llama_cpp
 
     out = plan.recipe.output
     assert out.quant is not None  # recipe/parse.py checks a GGUF has one
-    if plan.config is None:
+    config = plan.config
+    if config is None:
         raise InputError(
             f"{plan.base.path}: no config.json; a GGUF needs the architecture it describes"
         )
-    arch = arch_of(plan.config, f"{plan.base.path}/config.json")
-    targets = {t.name: gguf_target(arch, t.name, plan.stack.count) for t in plan.tensors}
+    arch = llama_cpp.arch_of(config, f"{plan.base.path}/config.json")
+    kept = tuple(t for t in plan.tensors if not llama_cpp.dropped(arch, t.name))
+    plan = replace(plan, tensors=kept)
+    targets = {t.name: llama_cpp.gguf_target(arch, t.name, plan.stack.count) for t in plan.tensors}
     facts = {
         "tied_embeddings": "output.weight" not in {name for name, _ in targets.values()},
-        "llm_70b": _llm_70b(arch, plan.config, plan.stack.count),
-        "n_expert": n_experts(plan.config),
+        "llm_70b": _llm_70b(arch, config, plan.stack.count),
+        "n_expert": llama_cpp.n_experts(config),
     }
     units = [
         _unit(plan, arch, name, members, facts)
         for name, members in _stacks(plan.tensors, targets).items()
     ]
-    freqs = rope_freqs(arch, plan.config)
+    freqs = llama_cpp.rope_freqs(arch, config)
     if freqs is not None:  # Llama 3.1's rope scaling: llama.cpp reads it as a tensor
-        units.append([_constant(ROPE_FREQS, freqs.astype("<f4").tobytes())])
+        units.append([_constant(llama_cpp.ROPE_FREQS, freqs.astype("<f4").tobytes())])
     shards = _split(units, f"model-{out.quant}", out.shard_size)
     return replace(plan, tensors=tuple(t for s in shards for t in s.tensors), shards=shards)
 
@@ -83,7 +86,7 @@ def _unit(
     """One GGUF tensor: its output tensors encoded, one after another (a MoE's experts)."""
     from gguf import GGMLQuantizationType
 
-    from lazymerge.meaning.gguf import EXPERT, permuted_heads
+    from lazymerge.meaning.gguf import EXPERT, norm_shift, permuted_heads
     from lazymerge.meaning.gguf_types import row_bytes, tensor_type
 
     first, out = members[0], plan.recipe.output
@@ -97,7 +100,8 @@ def _unit(
     pad = -nbytes * len(members) % ALIGNMENT  # after the last: the stack is one tensor
     return [
         _encoded(
-            t, Encoding(name, int(qtype), GGMLQuantizationType(qtype).name, heads, stack, part),
+            t, Encoding(name, int(qtype), GGMLQuantizationType(qtype).name, heads, stack, part,
+                        norm_shift(arch, first.name)),
             nbytes, pad if part == len(members) - 1 else 0,
         )
         for part, t in enumerate(members)

@@ -68,14 +68,17 @@ class Encoding:
     # previous expert's.
     stack: int = 0
     part: int = 0
+    # Gemma's norms: llama.cpp's converter adds 1 (its graph multiplies by w, transformers'
+    # by 1 + w), in the checkpoint's dtype when that is float16, else in float32.
+    shift: float = 0.0
 
     def copies(self, dtype: str) -> bool:
         """The bytes are the tensor's in `dtype` as they are (a copy may serve)."""
-        return self.heads is None and self.type_name == dtype
+        return self.heads is None and self.type_name == dtype and not self.shift
 
     def same_blocks(self, blocks: Blocks) -> bool:
         """A GGUF input's bytes are this encoding's: same type, same row order."""
-        return (self.qtype, self.heads) == (blocks.qtype, blocks.heads)
+        return (self.qtype, self.heads) == (blocks.qtype, blocks.heads) and not self.shift
 
 
 @dataclass(frozen=True)

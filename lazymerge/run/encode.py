@@ -38,7 +38,14 @@ def encode_rows(rows: torch.Tensor, e: Encoding, head_rows: int) -> np.ndarray:
         step = max(head_rows, step // head_rows * head_rows)
     out = np.empty((n, row_bytes(columns, e.qtype)), np.uint8)
     for r0 in range(0, n, step):
-        x = flat[r0 : r0 + step].to(torch.float32)
+        x = flat[r0 : r0 + step]
+        # Gemma's +1: in float16 for a float16 tensor, as llama.cpp's converter adds it
+        x = (
+            (x + e.shift if x.dtype == torch.float16 else x.to(torch.float32) + e.shift)
+            if e.shift
+            else x
+        )
+        x = x.to(torch.float32)
         if e.heads:
             x = permute_heads(x, head_rows)
         out[r0 : r0 + step] = encode(np.ascontiguousarray(x.numpy()), e.qtype)

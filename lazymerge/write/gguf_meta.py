@@ -22,7 +22,7 @@ from typing import Any
 import gguf
 
 from lazymerge.errors import InputError
-from lazymerge.meaning.gguf import arch_of, n_experts, rope_params
+from lazymerge.meaning.gguf import GEMMAS, arch_of, n_experts, rope_params, sliding_layers
 
 # Byte-level pre-tokenizer regexes, as tokenizer.json spells them, and llama.cpp's name
 # for each (llama-vocab.cpp keeps a hand-adapted copy of each regex under that name).
@@ -60,12 +60,16 @@ def write_metadata(
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or model_dir.stem)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_hparams(w, config, arch)
-    _write_rope(w, config, where)
+    if arch in GEMMAS:
+        _write_gemma(w, config, arch, where)
+    else:
+        _write_hparams(w, config, arch)
+        _write_rope(w, config, where)
     if tokenizer and model_dir.is_file():  # a GGUF base: its tokenizer keys as they are
         copy_tokenizer(w, model_dir, int(config["vocab_size"]))
-    elif tokenizer:
-        add_tokenizer(w, model_dir, int(config["vocab_size"]))
+    elif tokenizer:  # (Gemma's converter says no space prefix, whatever the tokenizer)
+        space = False if arch in GEMMAS else None
+        add_tokenizer(w, model_dir, int(config["vocab_size"]), space_prefix=space)
 
 
 def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_ARCH) -> None:
@@ -86,6 +90,47 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_
     if arch == gguf.MODEL_ARCH.LLAMA:
         w.add_vocab_size(int(config["vocab_size"]))
         w.add_rope_dimension_count(int(head_dim or int(config["hidden_size"]) // n_head))
+
+
+def _write_gemma(
+    w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_ARCH, where: str
+) -> None:
+    """Gemma2Model's and Gemma3Model's set_gguf_parameters (gemma2's without the generic
+    keys: no rope base, which llama.cpp then takes as 10000, Gemma 2's)."""
+    n_head = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_head)
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_context_length(int(config["max_position_embeddings"]))
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        _write_rope(w, config, where)
+        if (swa_base := _swa_rope_theta(config)) is not None:
+            w.add_rope_freq_base_swa(float(swa_base))
+    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", w.add_final_logit_softcapping)):  # fmt: skip
+        if config.get(key):
+            add(float(config[key]))
+    if config.get("sliding_window") and config.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(int(config["sliding_window"]))
+    if (slides := sliding_layers(arch, config)) is not None:
+        w.add_sliding_window_pattern(slides)
+
+
+def _swa_rope_theta(config: dict[str, Any]) -> float | None:
+    """Gemma 3's local (sliding-window) rope base: transformers 5's sliding_attention
+    rope_parameters, or 4's rope_local_base_freq."""
+    params = config.get("rope_parameters") or {}
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if isinstance(local, dict) and local.get("rope_theta") is not None:
+        return float(local["rope_theta"])
+    base = config.get("rope_local_base_freq")
+    return float(base) if base is not None else None
 
 
 def _write_experts(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
@@ -155,9 +200,12 @@ def check_tokenizer(model_dir: Path, n_vocab: int) -> None:
     add_tokenizer(gguf.GGUFWriter(None, "llama"), model_dir, n_vocab)
 
 
-def add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
+def add_tokenizer(
+    w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, space_prefix: bool | None = None
+) -> None:
     """The `tokenizer.*` keys for the Hugging Face tokenizer in `model_dir`, its token
-    list padded to the model's `n_vocab` rows as the converter pads it."""
+    list padded to the model's `n_vocab` rows as the converter pads it; `space_prefix`:
+    add_space_prefix as the family's converter sets it (None: from the tokenizer)."""
     data = _tokenizer_json(model_dir)
     path, model = model_dir / "tokenizer.json", data.get("model") or {}
     spm, byte_level = bool(model.get("byte_fallback")), _get(data, "decoder", "type") == "ByteLevel"
@@ -177,7 +225,8 @@ def add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
     w.add_token_types(types)
     if spm:
         w.add_token_scores(_scores(tokens, types, model.get("merges") or []))
-        if (prefix := _add_space_prefix(data, model_dir)) is not None:
+        prefix = _add_space_prefix(data, model_dir) if space_prefix is None else space_prefix
+        if prefix is not None:
             w.add_add_space_prefix(prefix)
     # Merges, special token ids, add_bos/add_eos and the chat template, read by gguf-py
     # from tokenizer.json, tokenizer_config.json (or chat_template.jinja) and config.json.
