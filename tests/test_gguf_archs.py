@@ -45,6 +45,14 @@ FAMILIES = {  # model_type -> (GGUF architecture, config extras)
                           "intermediate_size": 512, "tie_word_embeddings": True}),
     "gemma3_text": ("gemma3", {"head_dim": 256, "query_pre_attn_scalar": 256,
                                "intermediate_size": 512, "tie_word_embeddings": True}),
+    # Dense families whose converters only rename (llama.cpp's keys aside): OLMo 2 (its
+    # output.weight required), StarCoder2 (LayerNorm with biases), Command R (tied).
+    "olmo2": ("olmo2", {"intermediate_size": 512}),
+    "starcoder2": ("starcoder2", {"intermediate_size": 512, "tie_word_embeddings": True}),
+    "cohere": ("command-r", {"intermediate_size": 512, "tie_word_embeddings": True}),
+    # Phi 3: qkv_proj and gate_up_proj stay fused (attn_qkv, ffn_up)
+    "phi3": ("phi3", {"intermediate_size": 512, "original_max_position_embeddings": 256,
+                      "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 }  # fmt: skip
 GEMMAS = ("gemma2", "gemma3_text")
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
@@ -54,12 +62,13 @@ def make_moe(directory: Path, model_type: str, seed: int, **changes: Any) -> Pat
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    extra = {"tie_word_embeddings": False, **FAMILIES[model_type][1], **changes}
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-        **extra,
-    )  # fmt: skip
+    settings = {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": 2,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": 256, "tie_word_embeddings": False,
+        **FAMILIES[model_type][1], **changes,
+    }  # fmt: skip
+    config = AutoConfig.for_model(model_type, **settings)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
@@ -181,11 +190,13 @@ def test_eight_experts_get_llama_cpps_types(family: Any, quant: str) -> None:
                 assert got == want, (name, got, want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", *GEMMAS], indirect=True)
+@pytest.mark.parametrize(
+    "family", ["qwen2_moe", "qwen3_moe", *GEMMAS, "starcoder2", "phi3"], indirect=True
+)
 def test_transformers_loads_it(family: Any) -> None:
-    """transformers' GGUF loader reads the Qwen MoEs and the Gemmas (Mixtral it would
-    take as a dense Llama): their f16 with the safetensors merge's logits (a Gemma's norms
-    minus one again); Qwen2-MoE's in its
+    """transformers' GGUF loader reads the Qwen MoEs, the Gemmas, StarCoder2, Phi 3 (Mixtral
+    it would take as a dense Llama, OLMo 2 and Command R not at all): their f16 with the
+    safetensors merge's logits (a Gemma's norms minus one again); Qwen2-MoE's in its
     llama-quantize form (a 1-D shared-expert gate, the only one it reads) with the logits
     of the safetensors merge whose every weight is replaced by its q5_k_m value (the
     converter's layout quantized and dequantized here, longhand)."""
@@ -275,6 +286,9 @@ def test_llama_cpp_runs_them(family: Any) -> None:
         ("gemma2", {"query_pre_attn_scalar": 144}, "scales attention by 1/sqrt(256)"),
         ("gemma2", {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, "rope_theta"),
         ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ("starcoder2", {"use_bias": False}, "needs its biases"),
+        ("cohere", {"tie_word_embeddings": False}, "an lm_head of its own"),
+        ("olmo2", {"tie_word_embeddings": True}, "needs an output.weight"),
     ],
 )
 def test_moes_llama_cpp_would_compute_otherwise_are_one_line(
@@ -283,7 +297,8 @@ def test_moes_llama_cpp_would_compute_otherwise_are_one_line(
 ) -> None:  # fmt: skip
     """llama.cpp's graphs fix top-k renormalisation (qwen3moe on, qwen2moe off), experts
     in every layer, a Gemma's attention scale (by its layer count), Gemma 2's rope base,
-    no attention softcap in Gemma 3: a model that says otherwise would be another model."""
+    no attention softcap in Gemma 3, biases in StarCoder2, tied embeddings in Command R and
+    untied ones in OLMo 2: a model that says otherwise would be another model, or none."""
     base = make_moe(tmp_path / "base", model_type, seed=1)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, **change}))
@@ -307,3 +322,29 @@ def test_a_gemmas_sliding_layers_go_into_the_file_when_not_llama_cpps_default() 
     assert sliding_layers(g3, {"layer_types": [s] * 5 + [f] + [s] * 2}) is None
     assert sliding_layers(g3, {"layer_types": [s, f, s]}) == [True, False, True]
     assert sliding_layers(gguf.MODEL_ARCH.LLAMA, {"layer_types": [f, f]}) is None
+
+
+def test_a_long_context_phi3_carries_its_rope_factors(tmp_path: Path) -> None:
+    """Phi 3's longrope: llama.cpp reads the long and short factors as F32 tensors and an
+    attention factor key, sqrt(1 + ln(scale) / ln(original context)) (Phi3MiniModel's
+    generate_extra_tensors), and its rotated dimensions."""
+    import math
+
+    long, short = [1.0 + i / 16 for i in range(32)], [1.0 - i / 64 for i in range(32)]
+    rope = {"rope_type": "longrope", "long_factor": long, "short_factor": short}
+    base = make_moe(tmp_path / "base", "phi3", seed=1, max_position_embeddings=1024,
+                    rope_scaling=rope)  # fmt: skip
+    out = tmp_path / "out"
+    args = ("gradient", base, base, "--values", "0.5", "-o", out, "-q")
+    assert run_cli(*args, "--format", "gguf", "--quant", "q8_0") == 0
+    reader = gguf.GGUFReader(out / "model-q8_0.gguf")
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert np.array_equal(tensors["rope_factors_long.weight"], np.float32(long))
+    assert np.array_equal(tensors["rope_factors_short.weight"], np.float32(short))
+    keys = {k: f.contents() for k, f in reader.fields.items()}
+    assert keys["phi3.rope.scaling.attn_factor"] == pytest.approx(
+        math.sqrt(1 + math.log(1024 / 256) / math.log(256)), rel=1e-6
+    )
+    assert keys["phi3.rope.scaling.original_context_length"] == 256
+    assert keys["phi3.rope.dimension_count"] == HIDDEN // HEADS
+    assert "phi3.attention.layer_norm_rms_epsilon" in keys

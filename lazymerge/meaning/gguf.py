@@ -11,7 +11,9 @@ halves: no permutation). A MoE's experts are stacked, one tensor a projection.
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -31,6 +33,10 @@ ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
     "gemma2": gguf.MODEL_ARCH.GEMMA2,
     "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
+    "olmo2": gguf.MODEL_ARCH.OLMO2,
+    "starcoder2": gguf.MODEL_ARCH.STARCODER2,
+    "cohere": gguf.MODEL_ARCH.COMMAND_R,
+    "phi3": gguf.MODEL_ARCH.PHI3,
 }
 # The transformers classes (config.json's architectures) convert_hf_to_gguf.py takes, and
 # the architecture it writes each as.
@@ -44,8 +50,13 @@ CLASSES = {
     "Qwen3MoeForCausalLM": gguf.MODEL_ARCH.QWEN3MOE,
     "Gemma2ForCausalLM": gguf.MODEL_ARCH.GEMMA2,
     "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
+    "Olmo2ForCausalLM": gguf.MODEL_ARCH.OLMO2,
+    "Starcoder2ForCausalLM": gguf.MODEL_ARCH.STARCODER2,
+    "CohereForCausalLM": gguf.MODEL_ARCH.COMMAND_R,
+    "Phi3ForCausalLM": gguf.MODEL_ARCH.PHI3,
 }
 GEMMAS = frozenset({gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3})
+PHI3 = gguf.MODEL_ARCH.PHI3
 # llama.cpp's Gemma graphs: which layer count it takes for the 27B model (whose attention
 # scale is 1/sqrt(hidden/heads), else 1/sqrt(head_dim)), and its default sliding-window
 # pattern (layer i slides when i % n < n - 1).
@@ -60,9 +71,10 @@ REQUIRED = (
     "hidden_size",
     "intermediate_size",
     "num_attention_heads",
-    "rms_norm_eps",
     "vocab_size",
 )
+# The norms' epsilon, RMSNorm's or LayerNorm's, as the families' configs name it.
+NORM_EPS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
 # Tensors the converter drops (prepare_tensors): buffers some checkpoints saved.
 SKIPPED = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, as a tensor (see rope_freqs)
@@ -81,9 +93,10 @@ def arch_of(config: dict[str, Any], where: str) -> gguf.MODEL_ARCH:
             f"{where}: architectures {cls!r}: llama.cpp's converter has no {cls} for "
             f"model_type {model_type!r} (a GGUF holds a causal LM); write safetensors instead"
         )
-    for key in REQUIRED:
+    for key in (*REQUIRED, next((k for k in NORM_EPS if k in config), NORM_EPS[0])):
         if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
             raise InputError(f"{where}: no number {key}, which a GGUF states; fix config.json")
+    _check_graph(arch, config, where)
     # llama.cpp's qwen2moe/qwen3moe have experts in every layer (no dense MLP tensors)
     if arch in (gguf.MODEL_ARCH.QWEN2MOE, gguf.MODEL_ARCH.QWEN3MOE) and (
         config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
@@ -96,6 +109,28 @@ def arch_of(config: dict[str, Any], where: str) -> gguf.MODEL_ARCH:
     if arch in GEMMAS:
         _check_gemma(arch, config, where)
     return arch
+
+
+def _check_graph(arch: gguf.MODEL_ARCH, config: dict[str, Any], where: str) -> None:
+    """What llama.cpp's starcoder2, command-r and olmo2 graphs need that a config may
+    not have: biases; one embedding for input and output (command-r), or two (olmo2);
+    Command R+'s q/k norms, which it reads only in a model of 64 layers or more."""
+    tied = config.get("tie_word_embeddings", True)
+    why = None
+    if arch == gguf.MODEL_ARCH.STARCODER2 and config.get("use_bias") is False:
+        why = "use_bias false, but llama.cpp's starcoder2 needs its biases"
+    elif arch == gguf.MODEL_ARCH.COMMAND_R and not tied:
+        why = "an lm_head of its own, but llama.cpp's command-r reads the embedding"
+    elif (
+        arch == gguf.MODEL_ARCH.COMMAND_R
+        and config.get("use_qk_norm")
+        and config["num_hidden_layers"] < 64
+    ):
+        why = "use_qk_norm, which llama.cpp's command-r reads only with 64 layers or more"
+    elif arch == gguf.MODEL_ARCH.OLMO2 and tied:
+        why = "tied embeddings, but llama.cpp's olmo2 needs an output.weight"
+    if why is not None:
+        raise InputError(f"{where}: {why}; write safetensors")
 
 
 def _check_gemma(arch: gguf.MODEL_ARCH, config: dict[str, Any], where: str) -> None:
@@ -262,3 +297,39 @@ def rope_freqs(arch: gguf.MODEL_ARCH, config: dict[str, Any]) -> np.ndarray | No
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
     return llama3_freqs(dim, base, factor, low, high, old_ctx)
+
+
+@dataclass(frozen=True)
+class Phi3Rope:
+    """Phi3MiniModel's rope: the original context, the rotated dimensions, and for a
+    long-context model (longrope) the per-frequency factors llama.cpp reads as the
+    rope_factors_long/short tensors, with its attention factor."""
+
+    original_context: int
+    dims: int
+    long: tuple[float, ...] = ()
+    short: tuple[float, ...] = ()
+    attn_factor: float | None = None
+
+
+def phi3_rope(config: dict[str, Any], where: str) -> Phi3Rope:
+    rope = rope_params(config)
+    orig = int(rope.get("original_max_position_embeddings")
+               or config.get("original_max_position_embeddings") or 4096)  # fmt: skip
+    share = rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0
+    dims = int(share * config["hidden_size"]) // config["num_attention_heads"]
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return Phi3Rope(orig, dims)
+    kind = str(rope["rope_type"]).lower()
+    scale = config["max_position_embeddings"] / orig
+    if kind not in ("su", "longrope", "yarn") or not isinstance(short, list):
+        raise InputError(f"{where}: rope_type {kind!r} with long_factor: llama.cpp's phi3 reads "
+                         "su, longrope and yarn factors (long and short); write safetensors")  # fmt: skip
+    if len(long) != dims // 2 or len(short) != dims // 2:
+        raise InputError(f"{where}: long_factor and short_factor need {dims // 2} values each")
+    if kind == "yarn":
+        factor = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    return Phi3Rope(orig, dims, tuple(map(float, long)), tuple(map(float, short)), factor)

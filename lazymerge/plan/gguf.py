@@ -10,6 +10,7 @@ offsets are known before a byte is read (the header is written first).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -49,6 +50,12 @@ def to_gguf(plan: MergePlan) -> MergePlan:
     freqs = llama_cpp.rope_freqs(arch, config)
     if freqs is not None:  # Llama 3.1's rope scaling: llama.cpp reads it as a tensor
         units.append([_constant(llama_cpp.ROPE_FREQS, freqs.astype("<f4").tobytes())])
+    if arch == llama_cpp.PHI3:  # a long-context Phi 3's: two more
+        rope = llama_cpp.phi3_rope(config, f"{plan.base.path}/config.json")
+        for name, values in (("rope_factors_long.weight", rope.long),
+                             ("rope_factors_short.weight", rope.short)):  # fmt: skip
+            if values:
+                units.append([_constant(name, struct.pack(f"<{len(values)}f", *values))])
     shards = _split(units, f"model-{out.quant}", out.shard_size)
     return replace(plan, tensors=tuple(t for s in shards for t in s.tensors), shards=shards)
 

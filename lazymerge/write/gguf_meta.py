@@ -22,7 +22,15 @@ from typing import Any
 import gguf
 
 from lazymerge.errors import InputError
-from lazymerge.meaning.gguf import GEMMAS, arch_of, n_experts, rope_params, sliding_layers
+from lazymerge.meaning.gguf import (
+    GEMMAS,
+    NORM_EPS,
+    arch_of,
+    n_experts,
+    phi3_rope,
+    rope_params,
+    sliding_layers,
+)  # fmt: skip
 
 # Byte-level pre-tokenizer regexes, as tokenizer.json spells them, and llama.cpp's name
 # for each (llama-vocab.cpp keeps a hand-adapted copy of each regex under that name).
@@ -62,13 +70,18 @@ def write_metadata(
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch in GEMMAS:
         _write_gemma(w, config, arch, where)
+    elif arch == gguf.MODEL_ARCH.PHI3:
+        _write_phi3(w, config, where)
+    elif arch == gguf.MODEL_ARCH.COMMAND_R:
+        _write_hparams(w, config, arch)
+        _write_command_r(w, config)
     else:
         _write_hparams(w, config, arch)
         _write_rope(w, config, where)
     if tokenizer and model_dir.is_file():  # a GGUF base: its tokenizer keys as they are
         copy_tokenizer(w, model_dir, int(config["vocab_size"]))
-    elif tokenizer:  # (Gemma's converter says no space prefix, whatever the tokenizer)
-        space = False if arch in GEMMAS else None
+    elif tokenizer:  # (Gemma's converter says no space prefix, Phi 3's nothing of it)
+        space = "off" if arch in GEMMAS else "unsaid" if arch == gguf.MODEL_ARCH.PHI3 else "read"
         add_tokenizer(w, model_dir, int(config["vocab_size"]), space_prefix=space)
 
 
@@ -76,13 +89,17 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_
     """TextModel.set_gguf_parameters, and LlamaModel's additions, for our families."""
     n_head = int(config["num_attention_heads"])
     w.add_block_count(int(config["num_hidden_layers"]))
-    if (n_ctx := config.get("max_position_embeddings")) is not None:
+    # (Command R's converter takes model_max_length first)
+    n_ctx = config.get("max_position_embeddings")
+    if arch == gguf.MODEL_ARCH.COMMAND_R and config.get("model_max_length") is not None:
+        n_ctx = config["model_max_length"]
+    if n_ctx is not None:
         w.add_context_length(int(n_ctx))
     w.add_embedding_length(int(config["hidden_size"]))
     w.add_feed_forward_length(int(config["intermediate_size"]))
     w.add_head_count(n_head)
     w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
-    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    _write_norm_eps(w, config)
     if (head_dim := config.get("head_dim")) is not None:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
@@ -90,6 +107,42 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_
     if arch == gguf.MODEL_ARCH.LLAMA:
         w.add_vocab_size(int(config["vocab_size"]))
         w.add_rope_dimension_count(int(head_dim or int(config["hidden_size"]) // n_head))
+
+
+def _write_phi3(w: gguf.GGUFWriter, config: dict[str, Any], where: str) -> None:
+    """Phi3MiniModel's set_gguf_parameters (no generic keys), and a long-context model's
+    attention factor (its rope factors are tensors: plan/gguf.py)."""
+    rope = phi3_rope(config, where)
+    w.add_context_length(int(config["max_position_embeddings"]))
+    w.add_rope_scaling_orig_ctx_len(rope.original_context)
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_head_count(int(config["num_attention_heads"]))
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    w.add_rope_dimension_count(rope.dims)
+    w.add_rope_freq_base(float(rope_params(config)["rope_theta"] or 10000.0))
+    w.add_sliding_window(int(config.get("sliding_window") or 0))
+    if rope.attn_factor is not None:
+        w.add_rope_scaling_attn_factors(rope.attn_factor)
+
+
+def _write_norm_eps(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """RMSNorm's epsilon, or LayerNorm's (StarCoder2, Command R), as the config names it."""
+    if config.get("rms_norm_eps") is not None:
+        w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    eps = next((config[k] for k in NORM_EPS[1:] if config.get(k) is not None), None)
+    if eps is not None:
+        w.add_layer_norm_eps(float(eps))
+
+
+def _write_command_r(w: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """CommandR2Model's: the rope base, no rope scaling, and its logit scale."""
+    if (theta := rope_params(config)["rope_theta"]) is not None:
+        w.add_rope_freq_base(float(theta))
+    w.add_logit_scale(float(config.get("logit_scale", 0.0625)))
+    w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
 
 
 def _write_gemma(
@@ -201,11 +254,12 @@ def check_tokenizer(model_dir: Path, n_vocab: int) -> None:
 
 
 def add_tokenizer(
-    w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, space_prefix: bool | None = None
+    w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, space_prefix: str = "read"
 ) -> None:
     """The `tokenizer.*` keys for the Hugging Face tokenizer in `model_dir`, its token
     list padded to the model's `n_vocab` rows as the converter pads it; `space_prefix`:
-    add_space_prefix as the family's converter sets it (None: from the tokenizer)."""
+    a sentencepiece-style tokenizer's add_space_prefix as the family's converter writes
+    it: "read" from the tokenizer, "off" false, "unsaid" not at all."""
     data = _tokenizer_json(model_dir)
     path, model = model_dir / "tokenizer.json", data.get("model") or {}
     spm, byte_level = bool(model.get("byte_fallback")), _get(data, "decoder", "type") == "ByteLevel"
@@ -225,8 +279,8 @@ def add_tokenizer(
     w.add_token_types(types)
     if spm:
         w.add_token_scores(_scores(tokens, types, model.get("merges") or []))
-        prefix = _add_space_prefix(data, model_dir) if space_prefix is None else space_prefix
-        if prefix is not None:
+        prefix = _add_space_prefix(data, model_dir) if space_prefix == "read" else False
+        if prefix is not None and space_prefix != "unsaid":
             w.add_add_space_prefix(prefix)
     # Merges, special token ids, add_bos/add_eos and the chat template, read by gguf-py
     # from tokenizer.json, tokenizer_config.json (or chat_template.jinja) and config.json.
