@@ -45,6 +45,20 @@ def test_kquants_are_the_same_in_any_chunking(quant: str, monkeypatch: pytest.Mo
     assert np.array_equal(encode(rows, QUANTS[quant]), REFERENCE[f"{quant}.edges"])
 
 
+def test_q8_0_is_the_same_in_any_chunking_and_on_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lazymerge's own Q8_0 (blocks as columns): chunks of 3 blocks give the bytes of
+    one pass, and values that land on .5 after scaling round away from zero, as roundf
+    (and gguf-py's np_roundf) do, not to even."""
+    rows = REFERENCE["input.edges"]
+    whole = encode(rows, T.Q8_0)
+    monkeypatch.setattr(quants, "_Q8_CHUNK", 3)
+    assert np.array_equal(encode(rows, T.Q8_0), whole)
+    ties = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, *range(25)]], np.float32)
+    data = encode(ties, T.Q8_0)  # d = 127 / 127 = 1: the values are their own levels
+    assert data[0, 2:9].view(np.int8).tolist() == [127, 1, 2, 3, -1, -2, -3]
+    assert np.array_equal(data, np.asarray(gguf_quants.quantize(ties, T.Q8_0)).view(np.uint8))
+
+
 def test_f32_is_the_input_bytes() -> None:
     rows = REFERENCE["input.narrow"]
     assert encode(rows, T.F32).tobytes() == rows.astype("<f4").tobytes()
