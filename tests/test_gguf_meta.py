@@ -242,7 +242,7 @@ def test_without_tokenizer_files(tmp_path: Path) -> None:
     ("config", "parts"),
     [
         ({"model_type": "gpt_neox"}, ["model_type 'gpt_neox'", "not supported yet", "'gptneox'"]),
-        ({"model_type": "olmo2"}, ["not supported yet", "convert_hf_to_gguf.py"]),
+        ({"model_type": "falcon"}, ["not supported yet", "convert_hf_to_gguf.py"]),
         ({"model_type": "rwkv5x"}, ["llama.cpp's converter has no architecture for it"]),
         ({"architectures": ["LlamaForCausalLM"]}, ["no model_type", "llama, mistral"]),
         (
