@@ -101,8 +101,9 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:
     q = cols + _MAGIC  # rounded half to even (|v| <= 127): its ties are the .5 values
     q -= _MAGIC
     ties = np.abs(cols - q) == F32(0.5)
-    if ties.any():  # (a mask: np.nonzero of one costs as much as the rest)
-        q[ties] = cols[ties] + np.copysign(F32(0.5), cols[ties])  # roundf: away from zero
+    if ties.any():  # (rare but in most chunks of real weights: flat indices, one pass)
+        at, flat = np.flatnonzero(ties), cols.reshape(-1)
+        q.reshape(-1)[at] = flat[at] + np.copysign(F32(0.5), flat[at])  # roundf: away from 0
     out = np.empty((blocks.shape[0], 34), np.uint8)
     out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
     out[:, 2:] = q.astype(np.int8).T.view(np.uint8)
