@@ -21,6 +21,9 @@ WRITE_QUEUE = 64 * 2**20
 # A GGUF's blocks: every tensor is computed (a copy is re-encoded), and a block costs
 # the same per byte at any size past a few MiB, so larger ones would only add memory.
 ENCODED_BLOCKS = 96 * 2**20
+# A GGUF tensor copied from its input is read (copied out of the map) this much at a
+# time: the blocks in flight between the reading thread and the lane are copies.
+ENCODE_COPY_BLOCK = 8 * 2**20
 # Threads encoding a GGUF's blocks (run/encode.py): the k-quants are CPU-bound.
 ENCODE_LANES = 1  # 2 measured: q4_k_m 8 % faster, q8_0 no faster, +100 MiB peak
 # The encoding lane's own: a 4 MiB float32 chunk (run/encode.py) and the quantizer's
@@ -74,6 +77,15 @@ def block_rows(t: PlannedTensor, budget: int) -> int:
     return max(1, min(t.rows, max(rows, unit)))
 
 
+def encode_copy_rows(t: PlannedTensor, budget: int) -> int:
+    """Rows per block of a GGUF tensor re-encoded from its input (run/tensor.py): a copy
+    of ENCODE_COPY_BLOCK of mapped rows at a time (each block in flight is one), within
+    block_rows' budget, whole heads and LoRA row quanta as ever."""
+    unit = math.lcm(LORA_ROWS, t.row_align)
+    fit = ENCODE_COPY_BLOCK // max(read_row_bytes(t.inputs[0].ref), 1) // unit * unit
+    return max(1, min(block_rows(t, budget), max(fit, unit)))
+
+
 def chunk_rows(t: PlannedTensor, rows: int, threads: int) -> int:
     """Rows blended at a time within a block of `rows` on the CPU: about CACHE_CHUNK of
     fp32 for each of torch's `threads`, a multiple of LORA_ROWS, so that the upcast,
@@ -111,9 +123,9 @@ def _encoded_copy(t: PlannedTensor, budget: int) -> int:
     """A GGUF tensor re-encoded from its input's map, or a GGUF input's rows decoded
     into safetensors (run/tensor.py): blocks of mapped rows and their encoded bytes (one
     in each lane, ENCODE_LANES + 1 queued), the writer's queue, the lanes' temporaries."""
-    rows = block_rows(t, budget)
+    rows = encode_copy_rows(t, budget)
     per_row = read_row_bytes(t.inputs[0].ref) + t.nbytes // max(t.rows, 1)
-    blocks = 2 * ENCODE_LANES + 1
+    blocks = 2 * ENCODE_LANES + 2  # (and the one being copied out of the map)
     return blocks * rows * per_row + WRITE_QUEUE + ENCODE_LANES * ENCODE_TEMPS
 
 
