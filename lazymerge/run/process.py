@@ -12,15 +12,20 @@ from collections.abc import Iterator
 
 import torch
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt numbers
 MMAP_THRESHOLD = 32 * 2**20  # buffers from this size up come from mmap, freed to the OS
 TRIM_THRESHOLD = 64 * 2**20  # free heap kept for the next chunk's temporaries
+# Heaps: the main thread's and one the other threads share. Each thread's own (glibc's
+# default) keeps up to TRIM_THRESHOLD free too: a GGUF merge's encoding lane and writer
+# threads held ~45 MiB more that way (q8_0, 13B-shaped: 416 MiB peak, 378 with 2).
+ARENA_MAX = 2
 
 
 def tune_process_memory() -> None:
-    """Ask glibc to serve every buffer of 1 MiB or more from mmap, and so hand it back to
-    the OS when freed. Its default threshold adapts to past frees, which leaves freed
-    block buffers in the heap at random and made peak RSS jump by a tensor or two.
+    """Ask glibc to serve every buffer of MMAP_THRESHOLD or more from mmap, and so hand
+    it back to the OS when freed. Its default threshold adapts to past frees, which
+    leaves freed block buffers in the heap at random and made peak RSS jump by a tensor
+    or two. And to keep ARENA_MAX heaps, not one for each thread.
 
     Also moves every object alive now (torch's module graph, the plan) out of the
     garbage collector's sight: its full collections, triggered by the loop's small
@@ -31,6 +36,7 @@ def tune_process_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        libc.mallopt(M_ARENA_MAX, ARENA_MAX)
 
 
 def compute_threads(jobs: int = 1) -> int:
