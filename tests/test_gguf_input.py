@@ -98,9 +98,11 @@ def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_each_family_reads_back_to_its_own_weights(
     family: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A float32 GGUF written longhand with gguf-py from a model (test_gguf_meta's
-    converter) is read as that model: its names, shapes and exact values, in any blocks;
-    its config as the model's config.json says."""
+    """A float32 GGUF written by test_gguf_meta's converter (gguf-py's writer, with
+    lazymerge's names and Q/K order, which test_gguf_output checks against gguf-py's map
+    and a longhand permutation) is read as that model: its names, shapes and exact
+    values, in any blocks; its config as the model's config.json says. (The inverse
+    permutation against transformers' own: the next test.)"""
     _, n_tokens, vocab, extra = CASES[family]
     model_dir = tmp_path / "model"
     make_family_model(model_dir, family, vocab, **extra)

@@ -296,7 +296,7 @@ def rope_freqs(arch: gguf.MODEL_ARCH, config: dict[str, Any]) -> np.ndarray | No
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
-    return llama3_freqs(dim, base, factor, low, high, old_ctx)
+    return llama3_freqs(dim, base, (factor, low, high, old_ctx))
 
 
 @dataclass(frozen=True)

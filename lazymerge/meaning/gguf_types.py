@@ -60,14 +60,12 @@ def tensor_type(  # 7 parameters: the tensor, and the three model facts llama.cp
 ) -> GGMLQuantizationType:
     """The type llama.cpp gives GGUF tensor `name` of (HF-order) `shape` for `quant`.
 
-    f32/f16/bf16/q8_0: convert_hf_to_gguf.py --outtype. q4_0, q4_1, q5_0, q5_1, q6_k,
-    q4_k_m, q5_k_m: llama-quantize with that ftype and no imatrix (output.weight ->
-    Q6_K; in the mixes attn_v and ffn_down of use_more_bits layers -> Q6_K). q4_k, q5_k:
-    llama-quantize --pure. 1-D tensors and norms stay F32; a row that is not whole
-    blocks falls back as llama.cpp's does. `tied_embeddings`: no output.weight, so
-    token_embd.weight is quantized as the output; `llm_70b`: llama.cpp's LLM_TYPE_70B
-    (80 layers, grouped-query attention), whose attn_v get Q5_K for Q4_K; `n_expert`: a
-    MoE's experts (exactly 8: attn_v and attn_k Q8_0, and for q4_k_m attn_output Q5_K).
+    f32/f16/bf16/q8_0: convert_hf_to_gguf.py --outtype; q4_k, q5_k: llama-quantize
+    --pure; the rest: llama-quantize with that ftype, no imatrix (output.weight Q6_K, and
+    _mix_type's and _eight_experts' rules). 1-D tensors and norms stay F32; a row that is
+    not whole blocks falls back as llama.cpp's does. `tied_embeddings`: no output.weight,
+    so token_embd.weight is typed as the output; `llm_70b`: LLM_TYPE_70B (see _mix_type);
+    `n_expert`: a MoE's experts.
 
     Raises:
         ValueError: `quant` is not a name in QUANTS or MIXES (the message lists them).
@@ -86,21 +84,30 @@ def tensor_type(  # 7 parameters: the tensor, and the three model facts llama.cp
     if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
         # Q8_0 if the row is not whole blocks of the default type, else Q6_K
         qtype = T.Q8_0 if columns % GGML_QUANT_SIZES[default][0] else T.Q6_K
-    elif n_expert == 8 and name.endswith(("attn_v.weight", "attn_k.weight")):
-        qtype = T.Q8_0  # llama-quant.cpp: "for the 8-expert model, bumping this to Q8_0"
-    elif n_expert == 8 and quant == "q4_k_m" and name.endswith("attn_output.weight"):
-        qtype = T.Q5_K
-    elif quant in MIXES:
-        qtype = _mix_type(name, default, n_layers, llm_70b)
+    elif (moe := _eight_experts(quant, name) if n_expert == 8 else None) is not None:
+        qtype = moe
     else:
-        qtype = default
+        qtype = _mix_type(name, default, n_layers, llm_70b) if quant in MIXES else default
     return _fallback(qtype, columns)
+
+
+def _eight_experts(quant: str, name: str) -> GGMLQuantizationType | None:
+    """llama-quant.cpp's rules for a model of exactly 8 experts ("for the 8-expert model,
+    bumping this to Q8_0"): attn_v and attn_k Q8_0 in every preset, attn_output Q5_K in
+    Q4_K_M; None where they say nothing."""
+    if name.endswith(("attn_v.weight", "attn_k.weight")):
+        return T.Q8_0
+    if quant == "q4_k_m" and name.endswith("attn_output.weight"):
+        return T.Q5_K
+    return None
 
 
 def _mix_type(
     name: str, default: GGMLQuantizationType, n_layers: int, llm_70b: bool
 ) -> GGMLQuantizationType:
-    """llama_tensor_get_type_impl's Q4_K_M / Q5_K_M rules for a dense model's tensor."""
+    """llama_tensor_get_type_impl's Q4_K_M / Q5_K_M rules for a dense model's tensor:
+    attn_v and ffn_down of use_more_bits layers Q6_K; a 70B's (80 layers, grouped-query
+    attention) attn_v Q5_K for Q4_K."""
     # tensor_get_category: attn_qkv and attn_kv_b count as attn_v; ffn_down is a substring
     attn_v = any(k in name for k in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight"))
     if not attn_v and "ffn_down" not in name:

@@ -93,6 +93,8 @@ def is_gguf(path: Path) -> bool:
     """Whether the file starts with GGUF's magic (or is named .gguf)."""
     if path.suffix == ".gguf":
         return True
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        return False  # (every shard of a checkpoint asks: no open for those)
     try:
         with open(path, "rb") as f:
             return f.read(4) == MAGIC

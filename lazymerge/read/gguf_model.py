@@ -222,26 +222,28 @@ def _llama3_rope(g: GgufFile, freqs: GgufTensor, config: dict[str, Any]) -> dict
         f.seek(freqs.offset)
         have = np.frombuffer(f.read(freqs.nbytes), "<f4")
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    for factor, low, high, ctx in LLAMA3_ROPES:
-        if np.array_equal(have, llama3_freqs(dim, config["rope_theta"], factor, low, high, ctx)):
-            return {
-                "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                "high_freq_factor": high, "original_max_position_embeddings": ctx,
-            }  # fmt: skip
+    for scaling in LLAMA3_ROPES:
+        if np.array_equal(have, llama3_freqs(dim, config["rope_theta"], scaling)):
+            keys = (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            )
+            return {"rope_type": "llama3", **dict(zip(keys, scaling, strict=True))}
     raise InputError(
         f"{g.path}: its rope_freqs tensor is no Llama 3 rope scaling lazymerge knows, so no "
         "config.json can state it"
     )
 
 
-def llama3_freqs(
-    dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int
-) -> np.ndarray:
-    """llama.cpp's converter's rope_freqs.weight for Llama 3's rope scaling with these
-    parameters: each frequency's divisor (meaning/gguf.rope_freqs writes them; read
-    here to recognise them)."""
+def llama3_freqs(dim: int, theta: float, scaling: tuple[float, float, float, int]) -> np.ndarray:
+    """llama.cpp's converter's rope_freqs.weight for Llama 3's rope scaling (factor, low
+    and high frequency factors, original context): each frequency's divisor
+    (meaning/gguf.rope_freqs writes them; read here to recognise them)."""
     import numpy as np
 
+    factor, low, high, old_ctx = scaling
     freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
     wavelen = 2 * math.pi / freqs
     smooth = (old_ctx / wavelen - low) / (high - low)

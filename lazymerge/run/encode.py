@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lazymerge.meaning.gguf import row_order
 from lazymerge.meaning.gguf_types import row_bytes
 from lazymerge.plan.model import Encoding
 from lazymerge.run.budget import ENCODE_LANES
@@ -53,11 +54,11 @@ def encode_rows(rows: torch.Tensor, e: Encoding, head_rows: int) -> np.ndarray:
 
 
 def permute_heads(x: torch.Tensor, head_rows: int) -> torch.Tensor:
-    """llama.cpp's rotary layout: within each head, the rows of its first half and its
-    second half interleaved (row i of the half a -> 2i + a). Its converter undoes the
-    permutation Hugging Face's conversion applied to the original Llama weights."""
-    half = head_rows // 2
-    return x.reshape(-1, 2, half, x.shape[-1]).transpose(1, 2).reshape(x.shape)
+    """llama.cpp's rotary layout (meaning/gguf.row_order) of whole heads of `head_rows`
+    rows: within each head, the rows of its first half and its second half interleaved.
+    Its converter undoes the permutation Hugging Face's conversion applied to the
+    original Llama weights."""
+    return x[torch.from_numpy(row_order(x.shape[0], x.shape[0] // head_rows))]
 
 
 class EncodeLane:

@@ -88,17 +88,11 @@ def write_metadata(
 def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_ARCH) -> None:
     """TextModel.set_gguf_parameters, and LlamaModel's additions, for our families."""
     n_head = int(config["num_attention_heads"])
-    w.add_block_count(int(config["num_hidden_layers"]))
     # (Command R's converter takes model_max_length first)
     n_ctx = config.get("max_position_embeddings")
     if arch == gguf.MODEL_ARCH.COMMAND_R and config.get("model_max_length") is not None:
         n_ctx = config["model_max_length"]
-    if n_ctx is not None:
-        w.add_context_length(int(n_ctx))
-    w.add_embedding_length(int(config["hidden_size"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(n_head)
-    w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    _write_sizes(w, config, n_ctx)
     _write_norm_eps(w, config)
     if (head_dim := config.get("head_dim")) is not None:
         w.add_key_length(int(head_dim))
@@ -109,17 +103,24 @@ def _write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.MODEL_
         w.add_rope_dimension_count(int(head_dim or int(config["hidden_size"]) // n_head))
 
 
+def _write_sizes(w: gguf.GGUFWriter, config: dict[str, Any], n_ctx: Any) -> None:
+    """Every family's shape keys: layers, context (`n_ctx`, when known), widths, heads."""
+    n_head = int(config["num_attention_heads"])
+    w.add_block_count(int(config["num_hidden_layers"]))
+    if n_ctx is not None:
+        w.add_context_length(int(n_ctx))
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+
+
 def _write_phi3(w: gguf.GGUFWriter, config: dict[str, Any], where: str) -> None:
     """Phi3MiniModel's set_gguf_parameters (no generic keys), and a long-context model's
     attention factor (its rope factors are tensors: plan/gguf.py)."""
     rope = phi3_rope(config, where)
-    w.add_context_length(int(config["max_position_embeddings"]))
+    _write_sizes(w, config, config["max_position_embeddings"])
     w.add_rope_scaling_orig_ctx_len(rope.original_context)
-    w.add_embedding_length(int(config["hidden_size"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_head_count(int(config["num_attention_heads"]))
-    w.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
     w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     w.add_rope_dimension_count(rope.dims)
     w.add_rope_freq_base(float(rope_params(config)["rope_theta"] or 10000.0))
@@ -152,12 +153,7 @@ def _write_gemma(
     keys: no rope base, which llama.cpp then takes as 10000, Gemma 2's)."""
     n_head = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_head)
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_context_length(int(config["max_position_embeddings"]))
-    w.add_embedding_length(int(config["hidden_size"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(n_head)
-    w.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    _write_sizes(w, config, config["max_position_embeddings"])
     if arch == gguf.MODEL_ARCH.GEMMA3:
         _write_rope(w, config, where)
         if (swa_base := _swa_rope_theta(config)) is not None:
