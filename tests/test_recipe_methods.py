@@ -139,8 +139,19 @@ def test_bad_native_recipe_is_one_line(dirs: Path, change: dict[str, Any], expec
         ({"merge_method": "slerpy"}, "merge_method: unknown method 'slerpy'"),
         ({"mystery": 1}, "mystery: not a mergekit config key"),
         ({"slices": [{"sources": []}]}, "give models or slices, not both"),
-        ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported yet"),
-        ({"chat_template": "chatml"}, "chat_template is not supported yet"),
+        ({"tokenizer_source": "b"}, "tokenizer_source: "),
+        ({"tokenizer_source": 3}, "tokenizer_source: expected base, union or a model"),
+        (
+            {"tokenizer_source": "base", "tokenizer": {"source": "union"}},
+            "give tokenizer_source or a tokenizer: block, not both",
+        ),
+        ({"tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, "pad_to_multiple_of"),
+        (
+            {"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "a"}}}}},
+            "model_token takes model and one of token, token_id",
+        ),
+        ({"chat_template": "chatmI"}, "chat_template: 'chatmI' is neither a built-in template"),
+        ({"modules": {"text": {"models": []}}}, "modules: configs are not supported yet"),
         ({"dtype": "fp16"}, "dtype: 'fp16' is not a dtype mergekit knows"),
         ({"base_model": None}, "base_model: dare_ties needs a base model"),
         (

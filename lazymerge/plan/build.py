@@ -42,6 +42,11 @@ _VOCAB = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte)\.weight$")
 Terms = dict[str, list[LoraTerm]]  # target tensor name -> the terms that change it
 
 
+def is_vocab(name: str) -> bool:
+    """A tensor whose rows are the vocabulary's (embeddings, output head)."""
+    return _VOCAB.search(name) is not None
+
+
 @dataclass(frozen=True)
 class _Sources:
     """What every tensor's decision draws on: the recipe, both models, their terms."""

@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from lazymerge.meaning.adapters import LoraTerm
 from lazymerge.meaning.layers import LayerStack
@@ -18,6 +20,9 @@ from lazymerge.meaning.methods import Method
 from lazymerge.meaning.methods.base import Resolved
 from lazymerge.meaning.names import Mapping
 from lazymerge.read.checkpoint import CheckpointIndex
+
+if TYPE_CHECKING:
+    from lazymerge.plan.vocab import OutputTokenizer
 from lazymerge.read.tensorref import Blocks, TensorRef
 from lazymerge.recipe.spec import LoraSpec, Recipe
 
@@ -39,14 +44,32 @@ COPY, CONSTANT = Action.COPY, Action.CONSTANT
 Role = str
 
 
+@dataclass(frozen=True, eq=False)
+class RowMap:
+    """A vocabulary tensor read by token (plan/vocab.py): output row i is the model's row
+    `own[i]`, or where that is ABSENT the default: the rows `defaults[i]` names (other
+    inputs' too), summed in order and divided by their count in `dtype`; () is zeros."""
+
+    own: np.ndarray
+    defaults: dict[int, tuple[tuple[TensorRef, int], ...]]
+    dtype: str  # the tensor's compute dtype, where mergekit averages
+
+
 @dataclass(frozen=True)
 class Input:
     """One model's tensor as a merge reads it: its bytes and the adapter terms applied to
-    them on the fly (` in DESIGN §2)."""
+    them on the fly (` in DESIGN §2); a vocabulary tensor aligned to the output's
+    tokenizer, by token (`gather`)."""
 
     role: Role
     ref: TensorRef
     terms: tuple[LoraTerm, ...] = ()
+    gather: RowMap | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows as the method sees them: the output vocabulary's when gathered."""
+        return len(self.gather.own) if self.gather is not None else self.ref.rows
 
     def refs(self) -> list[TensorRef]:
         """Every input tensor this one reads: its own and its terms' factors."""
@@ -201,6 +224,9 @@ class MergePlan:
     notes: tuple[str, ...] = ()  # what the user should know (vocabulary mismatches)
     adapters: tuple[AdapterUse, ...] = ()  # every adapter of the recipe, in recipe order
     models: tuple[CheckpointIndex, ...] = ()  # an N-model merge's models but the base
+    # The recipe's tokenizer source (plan/vocab.py); None: the base's files as they are.
+    tokenizer: OutputTokenizer | None = None
+    chat_template: str | None = None  # the template text the output's tokenizer gets
 
     @property
     def out_dtype(self) -> str | None:

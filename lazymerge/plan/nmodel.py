@@ -9,8 +9,11 @@ all inputs for the methods whose rounding depends on it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
@@ -21,9 +24,18 @@ from lazymerge.meaning.methods.registry import BUILDERS, CHECKS
 from lazymerge.meaning.order import order_of
 from lazymerge.meaning.params import Level, position, resolve
 from lazymerge.plan import build
-from lazymerge.plan.model import COMPUTE, COPY, AdapterUse, Input, MergePlan, PlannedTensor
+from lazymerge.plan.model import (
+    COMPUTE,
+    COPY,
+    AdapterUse,
+    Input,
+    MergePlan,
+    PlannedTensor,
+    RowMap,
+)
+from lazymerge.plan.vocab import VocabPlan, plan_vocab, with_tokenizer
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.config import checkpoint_config
+from lazymerge.read.config import checkpoint_config, model_dir
 from lazymerge.read.tensorref import itemsize
 from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams, Param, Scope
 from lazymerge.recipe.spec import MethodSpec, Recipe
@@ -63,6 +75,7 @@ class Group:
     top: tuple[Level, ...]  # the method-wide parameters (a slice's, then the recipe's)
     span: tuple[int, int] | None = None  # its output layers [start, end); None: all
     has_base: bool = True
+    vocab: VocabPlan | None = None  # the recipe's tokenizer source: vocabularies aligned
 
     def t(self, name: str) -> float:
         """The layer position of output tensor `name` within the group (mergekit's t: a
@@ -84,6 +97,8 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
     stack = find_stack(base.tensors, f"base {base.path}", recipe.layers_prefix)
     stack = replace(stack, order=order_of(config))
     merge, uses = _open(recipe, recipe.merge, base, stack)
+    vocab = plan_vocab(recipe.tokenizer, recipe.models()) if recipe.tokenizer else None
+    merge = replace(merge, vocab=vocab)
     kept = sorted(
         (r for r in base if not build.DROPPED.search(r.name)),
         key=lambda r: natural_key(r.name, stack),
@@ -94,9 +109,10 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
     dropped = tuple(r.name for r in base if build.DROPPED.search(r.name))
     notes = tuple(build.renamed(uses))
     others = tuple(m.index for m in merge.models[1:])
-    return MergePlan(
+    plan = MergePlan(
         recipe, base, None, stack, tensors, shards, config, dropped, notes, tuple(uses), others
     )
+    return with_tokenizer(plan, vocab)
 
 
 def _open(
@@ -149,15 +165,49 @@ def plan_tensor(group: Group, name: str) -> PlannedTensor:
     if not ref.is_float:
         return replace(build.plan_buffer(ref, None), name=name)
     inputs: tuple[Input, ...] = (Input(first.role, ref, tuple(first.terms.get(ref.name, ()))),)
-    inputs += tuple(_input(m, inputs[0], m.source(name, group.stack)) for m in group.models[1:])
+    by_token = group.vocab is not None and build.is_vocab(name)
+    inputs += tuple(
+        _input(m, inputs[0], m.source(name, group.stack), by_token) for m in group.models[1:]
+    )
     compute = _compute(group.spec, inputs)
+    shape = ref.shape
+    if group.vocab is not None and by_token:
+        inputs = by_tokens(group, name, inputs, compute)
+        shape = (group.vocab.out.size, *ref.shape[1:])
     out = group.recipe.output.dtype or _natural_out(group, ref.dtype, compute)
-    resolved = _resolve(group, name, ref.shape, compute)
+    resolved = _resolve(group, name, shape, compute)
     _check(group, resolved)
     method = BUILDERS[group.method.name](resolved)
-    nbytes = ref.numel * itemsize(out)
+    nbytes = math.prod(shape) * itemsize(out)
     action = COPY if copies(method, inputs, compute, out) else COMPUTE
-    return PlannedTensor(name, out, ref.shape, nbytes, action, inputs, method, call=resolved)
+    return PlannedTensor(name, out, shape, nbytes, action, inputs, method, call=resolved)
+
+
+def by_tokens(
+    group: Group, name: str, inputs: tuple[Input, ...], compute: str
+) -> tuple[Input, ...]:
+    """A vocabulary tensor's inputs aligned to the output's tokenizer: each read by token
+    (RowMap), bar those whose rows already are the output's one for one."""
+    assert group.vocab is not None
+    paths = tuple(model_dir(m.index.path) for m in group.models)
+    aligned = group.vocab.alignment(paths, paths[0] if group.has_base else None)
+    refs = [i.ref for i in inputs]
+    defaults = {
+        row: tuple((refs[m], r) for m, r in parts) for row, parts in aligned.defaults.items()
+    }
+    out = []
+    for inp, own in zip(inputs, aligned.own, strict=True):
+        if not defaults and len(own) == inp.ref.rows and bool((own == np.arange(len(own))).all()):
+            out.append(inp)
+        else:
+            out.append(replace(inp, gather=RowMap(own, defaults, compute)))
+    adapted = next((i for i in out if i.terms), None)
+    if adapted is not None and any(i.gather is not None for i in out):
+        raise RecipeError(
+            f"{name}: {adapted.role}'s adapter changes a vocabulary tensor the tokenizer "
+            "source realigns by token; that is not supported yet (merge the adapter first)"
+        )
+    return tuple(out)
 
 
 def _natural_out(group: Group, stored: str, compute: str) -> str:
@@ -176,7 +226,13 @@ def copies(method: Method, inputs: Sequence[Input], compute: str, out: str) -> b
         return False
     ref = inputs[0].ref
     exact = compute in (ref.dtype, "F32", "F64")
-    return not inputs[0].terms and ref.copyable and ref.dtype == out and exact
+    return (
+        not inputs[0].terms
+        and inputs[0].gather is None
+        and ref.copyable
+        and ref.dtype == out
+        and exact
+    )
 
 
 def _check(group: Group, call: Resolved) -> None:
@@ -191,15 +247,16 @@ def _check(group: Group, call: Resolved) -> None:
             raise RecipeError(f"{who} on {call.tensor}: {e}") from None
 
 
-def _input(model: Model, first: Input, name: str) -> Input:
+def _input(model: Model, first: Input, name: str, by_token: bool = False) -> Input:
     """A model's tensor `name` (an untied head: the embeddings, as mergekit loads it),
-    shape-checked against input 0's."""
+    shape-checked against input 0's (`by_token`: bar its rows, the vocabulary's)."""
     if name not in model.index and name.endswith("lm_head.weight"):
         name = next((n for n in model.index.tensors if n.endswith("embed_tokens.weight")), name)
     if name not in model.index:
         raise InputError(f"{model.role} {model.index.path} has no tensor {name}")
     ref, theirs = first.ref, model.index[name]
-    if theirs.shape != ref.shape or not theirs.is_float:
+    same = theirs.shape[1:] == ref.shape[1:] if by_token else theirs.shape == ref.shape
+    if not same or not theirs.is_float:
         raise InputError(
             f"{name}: {first.role} has {ref.dtype} {list(ref.shape)} but {model.role} "
             f"{theirs.file} has {theirs.dtype} {list(theirs.shape)}"

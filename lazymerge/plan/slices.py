@@ -22,6 +22,7 @@ from lazymerge.meaning.params import Level
 from lazymerge.plan import build
 from lazymerge.plan.model import AdapterUse, MergePlan, PlannedTensor
 from lazymerge.plan.nmodel import Group, Model, check_filters, plan_tensor
+from lazymerge.plan.vocab import plan_vocab, with_tokenizer
 from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.config import checkpoint_config
 from lazymerge.recipe.methods import METHOD_PARAMS
@@ -52,7 +53,8 @@ def build_sliced_plan(recipe: Recipe) -> MergePlan:
     donor = opened[recipe.base]
     groups, count = _groups(recipe, spec, opened)
     stack = LayerStack(donor.stack.prefix, count, (), order_of(donor.config))
-    groups = [replace(g, stack=stack) for g in groups]
+    vocab = plan_vocab(recipe.tokenizer, recipe.models()) if recipe.tokenizer else None
+    groups = [replace(g, stack=stack, vocab=vocab) for g in groups]
     planned = _tensors(groups, donor, stack)
     check_filters(groups, [t.name for t in planned])
     tensors, shards = build.shard(planned, recipe.output.shard_limit)
@@ -60,10 +62,11 @@ def build_sliced_plan(recipe: Recipe) -> MergePlan:
     dropped = tuple(r.name for r in donor.index if build.DROPPED.search(r.name))
     others = tuple(o.index for m, o in opened.items() if m != recipe.base)
     notes = tuple(build.renamed(uses))
-    return MergePlan(
+    plan = MergePlan(
         recipe, donor.index, None, stack, tensors, shards, config, dropped, notes, tuple(uses),
         others,
     )  # fmt: skip
+    return with_tokenizer(plan, vocab)
 
 
 def _open_all(

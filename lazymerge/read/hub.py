@@ -29,7 +29,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 # Besides weights, a merge reads the config it plans with, an adapter's config, and the
-# files the output copies from the base (write/output.py's AUX_FILES).
+# files the output copies from the base or the tokenizer source (write/output.py AUX_FILES).
 METADATA = (
     CONFIG, ADAPTER_CONFIG, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt",

@@ -3,9 +3,9 @@
 A YAML with `merge_method` is a mergekit config: `base_model`, `models` (each a path, a
 Hub id, or `model+lora`) or `slices` of them (recipe/slices.py), `parameters`, `dtype`
 (the *compute* dtype: inputs cast to it, arithmetic in it), `out_dtype` (the file's),
-`random_seed`, `tokenizer_source: base`. What mergekit would silently ignore (an unknown
-key or parameter) is refused here in one line, and so is what lazymerge does not run yet
-(modules, other tokenizers, chat templates).
+`random_seed`, `tokenizer_source` or a `tokenizer:` block and `chat_template`
+(recipe/tokenizer.py). What mergekit would silently ignore (an unknown key or parameter)
+is refused here in one line, and so is what lazymerge does not run yet (modules).
 
 Paths resolve against the config's directory, then (as mergekit does) the working
 directory; anything else is a Hub id, found in the local Hugging Face cache (read/hub.py).
@@ -14,6 +14,7 @@ directory; anything else is a Hub id, found in the local Hugging Face cache (rea
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,14 @@ from lazymerge.recipe.models import (
 from lazymerge.recipe.params import parse_parameters
 from lazymerge.recipe.slices import Syntax, parse_slices, slice_models
 from lazymerge.recipe.spec import LoraSpec, MethodSpec, ModelSpec, OutputSpec, Recipe
+from lazymerge.recipe.tokenizer import chat_template, mergekit_tokenizer
 
 KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
     "random_seed", "tokenizer_source", "slices", "modules", "tokenizer", "chat_template",
 }  # fmt: skip
 # Keys mergekit knows that lazymerge does not run yet: one line each, before anything.
-NOT_YET = {
-    "modules": "modules: configs are not supported yet",
-    "tokenizer": "a tokenizer: block is not supported yet (tokenizer_source: base is)",
-    "chat_template": "chat_template is not supported yet",
-}
+NOT_YET = {"modules": "modules: configs are not supported yet"}
 SOURCE_KEYS = frozenset({"model", "layer_range", "parameters"})
 # mergekit's dtype names (common.py dtype_from_name), with an optional "torch." prefix:
 # the native `compute` names bar "inputs" (recipe/models.py).
@@ -78,7 +76,12 @@ def parse_mergekit(data: dict[str, Any], root: Path, source: str) -> Recipe:
         has_base=base is not None,
     )
     out = _dtype(data.get("out_dtype"), f"{source}: out_dtype")
-    return Recipe(donor, output=OutputSpec(dtype=out), merge=merge)
+    recipe = Recipe(donor, output=OutputSpec(dtype=out), merge=merge)
+    return replace(
+        recipe,
+        tokenizer=mergekit_tokenizer(data, recipe.models(), _source_model(root), source),
+        chat_template=chat_template(data.get("chat_template"), f"{source}: chat_template"),
+    )
 
 
 def _models(entries: object, root: Path, source: str) -> list[ModelSpec]:
@@ -105,15 +108,6 @@ def _refuse(data: dict[str, Any], source: str) -> None:
     for key, why in NOT_YET.items():
         if data.get(key) is not None:
             raise RecipeError(f"{source}: {key}: {why}")
-    _tokenizer_source(data.get("tokenizer_source"), source)
-
-
-def _tokenizer_source(value: object, source: str) -> None:
-    if value not in (None, "base"):
-        raise RecipeError(
-            f"{source}: tokenizer_source: {value!r} is not supported yet; only 'base' "
-            "(the base model's tokenizer, which lazymerge copies anyway)"
-        )
 
 
 def _entry_model(entry: object, root: Path, where: str) -> ModelSpec:

@@ -24,7 +24,7 @@ from lazymerge.recipe.spec import MergeInput, MethodSpec, ModelSpec
 
 KEYS = {
     "method", "base", "models", "slices", "parameters", "seed", "compute", "output",
-    "layers_prefix",
+    "layers_prefix", "tokenizer", "chat_template",
 }  # fmt: skip
 # `compute`: the dtype the arithmetic runs in, as a mergekit config's `dtype` (inputs
 # rounded to it, every step rounded in it); "inputs": their promoted dtype. Unset: float32

@@ -3,6 +3,7 @@ in the error."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import replace
@@ -25,6 +26,7 @@ from lazymerge.recipe.spec import (
     Over,
     Recipe,
 )
+from lazymerge.recipe.tokenizer import chat_template, tokenizer_block
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -89,9 +91,26 @@ def _n_models(data: dict[str, Any], root: Path, source: str) -> Recipe:
         merge = models.parse_method(d, base, specs, source)
         base = base or specs[0]
     output = _output(d.get("output") or {}, f"{source}: output")
-    return Recipe(
+    recipe = Recipe(
         base, output=output, layers_prefix=_prefix(d.get("layers_prefix"), source), merge=merge
     )
+    return _tokenizer(recipe, d, root, source)
+
+
+def _tokenizer(recipe: Recipe, d: dict[str, Any], root: Path, source: str) -> Recipe:
+    """A native recipe's `tokenizer: {source, tokens}` and `chat_template`."""
+    block, template = d.get("tokenizer"), d.get("chat_template")
+    spec = None
+    if block is not None:
+        locate = functools.partial(_model_at, root)
+        spec = tokenizer_block(block, recipe.models(), locate, f"{source}: tokenizer")
+    return replace(
+        recipe, tokenizer=spec, chat_template=chat_template(template, f"{source}: chat_template")
+    )
+
+
+def _model_at(root: Path, value: Any, where: str) -> ModelSpec:
+    return _model(value, root, where)
 
 
 def _native_syntax(root: Path) -> Syntax:

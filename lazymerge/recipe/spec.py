@@ -163,6 +163,36 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where a token's row comes from when a model lacks it (mergekit's `tokens:` source):
+    `model`'s row for that token (`token`/`token_id` unset), `model`'s row for another
+    token (`kind: model_token`), or zeros (`model` None)."""
+
+    model: ModelSpec | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """One `tokens:` entry: the token's default row, and whether it overrides every
+    model's own row (`force`)."""
+
+    token: str
+    source: TokenSource | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The output's tokenizer: the base's, one model's, or the union of all the models'
+    vocabularies; the vocabulary rows of every model are aligned to it by token."""
+
+    source: Literal["base", "union"] | ModelSpec
+    tokens: tuple[TokenRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A merge: base (+ LoRAs), optionally blended with other (+ LoRAs) by gradient rules."""
 
@@ -172,6 +202,11 @@ class Recipe:
     output: OutputSpec = field(default_factory=OutputSpec)
     layers_prefix: str | None = None  # the decoder layers' stack, when the names can't say
     merge: MethodSpec | None = None  # an N-model merge (then no other/gradient)
+    # The output's tokenizer (N-model merges); None: the base's files, rows as they are.
+    tokenizer: TokenizerSpec | None = None
+    # The chat template the output's tokenizer config gets: "auto" (the inputs' most
+    # common) or a template's text (a built-in's name is resolved when parsed); None: kept.
+    chat_template: str | None = None
 
     def models(self) -> list[ModelSpec]:
         """Every model of the recipe, the base first, each once."""
@@ -228,7 +263,32 @@ class Recipe:
         data["output"] = output
         if self.layers_prefix is not None:
             data["layers_prefix"] = self.layers_prefix
+        if self.tokenizer is not None:
+            data["tokenizer"] = _tokenizer_dict(self.tokenizer)
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
         return data
+
+
+def _tokenizer_dict(spec: TokenizerSpec) -> dict[str, Any]:
+    """A tokenizer spec in the native syntax (recipe/tokenizer.py reads it back)."""
+
+    def source(s: TokenSource | None) -> Any:
+        if s is None:
+            return None
+        if s.model is None:
+            return {"kind": "zero"}
+        if s.token is None and s.token_id is None:
+            return str(s.model.path)
+        which = {"token": s.token} if s.token is not None else {"token_id": s.token_id}
+        return {"kind": "model_token", "model": str(s.model.path)} | which
+
+    tokens = {
+        r.token: {"source": source(r.source)} | ({"force": True} if r.force else {})
+        for r in spec.tokens
+    }
+    given = spec.source if isinstance(spec.source, str) else str(spec.source.path)
+    return {"source": given} | ({"tokens": tokens} if tokens else {})
 
 
 def _setting(setting: Setting) -> Any:

@@ -20,6 +20,7 @@ from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.read.tensorref import TensorRef
 from lazymerge.run.budget import LORA_ROWS
 from lazymerge.run.device import Scratch
+from lazymerge.run.gather import gather_rows
 
 # What a term needs whole, read once per tensor, in fp32: (A, A) for LORA, (A, B.T) for
 # LORA_T, each expert's (lhs, rhs) stacked for LORA_X(T); None for REPLACE.
@@ -93,7 +94,7 @@ class TensorBlock:
 
     def rows(self, i: int, n: int | None = None) -> torch.Tensor:
         inp = self.t.inputs[i]
-        have = max(0, min(self.stop, inp.ref.rows) - self.start)
+        have = max(0, min(self.stop, inp.rows) - self.start)
         r1 = self.start + (have if n is None else min(n, have))
         return _side(self.source, inp, self.factors[i], (self.start, r1), str(i))
 
@@ -108,6 +109,9 @@ def _side(
     ref, (r0, r1) = inp.ref, span
     dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
     acc = src.scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
+    if inp.gather is not None:  # read by token; the plan gives such inputs no adapters
+        gather_rows(src.reader, src.scratch, acc, inp, r0)
+        return acc
     src.scratch.fill(acc, src.reader.rows(ref, r0, r1))  # a copy: the mapped view is read-only
     src.reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
     for term, factor in zip(inp.terms, factors, strict=True):

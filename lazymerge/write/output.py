@@ -28,20 +28,20 @@ from lazymerge.errors import OutputError
 from lazymerge.plan.model import MergePlan
 from lazymerge.read.checkpoint import SAFETENSORS_INDEX
 from lazymerge.read.config import CONFIG, model_dir
+from lazymerge.read.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON
 from lazymerge.recipe.spec import DTYPE_LABELS
 from lazymerge.write.manifest import MANIFEST, Record, completed_shards, finished_shards
 from lazymerge.write.safetensors import PARTIAL, ShardResult
+from lazymerge.write.tokenizer import FILES as TOKENIZER_FILES
+from lazymerge.write.tokenizer import TokenizerFiles, tokenizer_files
 
 CARD = "README.md"
 PICTURE = "blend.png"
 # Files a merge writes besides shards, index and manifest (--overwrite replaces them).
 OWN_FILES = (CONFIG, CARD, PICTURE)
 # Files a model directory needs besides weights; copied from the base as they are.
-AUX_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json",
-    "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+EXTRA_FILES = ("generation_config.json",)  # from the base, as they are
+AUX_FILES = (*TOKENIZER_FILES, *EXTRA_FILES)
 
 
 class Card(Protocol):
@@ -177,9 +177,11 @@ class Output:
         if plan.config is not None and not gguf:
             write_json(out / CONFIG, _config(plan.config, plan.out_dtype))
         base_dir = model_dir(plan.base.path)
-        for name in AUX_FILES if not gguf else ():
-            if (base_dir / name).is_file():
-                shutil.copyfile(base_dir / name, out / name)
+        if not gguf:
+            _write_tokenizer(out, tokenizer_files(plan))
+            for name in EXTRA_FILES:
+                if (base_dir / name).is_file():
+                    shutil.copyfile(base_dir / name, out / name)
         extra = {"nonfinite": list(nonfinite)} if nonfinite else {}
         write_json(out / MANIFEST, self.record.data(shards, complete=True, **extra))
         if card is not None:
@@ -203,6 +205,17 @@ def output_errors(out: Path, again: str = "run the same command with --resume") 
             f"writing {out}: {what}; the output is incomplete (.partial shards, no index); "
             f"fix that and {again}"
         ) from e
+
+
+def _write_tokenizer(out: Path, files: TokenizerFiles) -> None:
+    """The tokenizer source's files, then tokenizer.json and tokenizer_config.json where
+    the plan changes them."""
+    for f in files.copies:
+        shutil.copyfile(f, out / f.name)
+    if files.text is not None:
+        (out / TOKENIZER_JSON).write_text(files.text, encoding="utf-8")
+    if files.config is not None:
+        write_json(out / TOKENIZER_CONFIG, files.config)
 
 
 def _config(config: dict[str, Any], dtype: str | None) -> dict[str, Any]:

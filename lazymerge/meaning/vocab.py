@@ -1,0 +1,116 @@
+"""Vocabularies aligned by token, as mergekit aligns them (its tokenizer/build.py and
+tokenizer/embed.py): the output's vocabulary, and for every model which of its rows each
+output token takes — or, where a model lacks the token (or `force` says so), the default
+row every model then takes:
+
+  a `tokens:` rule's source      that model's row for the token (or for another token),
+                                 or zeros;
+  present in exactly one model   that model's row;
+  present in the base            the base's row;
+  otherwise                      the average of the rows of the models that have it,
+                                 summed in order and divided in the compute dtype.
+
+The union keeps the base's tokenizer and appends every other token: the models in the
+recipe's order, each model's plain tokens in id order, then the added tokens (each with
+the settings of the first model that adds it). mergekit appends them in the order of a
+hash map, which changes from run to run; here the order is fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ABSENT = -1
+Part = tuple[int, int]  # (model index, row): one row a default is made of
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """A `tokens:` rule resolved: the default's parts ((): zeros; None: no source given)
+    and whether every model takes it."""
+
+    parts: tuple[Part, ...] | None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Per model, the row each output token takes (ABSENT: the default), and the default
+    rows by output row. `rows` is the output's vocabulary size."""
+
+    rows: int
+    own: tuple[np.ndarray, ...]
+    defaults: Mapping[int, tuple[Part, ...]]
+
+
+def union_tokens(
+    models: Sequence[Mapping[str, int]], added: Sequence[Sequence[dict[str, Any]]]
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """What a union appends to the base's tokenizer: the plain tokens in order, and the
+    added tokens by content (the first model's settings). `models[i]` holds the tokens
+    model i has rows for, `added[i]` its tokenizer.json added-token entries."""
+    added_tokens: dict[str, dict[str, Any]] = {}
+    for ids, entries in zip(models, added, strict=True):
+        for entry in sorted(entries, key=lambda e: int(e["id"])):
+            if entry["content"] in ids and entry["content"] not in added_tokens:
+                added_tokens[entry["content"]] = entry
+    plain: dict[str, None] = {}
+    for ids in models:
+        for token in sorted(ids, key=ids.__getitem__):
+            if token not in added_tokens:
+                plain.setdefault(token)
+    return list(plain), added_tokens
+
+
+def permutation(out: Mapping[str, int], ids: Mapping[str, int]) -> np.ndarray:
+    """For every output token (by id), the model's row for it, or ABSENT."""
+    rows = np.full(len(out), ABSENT, dtype=np.int64)
+    for token, i in out.items():
+        rows[i] = ids.get(token, ABSENT)
+    return rows
+
+
+def align(
+    out: Mapping[str, int],
+    perms: Sequence[np.ndarray],
+    base: int | None,
+    rules: Mapping[str, RowRule],
+) -> Alignment:
+    """Which row every model takes for every output token, and the defaults."""
+    present = np.stack(perms) >= 0  # [models, tokens]
+    defaults: dict[int, tuple[Part, ...]] = {}
+    forced = np.zeros(len(out), dtype=bool)
+    for token, i in out.items():
+        rule = rules.get(token)
+        force = rule is not None and rule.force
+        if force:
+            forced[i] = True
+        elif present[:, i].all():
+            continue
+        defaults[i] = _default(token, i, present[:, i], perms, base, rule)
+    own = tuple(np.where(forced, ABSENT, p) for p in perms)
+    return Alignment(len(out), own, defaults)
+
+
+def _default(
+    token: str,
+    i: int,
+    have: np.ndarray,
+    perms: Sequence[np.ndarray],
+    base: int | None,
+    rule: RowRule | None,
+) -> tuple[Part, ...]:
+    if rule is not None:
+        if rule.parts is None:
+            raise ValueError(f"token {token!r}: a model lacks it and its rule names no source")
+        return rule.parts
+    holders = [int(m) for m in np.flatnonzero(have)]
+    if len(holders) == 1 or (base is not None and have[base]):
+        who = holders[0] if len(holders) == 1 else base
+        assert who is not None
+        return ((who, int(perms[who][i])),)
+    return tuple((m, int(perms[m][i])) for m in holders)  # (): in no model, zeros

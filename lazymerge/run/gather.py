@@ -1,0 +1,44 @@
+"""A vocabulary tensor's rows read by token (plan/vocab.py's RowMap): each output row the
+model's own row for that token, gathered from the map, or the default every model takes
+for it — other inputs' rows summed in order and divided by their count in the compute
+dtype, as mergekit's PermutedVocabulary makes them (zeros for none)."""
+
+from __future__ import annotations
+
+import torch
+
+from lazymerge.plan.model import Input, RowMap
+from lazymerge.read.mapped import DTYPES, MappedReader
+from lazymerge.run.device import Scratch
+
+
+def gather_rows(
+    reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input, r0: int
+) -> None:
+    """acc <- output rows [r0, r0 + len(acc)) of `inp`, read through its row map."""
+    ref, m = inp.ref, inp.gather
+    assert m is not None
+    own = torch.from_numpy(m.own[r0 : r0 + acc.shape[0]])
+    have = own >= 0
+    if bool(have.any()):
+        idx = own[have]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        rows = reader.rows(ref, lo, hi)[idx - lo]  # only the pages of these rows are read
+        acc[have.to(acc.device)] = scratch.put(rows, acc.dtype)
+        reader.release(ref, lo * ref.row_nbytes, hi * ref.row_nbytes)
+    for i in torch.nonzero(~have).flatten().tolist():
+        acc[i] = scratch.put(_default(reader, m, r0 + i), acc.dtype)
+
+
+def _default(reader: MappedReader, m: RowMap, row: int) -> torch.Tensor:
+    """The default row: its parts summed in order in the compute dtype, then divided."""
+    parts = m.defaults[row]
+    dtype = DTYPES[m.dtype]
+    if not parts:
+        return torch.zeros(1, dtype=dtype)  # broadcast over the row
+    total: torch.Tensor | None = None
+    for ref, r in parts:
+        value = reader.rows(ref, r, r + 1)[0].to(dtype)
+        total = value.clone() if total is None else total + value
+    assert total is not None
+    return total if len(parts) == 1 else total / len(parts)
