@@ -17,6 +17,7 @@ from lazymerge.read.config import checkpoint_config
 from lazymerge.views import nmodel
 from lazymerge.views.plot import PictureJob, plot_blend
 from lazymerge.views.report import human_bytes, ratio_table
+from lazymerge.views.tokenizer import tokenizer_lines
 
 
 class Picture(Protocol):
@@ -216,6 +217,10 @@ def _merge_description(plan: MergePlan) -> str:
         lines += [f"  - LoRA `{lo.path.name}` at weight {lo.weight:g}" for lo in model.loras]
     lines.append("\n" + _how(spec.name, bool(spec.slices)))
     lines += [f"- {line}" for line in nmodel.slice_map(plan)]
+    told = tokenizer_lines(plan)
+    if told:
+        lines.append("\nThe tokenizer and the vocabulary rows:\n")
+        lines += [f"- {line.strip()}" for line in told]
     lines.append(
         f"\n{len(plan.tensors)} tensors, {human_bytes(plan.bytes_to_write)} in {len(plan.shards)} shard(s).\n"
     )

@@ -23,6 +23,7 @@ from lazymerge.plan.model import (
 from lazymerge.recipe.spec import DTYPE_LABELS, GradientRule
 from lazymerge.run.budget import INTERPRETER, estimate_peak
 from lazymerge.views import nmodel
+from lazymerge.views.tokenizer import tokenizer_json, tokenizer_lines
 from lazymerge.write.safetensors import build_header
 
 if TYPE_CHECKING:  # a merge's result: run.merge brings torch, which plan's views need not
@@ -108,6 +109,7 @@ def inputs(plan: MergePlan) -> list[str]:
         if index is not None and plan.recipe.merge is None:
             lines.append(f"{role}: {index.path} ({index.note or index.format})")
     lines.append(plan.stack.describe())
+    lines += tokenizer_lines(plan)
     lines += list(plan.notes)
     if plan.dropped:
         lines.append(
@@ -204,6 +206,7 @@ def plan_json(plan: MergePlan, budget: int) -> dict[str, Any]:
         },
         "tensors": [_tensor_json(plan, t) for t in plan.tensors],
         "dropped": list(plan.dropped),
+        "tokenizer": tokenizer_json(plan),
         "notes": list(plan.notes),
         "shards": [
             {"name": s.name, "size": n, "tensors": len(s.tensors)}
