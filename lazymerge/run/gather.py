@@ -11,11 +11,21 @@ from lazymerge.plan.model import Input, RowMap
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run.device import Scratch
 
+GATHER_ROWS = 256  # rows gathered at once: their copies (input dtype, then fp32) stay small
+
 
 def gather_rows(
     reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input, r0: int
 ) -> None:
-    """acc <- output rows [r0, r0 + len(acc)) of `inp`, read through its row map."""
+    """acc <- output rows [r0, r0 + len(acc)) of `inp`, read through its row map,
+    GATHER_ROWS at a time (the gathered copies stay that small)."""
+    for q in range(0, acc.shape[0], GATHER_ROWS):
+        _piece(reader, scratch, acc[q : q + GATHER_ROWS], inp, r0 + q)
+
+
+def _piece(
+    reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input, r0: int
+) -> None:
     ref, m = inp.ref, inp.gather
     assert m is not None
     own = torch.from_numpy(m.own[r0 : r0 + acc.shape[0]])
