@@ -172,10 +172,27 @@ import json, sys, traceback, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from transformers import PreTrainedTokenizerFast
 jobs = json.load(open(sys.argv[1]))
+
+def config_order(self):  # run_many(ordered=True): see there
+    models = [self.base_model, *(m.model for m in self.models or ())]
+    models += [src.model for s in self.slices or () for src in s.sources]
+    for module in (self.modules or {}).values():
+        models += [m.model for m in module.models or ()]
+        models += [src.model for s in module.slices or () for src in s.sources]
+    return list(dict.fromkeys(m for m in models if m is not None))
+
+def vocab_by_id(self):  # run_many(ordered=True): see there
+    return dict(sorted(hashed_vocab(self).items(), key=lambda item: item[1]))
+
+unordered, hashed_vocab = MergeConfiguration.referenced_models, PreTrainedTokenizerFast.get_vocab
 for job in jobs:
+    MergeConfiguration.referenced_models = config_order if job["ordered"] else unordered
+    PreTrainedTokenizerFast.get_vocab = vocab_by_id if job["ordered"] else hashed_vocab
     try:
-        options = MergeOptions(device="cpu", allow_crimes=True, copy_tokenizer=False,
+        options = MergeOptions(device="cpu", allow_crimes=True,
+                               copy_tokenizer=job["copy_tokenizer"],
                                write_model_card=False, out_shard_size=10**11, quiet=True,
                                random_seed=job["seed"], lora_merge_cache=job["lora_cache"])
         options.apply_global_options()
@@ -188,17 +205,37 @@ json.dump(jobs, open(sys.argv[1], "w"))
 
 
 def run_many(
-    ref: Mergekit, jobs: dict[str, tuple[dict[str, Any], Path]], seed: int | None = None
+    ref: Mergekit,
+    jobs: dict[str, tuple[dict[str, Any], Path]],
+    seed: int | None = None,
+    *,
+    copy_tokenizer: bool = False,
+    ordered: bool = False,
 ) -> dict[str, str | None]:
     """Merge every (config, out) of `jobs` in one mergekit process; each job's error
-    (None: merged into its `out`)."""
+    (None: merged into its `out`).
+
+    `copy_tokenizer`: as mergekit-yaml does by default, write the donor's tokenizer (and
+    a `chat_template` with it) where the config names no tokenizer source.
+    `ordered`: two iterations whose order mergekit leaves to chance, given one. (1)
+    `referenced_models()` is `list(set(...))`: with no base model its first member is
+    the donor (output config, tokenizer), and a union tokenizer takes the models' new
+    tokens and `chat_template: auto` breaks ties in its order. No PYTHONHASHSEED pins
+    it: a ModelReference's hash includes hash(None), on mergekit's Python 3.11 None's
+    address (ASLR), and the paths' hashes change with every tmp dir. Here it is the
+    config's order: base, then models (or slice sources). (2) A union appends each
+    model's new tokens in its `get_vocab()` order: the tokenizers library's Rust
+    HashMap, seeded anew in every process. Here that is by id. Both are orders mergekit
+    may take on any run.
+    """
     if not jobs:
         return {}
     listing = next(iter(jobs.values()))[1].parent / "mergekit-jobs.json"
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text(json.dumps([
         {"name": k, "config": c, "out": str(o), "seed": seed,
-         "lora_cache": str(listing.parent / "mergekit-lora-cache")}
+         "lora_cache": str(listing.parent / "mergekit-lora-cache"),
+         "copy_tokenizer": copy_tokenizer, "ordered": ordered}
         for k, (c, o) in jobs.items()
     ]))  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}

@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from lazymerge.plan import build_plan
-from lazymerge.recipe import parse_recipe
+from lazymerge.recipe import load_recipe, parse_recipe
+from lazymerge.run.budget import estimate_peak
 from lazymerge.testing import LlamaShape, write_llama, write_lora
 from lazymerge.testing_tokenizer import write_tokenizer
 
@@ -234,3 +235,29 @@ def test_an_adapter_on_realigned_rows_is_refused(
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "realigns by token" in err and len(err.splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_union_streams_the_vocabulary_rows_within_the_budget(tmp_path: Path) -> None:
+    """Rows read by token are gathered block by block from the maps: a union whose
+    embeddings are 2 x 94 MB in fp32 stays far below one whole tensor at --max-memory
+    32MiB (the child's own peak, VmHWM, against the bare interpreter's)."""
+    from test_memory import PEAK, child_peak
+
+    wide = dict(SHAPE, hidden=4096, intermediate=256)
+    for k, (name, size) in enumerate((("a", 3000), ("b", 3200))):
+        write_tokenizer(tmp_path / name, size, seed=k + 1)
+        write_llama(tmp_path / name, LlamaShape(**wide, vocab=size), seed=k, dtype=torch.float16)
+    cfg = config({"base": tmp_path / "a", "other": tmp_path / "b"}, tokenizer_source="union")
+    cfg["dtype"] = "float16"
+    (tmp_path / "union.yml").write_text(yaml.safe_dump(cfg))
+    args = ["merge", str(tmp_path / "union.yml"), "-o", str(tmp_path / "out"), "-q"]
+    args += ["--max-memory", "32MiB"]
+    idle = child_peak(f"import lazymerge.cli, lazymerge.run.merge, torch; {PEAK}")
+    peak = child_peak(f"from lazymerge.cli import main; assert main({args!r}) == 0; {PEAK}")
+    rows = len(vocab(tmp_path / "out"))
+    assert rows > 5000  # the union really is wider than either model
+    whole = rows * 4096 * 4  # one embedding in fp32: what holding a tensor would take
+    planned = estimate_peak(build_plan(load_recipe(tmp_path / "union.yml")), 32 * 2**20)
+    report = f"idle {idle >> 20} MiB, union {peak >> 20} MiB, planned {planned >> 20} MiB"
+    assert peak < planned + 32 * 2**20 < idle + whole, report  # test_memory.py's tolerance

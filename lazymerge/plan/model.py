@@ -6,6 +6,7 @@ follows them and decides nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -53,6 +54,14 @@ class RowMap:
     own: np.ndarray
     defaults: dict[int, tuple[tuple[TensorRef, int], ...]]
     dtype: str  # the tensor's compute dtype, where mergekit averages
+
+    @functools.cached_property
+    def sources(self) -> tuple[TensorRef, ...]:
+        """The other inputs' tensors the default rows are read from."""
+        refs = {
+            ref.name + str(ref.file): ref for parts in self.defaults.values() for ref, _ in parts
+        }
+        return tuple(refs.values())
 
 
 @dataclass(frozen=True)

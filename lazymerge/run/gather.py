@@ -21,11 +21,14 @@ def gather_rows(
     GATHER_ROWS at a time (the gathered copies stay that small)."""
     for q in range(0, acc.shape[0], GATHER_ROWS):
         _piece(reader, scratch, acc[q : q + GATHER_ROWS], inp, r0 + q)
+    # Single rows read here and there fault their neighbours in too (the kernel's
+    # fault-around): the whole of every tensor read goes, or they would pile up.
+    assert inp.gather is not None
+    for ref in (inp.ref, *inp.gather.sources):
+        reader.release(ref)
 
 
-def _piece(
-    reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input, r0: int
-) -> None:
+def _piece(reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input, r0: int) -> None:
     ref, m = inp.ref, inp.gather
     assert m is not None
     own = torch.from_numpy(m.own[r0 : r0 + acc.shape[0]])
@@ -48,7 +51,8 @@ def _default(reader: MappedReader, m: RowMap, row: int) -> torch.Tensor:
         return torch.zeros(1, dtype=dtype)  # broadcast over the row
     total: torch.Tensor | None = None
     for ref, r in parts:
-        value = reader.rows(ref, r, r + 1)[0].to(dtype)
-        total = value.clone() if total is None else total + value
+        value = reader.rows(ref, r, r + 1)[0].to(dtype, copy=True)
+        reader.release(ref, r * ref.row_nbytes, (r + 1) * ref.row_nbytes)
+        total = value if total is None else total + value
     assert total is not None
     return total if len(parts) == 1 else total / len(parts)
