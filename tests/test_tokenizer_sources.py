@@ -261,3 +261,21 @@ def test_union_streams_the_vocabulary_rows_within_the_budget(tmp_path: Path) -> 
     planned = estimate_peak(build_plan(load_recipe(tmp_path / "union.yml")), 32 * 2**20)
     report = f"idle {idle >> 20} MiB, union {peak >> 20} MiB, planned {planned >> 20} MiB"
     assert peak < planned + 32 * 2**20 < idle + whole, report  # test_memory.py's tolerance
+
+
+def test_the_recorded_recipe_reads_back_the_same(models: dict[str, Path], tmp_path: Path) -> None:
+    """The manifest and the card record `Recipe.to_dict()`: its tokenizer block and
+    template parse back to the same recipe (a resume compares them)."""
+    tokens = {
+        "<x>": {"source": {"kind": "zero"}},
+        "<y>": {"source": {"kind": "model_token", "model": str(models["other"]), "token_id": 5}, "force": True},
+        "the": {"source": str(models["other"])},
+    }  # fmt: skip
+    for extra in (
+        {"tokenizer": {"source": "union", "tokens": tokens}, "chat_template": "auto"},
+        {"tokenizer_source": str(models["other"]), "chat_template": "llama3"},
+    ):
+        recipe = parse_recipe(config(models, **extra), tmp_path)
+        again = parse_recipe(recipe.to_dict(), Path("/"))
+        assert again.tokenizer == recipe.tokenizer is not None
+        assert again.chat_template == recipe.chat_template is not None
