@@ -279,3 +279,25 @@ def test_the_recorded_recipe_reads_back_the_same(models: dict[str, Path], tmp_pa
         again = parse_recipe(recipe.to_dict(), Path("/"))
         assert again.tokenizer == recipe.tokenizer is not None
         assert again.chat_template == recipe.chat_template is not None
+
+
+def test_an_added_token_with_other_settings_is_said_in_the_plan(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mergekit keeps the first model's settings for a token models add differently and
+    only logs it; the plan says it."""
+    other = shutil.copytree(models["other"], tmp_path / "other")
+    data = json.loads((other / "tokenizer.json").read_text())
+    token = data["added_tokens"][-1]
+    token["rstrip"] = not token["rstrip"]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    cfg = config(models | {"other": other}, tokenizer_source="union")
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_cli("plan", path) == 0
+    text = capsys.readouterr().out
+    assert f"tokenizer: {token['content']!r} is added with other settings by {other}" in text
+    cfg["tokenizer_source"] = "base"  # only a union merges added tokens
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_cli("plan", path) == 0
+    assert "added with other settings" not in capsys.readouterr().out

@@ -58,7 +58,7 @@ def union_tokens(
         for entry in sorted(entries, key=lambda e: int(e["id"])):
             if entry["content"] in ids and entry["content"] not in added_tokens:
                 added_tokens[entry["content"]] = entry
-    plain: dict[str, None] = {}
+    plain: dict[str, None] = {}  # (a dict: ordered, each once)
     for ids in models:
         for token in sorted(ids, key=ids.__getitem__):
             if token not in added_tokens:
@@ -114,3 +114,19 @@ def _default(
         assert who is not None
         return ((who, int(perms[who][i])),)
     return tuple((m, int(perms[m][i])) for m in holders)  # (): in no model, zeros
+
+
+SETTINGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+def conflicts(added: Sequence[Sequence[dict[str, Any]]]) -> list[tuple[str, int]]:
+    """Added tokens a later model adds with other settings than the first model that adds
+    it (mergekit keeps the first's, with a warning): (token, that model's index)."""
+    first: dict[str, tuple[Any, ...]] = {}
+    found = []
+    for k, entries in enumerate(added):
+        for entry in entries:
+            settings = tuple(entry.get(key) for key in SETTINGS)
+            if first.setdefault(entry["content"], settings) != settings:
+                found.append((entry["content"], k))
+    return found

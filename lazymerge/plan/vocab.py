@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 
 from lazymerge.errors import InputError, RecipeError
-from lazymerge.meaning.vocab import Alignment, RowRule, align, permutation, union_tokens
+from lazymerge.meaning.vocab import (
+    Alignment,
+    RowRule,
+    align,
+    conflicts,
+    permutation,
+    union_tokens,
+)
 from lazymerge.plan.model import MergePlan
 from lazymerge.read.config import model_dir
 from lazymerge.read.tokenizer import Tokenizer, chat_template, read_tokenizer
@@ -35,6 +42,7 @@ class OutputTokenizer:
     text: str | None
     added: int
     size: int  # tokens in all: the output's vocabulary rows
+    notes: tuple[str, ...] = ()  # what the user should know (added tokens' settings)
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,7 +143,18 @@ def _output(
         return OutputTokenizer(name, start.path, None, 0, len(start.vocab)), dict(start.vocab)
     text, vocab = _added(start, plain, list(added.values()), extra)
     grown = len(vocab) - len(start.vocab)
-    return OutputTokenizer(name, start.path, text, grown, len(vocab)), vocab
+    notes = _conflicts(toks) if spec.source == "union" else ()
+    return OutputTokenizer(name, start.path, text, grown, len(vocab), notes), vocab
+
+
+def _conflicts(toks: Sequence[Tokenizer]) -> tuple[str, ...]:
+    """Tokens models add with different settings: the first model's are kept (mergekit
+    warns and does the same); said in the plan, not a log."""
+    return tuple(
+        f"tokenizer: {token!r} is added with other settings by {toks[k].path} "
+        "(special, lstrip, rstrip...); the first model's are kept, as mergekit keeps them"
+        for token, k in conflicts([t.added for t in toks])
+    )
 
 
 def _added(
@@ -177,7 +196,8 @@ def with_tokenizer(plan: MergePlan, vocab: VocabPlan | None) -> MergePlan:
     if vocab is not None and config is not None:
         config = _vocab_size(config, vocab.out.size)
     out = vocab.out if vocab is not None else None
-    return replace(plan, config=config, tokenizer=out, chat_template=template)
+    notes = plan.notes + (out.notes if out is not None else ())
+    return replace(plan, config=config, tokenizer=out, chat_template=template, notes=notes)
 
 
 def _changes(vocab: VocabPlan | None, plan: MergePlan) -> bool:
