@@ -238,6 +238,7 @@ def test_an_adapter_on_realigned_rows_is_refused(
 
 
 @pytest.mark.slow
+@pytest.mark.rotating  # ~15 s; like the slerp and GGUF peaks in test_memory.py
 def test_union_streams_the_vocabulary_rows_within_the_budget(tmp_path: Path) -> None:
     """Rows read by token are gathered block by block from the maps: a union whose
     embeddings are 2 x 94 MB in fp32 stays far below one whole tensor at --max-memory
