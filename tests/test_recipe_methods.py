@@ -151,7 +151,7 @@ def test_bad_native_recipe_is_one_line(dirs: Path, change: dict[str, Any], expec
             "model_token takes model and one of token, token_id",
         ),
         ({"chat_template": "chatmI"}, "chat_template: 'chatmI' is neither a built-in template"),
-        ({"modules": {"text": {"models": []}}}, "modules: configs are not supported yet"),
+        ({"modules": {"text": {"models": []}}}, "give models or modules, not both"),
         ({"dtype": "fp16"}, "dtype: 'fp16' is not a dtype mergekit knows"),
         ({"base_model": None}, "base_model: dare_ties needs a base model"),
         (

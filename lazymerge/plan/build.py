@@ -72,6 +72,10 @@ def _build(recipe: Recipe) -> MergePlan:
         from lazymerge.plan.slices import build_sliced_plan
 
         return build_sliced_plan(recipe)
+    from lazymerge.plan.modules import build_module_plan, by_modules
+
+    if by_modules(recipe):  # a modular architecture, module by module: plan/modules.py
+        return build_module_plan(recipe)
     if recipe.merge is not None:  # N models and a method: plan/nmodel.py
         from lazymerge.plan.nmodel import build_nmodel_plan
 

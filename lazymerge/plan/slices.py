@@ -17,6 +17,7 @@ from typing import Any
 
 from lazymerge.errors import InputError, RecipeError
 from lazymerge.meaning.layers import LayerStack, find_stack, natural_key
+from lazymerge.meaning.modules import architecture, modules_of
 from lazymerge.meaning.order import order_of
 from lazymerge.meaning.params import Level
 from lazymerge.plan import build
@@ -58,7 +59,7 @@ def build_sliced_plan(recipe: Recipe) -> MergePlan:
     planned = _tensors(groups, donor, stack)
     check_filters(groups, [t.name for t in planned])
     tensors, shards = build.shard(planned, recipe.output.shard_limit)
-    config = out_config(spec.slices, opened, donor, count)
+    config = out_config(spec.slices, opened, donor)
     dropped = tuple(r.name for r in donor.index if build.DROPPED.search(r.name))
     others = tuple(o.index for m, o in opened.items() if m != recipe.base)
     notes = tuple(build.renamed(uses))
@@ -82,16 +83,29 @@ def _open_all(
         role = "base" if model == recipe.base and spec.has_base else f"models[{i}]"
         index = CheckpointIndex.open(model.path)
         stack = find_stack(index.tensors, f"{role} {index.path}", recipe.layers_prefix)
-        if stack.towers or stack.prefix is None:
-            raise InputError(
-                f"{role} {index.path}: slices need one stack of decoder layers, and it has "
-                + (f"other stacks too ({', '.join(stack.towers)}): modules: is not supported yet"
-                   if stack.towers else "none")
-            )  # fmt: skip
+        config = checkpoint_config(index.path)
+        _one_stack(f"{role} {index.path}", stack, config)
         terms, more = build.lora_terms(role, model, index)
         uses += more
-        opened[model] = _Opened(role, index, terms, stack, checkpoint_config(index.path))
+        opened[model] = _Opened(role, index, terms, stack, config)
     return opened, uses
+
+
+def _one_stack(where: str, stack: LayerStack, config: dict[str, Any] | None) -> None:
+    """Top-level slices cut one stack of decoder layers; a modular model's are sliced
+    module by module (mergekit refuses them too)."""
+    defs = modules_of(config)
+    if defs is not None:
+        raise RecipeError(
+            f"{where}: {architecture(config)} has modules {', '.join(d.name for d in defs)}: "
+            "slice them under modules: (as mergekit wants)"
+        )
+    if stack.towers or stack.prefix is None:
+        raise InputError(
+            f"{where}: slices need one stack of decoder layers, and it has "
+            + (f"other stacks too ({', '.join(stack.towers)}), in an architecture lazymerge "
+               "knows no modules: of" if stack.towers else "none")
+        )  # fmt: skip
 
 
 def _groups(
@@ -160,11 +174,11 @@ def _tensors(groups: Sequence[Group], donor: _Opened, stack: LayerStack) -> list
             before = natural_key(ref.name, stack)[0] == 0
             planned.append(plan_tensor(first if before else last, ref.name))
     for group in groups:
-        planned += [plan_tensor(group, name) for name in _layer_names(group)]
+        planned += [plan_tensor(group, name) for name in layer_names(group)]
     return sorted(planned, key=lambda t: natural_key(t.name, stack))
 
 
-def _layer_names(group: Group) -> list[str]:
+def layer_names(group: Group) -> list[str]:
     """The output names of a slice's layers: its first input's tensors of each source
     layer, renumbered (the other inputs must have the same, checked as they are read)."""
     assert group.span is not None
@@ -181,43 +195,66 @@ def _layer_names(group: Group) -> list[str]:
 
 
 def out_config(
-    slices: Sequence[SliceSpec], opened: dict[ModelSpec, _Opened], donor: _Opened, count: int
+    slices: Sequence[SliceSpec], opened: dict[ModelSpec, _Opened], donor: _Opened
 ) -> dict[str, Any] | None:
     """The donor's config.json with the output's layer count and each per-layer list
-    (a list as long as the donor has layers) taken, layer by layer, from the source
-    model's own list where it has one (else the donor's)."""
+    following the output's layers (follow_layers)."""
     if donor.config is None:
         return None
-    config = dict(donor.config)
-    n = donor.stack.count
     sources = [
+        (opened[m].config, opened[m].stack.count, layer) for m, layer in source_layers(slices)
+    ]
+    where = f"{donor.index.path}/config.json"
+    return follow_layers(donor.config, donor.stack.count, sources, LAYER_COUNT_KEYS, where)
+
+
+def source_layers(slices: Sequence[SliceSpec]) -> list[tuple[ModelSpec, int]]:
+    """Each output layer's source: the model and layer of its slice's first source
+    (mergekit's choice for the layer's config)."""
+    return [
         (s.sources[0].model, s.sources[0].layers[0] + o) for s in slices for o in range(s.length)
     ]
-    keys = [k for k in LAYER_COUNT_KEYS if config.get(k) == n]
-    if not keys and count != n:
+
+
+LayerSource = tuple[dict[str, Any] | None, int, int]  # a source's config, its layers, a layer
+
+
+def follow_layers(
+    config: dict[str, Any],
+    n: int,
+    sources: Sequence[LayerSource],
+    keys: Sequence[str],
+    where: str,
+) -> dict[str, Any]:
+    """`config` (config.json, or a module's sub-config of it, with `n` layers) for an
+    output whose layer j comes from `sources[j]`: its layer count (under one of `keys`)
+    and every per-layer list (a list as long as the donor has layers) taken, layer by
+    layer, from the source model's own list where it has one (else the donor's)."""
+    count = len(sources)
+    out = dict(config)
+    found = [k for k in keys if config.get(k) == n]
+    if not found and count != n:
         raise InputError(
-            f"{donor.index.path}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) "
-            f"says its {n} layers, so the output's {count} could not be written there"
+            f"{where}: no layer count ({', '.join(keys)}) says its {n} layers, so the "
+            f"output's {count} could not be written there"
         )
-    for k in keys:
-        config[k] = count
-    for key, value in donor.config.items():
+    for k in found:
+        out[k] = count
+    for key, value in config.items():
         if isinstance(value, list) and len(value) == n and n > 1:
-            config[key] = [_entry(opened[m], donor, key, layer) for m, layer in sources]
-    _check_pattern(config, sources, donor)
-    return config
+            out[key] = [_entry(own, theirs, config, key, layer) for own, theirs, layer in sources]
+    _check_pattern(out, [layer for _, _, layer in sources], where)
+    return out
 
 
-def _entry(o: _Opened, donor: _Opened, key: str, layer: int) -> Any:
-    own = (o.config or {}).get(key)
-    if isinstance(own, list) and len(own) == o.stack.count:
-        return own[layer]
-    return donor.config[key][layer] if donor.config and layer < len(donor.config[key]) else None
+def _entry(own: dict[str, Any] | None, n: int, donor: dict[str, Any], key: str, layer: int) -> Any:
+    mine = (own or {}).get(key)
+    if isinstance(mine, list) and len(mine) == n:
+        return mine[layer]
+    return donor[key][layer] if layer < len(donor[key]) else None
 
 
-def _check_pattern(
-    config: dict[str, Any], sources: Sequence[tuple[ModelSpec, int]], donor: _Opened
-) -> None:
+def _check_pattern(config: dict[str, Any], layers: Sequence[int], where: str) -> None:
     """A layer pattern only a count tells (every p-th layer global) must still hold for
     the renumbered layers, else the output's attention would change kind silently."""
     if "layer_types" in config:
@@ -226,10 +263,10 @@ def _check_pattern(
         p = config.get(key)
         if not isinstance(p, int) or isinstance(p, bool) or p < 2:
             continue
-        for j, (_, layer) in enumerate(sources):
+        for j, layer in enumerate(layers):
             if ((j + 1) % p == 0) != ((layer + 1) % p == 0):
                 raise InputError(
-                    f"{donor.index.path}/config.json: {key} {p} would make output layer {j} "
-                    f"(source layer {layer}) another attention kind; add layer_types to the "
-                    "config (transformers writes it) so each layer keeps its own"
+                    f"{where}: {key} {p} would make output layer {j} (source layer {layer}) "
+                    "another attention kind; add layer_types to the config (transformers "
+                    "writes it) so each layer keeps its own"
                 )

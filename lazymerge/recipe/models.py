@@ -23,7 +23,7 @@ from lazymerge.recipe.slices import Syntax, parse_slices, slice_models
 from lazymerge.recipe.spec import MergeInput, MethodSpec, ModelSpec
 
 KEYS = {
-    "method", "base", "models", "slices", "parameters", "seed", "compute", "output",
+    "method", "base", "models", "slices", "modules", "parameters", "seed", "compute", "output",
     "layers_prefix", "tokenizer", "chat_template",
 }  # fmt: skip
 # `compute`: the dtype the arithmetic runs in, as a mergekit config's `dtype` (inputs
@@ -80,7 +80,19 @@ def parse_sliced(
     """A native recipe's `slices` (recipe/slices.py) with its method and parameters."""
     method = method_of(d.get("method", "linear"), f"{source}: method")
     slices = parse_slices(d["slices"], syntax, method, base, source)
-    inputs = slice_models(slices)
+    return method_spec(d, method, slice_models(slices), base, source, slices=slices)
+
+
+def method_spec(
+    d: dict[str, Any],
+    method: MethodParams,
+    inputs: tuple[MergeInput, ...],
+    base: ModelSpec | None,
+    source: str,
+    **listed: Any,
+) -> MethodSpec:
+    """A native recipe's merge over `inputs` (every model its slices or modules name),
+    with its `parameters`, `seed` and `compute`; `listed`: its slices or modules."""
     return MethodSpec(
         method.name,
         inputs,
@@ -88,8 +100,8 @@ def parse_sliced(
         base_at=base_index([m.model for m in inputs], base),
         seed=parse_seed(d.get("seed", 0), f"{source}: seed"),
         compute=_compute(d.get("compute"), f"{source}: compute"),
-        slices=slices,
         has_base=base is not None,
+        **listed,
     )
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from lazymerge.errors import RecipeError
 from lazymerge.recipe import models
+from lazymerge.recipe.modules import donor, parse_modular
 from lazymerge.recipe.slices import Syntax, parse_span
 from lazymerge.recipe.spec import (
     DTYPE_NAMES,
@@ -56,7 +57,7 @@ def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
         from lazymerge.recipe.mergekit import parse_mergekit
 
         return parse_mergekit(data, root, source)
-    if isinstance(data, dict) and ("models" in data or "method" in data):
+    if isinstance(data, dict) and any(k in data for k in ("models", "modules", "method")):
         return _n_models(data, root, source)
     d = _mapping(data, source, {"base", "other", "gradient", "output", "layers_prefix"})
     if "base" not in d:
@@ -73,21 +74,32 @@ def parse_recipe(data: object, root: Path, source: str = "recipe") -> Recipe:
 
 
 def _n_models(data: dict[str, Any], root: Path, source: str) -> Recipe:
-    """A native N-model recipe (recipe/models.py): `models`, or `slices` of them."""
+    """A native N-model recipe (recipe/models.py): `models`, `slices` of them, or a
+    modular architecture's `modules` (recipe/modules.py)."""
     d = _mapping(data, source, models.KEYS)
     base = _model(d["base"], root, f"{source}: base") if d.get("base") is not None else None
-    if d.get("slices") is not None:
-        if d.get("models") is not None:
-            raise RecipeError(f"{source}: give models or slices, not both")
+    given = [key for key in ("models", "slices", "modules") if d.get(key) is not None]
+    if len(given) > 1:
+        raise RecipeError(f"{source}: give {given[0]} or {given[1]}, not both")
+    if given == ["slices"]:
         merge = models.parse_sliced(d, base, _native_syntax(root), source)
         base = base or merge.slices[0].sources[0].model
+    elif given == ["modules"]:
+        if d.get("layers_prefix") is not None:
+            raise RecipeError(
+                f"{source}: layers_prefix: not with modules (each module's layers are its "
+                "architecture's); leave it out"
+            )
+        entry = functools.partial(_entry, root=root)
+        merge = parse_modular(d, base, _native_syntax(root), entry, source)
+        base = base or donor(merge.modules)
     else:
         entries = d.get("models")
         if not isinstance(entries, list) or not entries:
             raise RecipeError(
                 f"{source}: models: expected a list of models ({{model, loras, parameters}})"
             )
-        specs = [_entry(e, root, f"{source}: models[{i}]") for i, e in enumerate(entries)]
+        specs = [_entry(e, f"{source}: models[{i}]", root) for i, e in enumerate(entries)]
         merge = models.parse_method(d, base, specs, source)
         base = base or specs[0]
     output = _output(d.get("output") or {}, f"{source}: output")
@@ -125,7 +137,7 @@ def _native_syntax(root: Path) -> Syntax:
     return Syntax(model, "layers", "base", keys)
 
 
-def _entry(value: object, root: Path, where: str) -> ModelSpec:
+def _entry(value: object, where: str, root: Path) -> ModelSpec:
     """One of `models`: a path, or {model, loras, parameters} (parameters parsed later)."""
     if isinstance(value, dict):
         _mapping(value, where, {"model", "loras", "parameters"})

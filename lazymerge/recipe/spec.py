@@ -115,6 +115,19 @@ class SliceSpec:
 
 
 @dataclass(frozen=True)
+class ModuleSpec:
+    """One `modules:` entry (mergekit's modular architectures, recipe/modules.py): a
+    module of the architecture (meaning/modules.py) by its key, merged by `slices`, or by
+    `models` over every layer of it (their counts come from the checkpoints), with the
+    module's own parameters between a slice's and the recipe's."""
+
+    name: str  # the architecture's module key: text_decoder, vision_tower...
+    slices: tuple[SliceSpec, ...] = ()
+    models: tuple[MergeInput, ...] = ()
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """An N-model merge: a method (meaning/methods/registry.py) over the base and `models`.
 
@@ -138,6 +151,9 @@ class MethodSpec:
     # Layer surgery: the output's layers slice by slice (then `models` lists each model
     # the slices name, once, without parameters). None of them: every layer of the base.
     slices: tuple[SliceSpec, ...] = ()
+    # A modular architecture's modules, each by its slices or models (then `models` lists
+    # every model they name, once, without parameters), in the recipe's order.
+    modules: tuple[ModuleSpec, ...] = ()
     # False: the recipe names no base; the recipe's base is then only where the config and
     # tokenizer come from (nuslerp and multislerp merge the models themselves).
     has_base: bool = True
@@ -318,11 +334,21 @@ def _merge_dict(m: MethodSpec, model: Any) -> dict[str, Any]:
         base = {"base": model(s.base)} if s.base is not None else {}
         return {"sources": sources, **base, "parameters": params(s.parameters)}
 
+    def entries(inputs: tuple[MergeInput, ...]) -> list[dict[str, Any]]:
+        return [model(e.model) | {"parameters": params(e.parameters)} for e in inputs]
+
+    def module(mod: ModuleSpec) -> dict[str, Any]:
+        given = {"slices": [piece(s) for s in mod.slices]} if mod.slices else {}
+        given = given or {"models": entries(mod.models)}
+        return given | {"parameters": params(mod.parameters)}
+
     data: dict[str, Any] = {"method": m.name}
-    if m.slices:
+    if m.modules:
+        data["modules"] = {mod.name: module(mod) for mod in m.modules}
+    elif m.slices:
         data["slices"] = [piece(s) for s in m.slices]
     else:
-        data["models"] = [model(e.model) | {"parameters": params(e.parameters)} for e in m.models]
+        data["models"] = entries(m.models)
     data |= {"parameters": params(m.parameters), "seed": m.seed}
     if m.compute is not None:
         data["compute"] = DTYPE_LABELS.get(m.compute, m.compute)

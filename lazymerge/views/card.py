@@ -13,6 +13,7 @@ import yaml
 from lazymerge import __version__
 from lazymerge.errors import LazyMergeError
 from lazymerge.plan.model import MergePlan
+from lazymerge.plan.modules import output_modules
 from lazymerge.read.config import checkpoint_config
 from lazymerge.views import nmodel
 from lazymerge.views.plot import PictureJob, plot_blend
@@ -165,7 +166,11 @@ def _relative(data: dict[str, Any], out: Path | None) -> dict[str, Any]:
     def entry(k: str, v: Any) -> Any:
         if k in ("base", "other"):
             return model(v)
-        return [model(m) for m in v] if k == "models" else v  # an N-model merge's
+        if k == "modules":  # each module's models, or its slices' sources and bases
+            return {name: {key: entry(key, x) for key, x in m.items()} for name, m in v.items()}
+        if k == "slices":
+            return [{key: entry(key, x) for key, x in s.items()} for s in v]
+        return [model(m) for m in v] if k in ("models", "sources") else v
 
     return {k: entry(k, v) for k, v in data.items()}
 
@@ -189,7 +194,14 @@ def _description(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def _how(method: str, sliced: bool) -> str:
+def _how(method: str, sliced: bool, modules: bool = False) -> str:
+    if modules:
+        return (
+            f"The output is merged module by module, each module's tensors computed by "
+            f"`{method}` from its slices' or models' (each with its LoRAs applied), a "
+            "gradient running over the module's own layers; the table below gives each "
+            "module's layers:"
+        )
     if sliced:
         return (
             f"The output's layers are the slices' in order, each computed by `{method}` from "
@@ -215,7 +227,8 @@ def _merge_description(plan: MergePlan) -> str:
     for role, model in entries:
         lines.append(f"- **{role}**: `{names[role]}`")
         lines += [f"  - LoRA `{lo.path.name}` at weight {lo.weight:g}" for lo in model.loras]
-    lines.append("\n" + _how(spec.name, bool(spec.slices)))
+    by_modules = output_modules(plan) is not None
+    lines.append("\n" + _how(spec.name, bool(spec.slices), by_modules))
     lines += [f"- {line}" for line in nmodel.slice_map(plan)]
     told = tokenizer_lines(plan)
     if told:

@@ -4,14 +4,16 @@ makes them differ), with the passes each tensor takes over its inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lazymerge.meaning.layers import LayerStack
 from lazymerge.meaning.methods.base import Scalar
+from lazymerge.meaning.modules import Module
 from lazymerge.plan.model import MergePlan, PlannedTensor
-from lazymerge.recipe.spec import DTYPE_LABELS, ModelSpec
+from lazymerge.plan.modules import output_modules
+from lazymerge.recipe.spec import DTYPE_LABELS, ModelSpec, Parameters, Setting, SliceSpec
 
 _ABBREV = {"weight": "w", "density": "d", "gamma": "g", "epsilon": "e"}
 
@@ -44,22 +46,80 @@ def models(plan: MergePlan) -> list[str]:
 
 
 def slice_map(plan: MergePlan) -> list[str]:
-    """Layer surgery: which source layers each run of output layers comes from."""
+    """Layer surgery: which source layers each run of output layers comes from; by
+    modules, each module's (module_map)."""
     spec = plan.recipe.merge
-    if spec is None or not spec.slices:
+    if spec is None:
         return []
+    found = output_modules(plan)
+    if found is not None:
+        return module_map(plan, found)
+    return _slice_lines(plan, spec.slices, "")
+
+
+def _slice_lines(plan: MergePlan, slices: tuple[SliceSpec, ...], where: str) -> list[str]:
+    spec = plan.recipe.merge
+    assert spec is not None
     names = labels(plan)
     lines, start = [], 0
-    for i, piece in enumerate(spec.slices):
+    for i, piece in enumerate(slices):
         end = start + piece.length - 1
         froms = [
             f"{names[_role(plan, src.model)]} {_span(src.layers[0], src.layers[1] - 1)}"
             for src in piece.sources
         ]
         how = f"{spec.name} of " if len(froms) > 1 else ""
-        lines.append(f"slices[{i}]: layers {_span(start, end)} <- {how}{', '.join(froms)}")
+        lines.append(f"{where}slices[{i}]: layers {_span(start, end)} <- {how}{', '.join(froms)}")
         start = end + 1
     return lines
+
+
+def module_map(plan: MergePlan, found: dict[str, Module]) -> list[str]:
+    """A merge by modules: each module's slices, or its models over all its layers, and
+    its parameters; a plain models: merge: the modules each merges the models over."""
+    spec = plan.recipe.merge
+    assert spec is not None
+    if not spec.modules:
+        each = ", ".join(f"{n} {_layers(m)}" for n, m in found.items())
+        return [f"by modules: {each}; each merges the models over its own layers (as mergekit)"]
+    names = labels(plan)
+    lines = []
+    for mod in spec.modules:
+        where = f"modules.{mod.name}."
+        if mod.slices:
+            lines += _slice_lines(plan, mod.slices, where)
+        else:
+            froms = [names[_role(plan, e.model)] for e in mod.models]
+            if spec.has_base and all(e.model != plan.recipe.base for e in mod.models):
+                froms.append(f"{names[roles(plan)[0]]} (the base)")
+            how = f"{spec.name} of " if len(froms) > 1 else ""
+            lines.append(f"{where}models: {_layers(found[mod.name])} <- {how}{', '.join(froms)}")
+        if mod.parameters:
+            lines.append(f"{where}parameters: {_settings(mod.parameters)}")
+    return lines
+
+
+def _layers(module: Module) -> str:
+    n = module.stack.count
+    return f"layers {_span(0, n - 1)}" if n else "no layers"
+
+
+def _settings(parameters: Parameters) -> str:
+    """A `parameters:` mapping, compactly: `weight 0.25, t [0.2, 0.8] (mlp: 0.5; 0.1)`."""
+
+    def value(v: tuple[Scalar, ...]) -> str:
+        return _fmt(v[0]) if len(v) == 1 else "[" + ", ".join(_fmt(x) for x in v) + "]"
+
+    def setting(s: Setting) -> str:
+        if len(s) == 1 and s[0].filter is None:
+            return value(s[0].value)
+        return (
+            "("
+            + "; ".join(f"{c.filter}: " * (c.filter is not None) + value(c.value) for c in s)
+            + ")"
+        )
+
+    return ", ".join(f"{k} {setting(v)}" for k, v in parameters.items())
 
 
 def _span(first: int, last: int) -> str:
@@ -102,48 +162,74 @@ def roles(plan: MergePlan) -> list[str]:
     return first + [f"models[{i}]" for i in range(len(spec.models)) if i != spec.base_at]
 
 
-def _layer_cells(plan: MergePlan) -> dict[Any, dict[str, set[str]]]:
-    """Per layer (None: outside the layers), each column's distinct values."""
-    cells: dict[Any, dict[str, set[str]]] = {}
-    sliced = bool(plan.recipe.merge and plan.recipe.merge.slices)
+Row = tuple[str, int | None]  # (module, layer): a row of the per-layer table
+
+
+def _rows_of(plan: MergePlan) -> tuple[dict[str, LayerStack], Callable[[str], Row]]:
+    """The table's row of each tensor: its layer (None: outside the layers); for a merge
+    by modules, its module's layer. And each module's output layers ("": the decoder's)."""
+    found = output_modules(plan)
+    if found is None:
+        return {"": plan.stack}, lambda name: ("", plan.stack.layer_of(name))
+    owner = {n: module for module, m in found.items() for n in m.names}
+    stacks = {module: m.stack for module, m in found.items()}
+    return stacks, lambda name: (owner[name], stacks[owner[name]].layer_of(name))
+
+
+def _layer_cells(plan: MergePlan) -> tuple[dict[Row, dict[str, set[str]]], list[Row]]:
+    """Per row, each column's distinct values; the rows in order (module by module, each
+    one's layers, then its rest)."""
+    cells: dict[Row, dict[str, set[str]]] = {}
+    spec = plan.recipe.merge
+    sliced = bool(spec and (spec.slices or any(m.slices for m in spec.modules)))
+    stacks, row_of = _rows_of(plan)
     for t in plan.tensors:
         if t.call is None:  # an integer buffer: the base's, as it is
             continue
-        layer = plan.stack.layer_of(t.name)
-        row = cells.setdefault(layer, {})
+        module, layer = row_of(t.name)
+        row = cells.setdefault((module, layer), {})
         shared, *mine = _params(t)
         values = {"shared": shared, "passes": str(_passes(t))}
         values |= {i.role: v for i, v in zip(t.inputs, mine, strict=True)}
         if sliced and layer is not None:
             values["from"] = " ".join(
-                f"{i.role}:{plan.stack.layer_of(i.ref.name)}" for i in t.inputs
+                f"{i.role}:{stacks[module].layer_of(i.ref.name)}" for i in t.inputs
             )
         for col, v in values.items():
             row.setdefault(col, set()).add(v)
-    return cells
+    order = list(stacks)
+    return cells, sorted(cells, key=lambda r: (order.index(r[0]), r[1] is None, r[1] or 0))
+
+
+def _row_label(row: Row) -> str:
+    module, layer = row
+    text = "rest" if layer is None else str(layer)
+    return f"{module} {text}" if module else text
 
 
 def method_table(plan: MergePlan) -> list[str]:
-    """One line per decoder layer (then `rest`): where a slice takes it from, each
-    input's parameters, the passes."""
-    rows = _layer_cells(plan)
+    """One line per decoder layer (then `rest`) -- by modules, per module -- where a
+    slice takes it from, each input's parameters, the passes."""
+    rows, keys = _layer_cells(plan)
     sliced = any("from" in r for r in rows.values())
     head = [*(["from"] if sliced else []), "shared", *roles(plan), "passes"]
-    keys = sorted(k for k in rows if k is not None) + ([None] if None in rows else [])
     table = [
-        [
-            "rest" if k is None else str(k),
-            *(" | ".join(sorted(rows[k].get(h, {"-"}))) for h in head),
-        ]
-        for k in keys
+        [_row_label(k), *(" | ".join(sorted(rows[k].get(h, {"-"}))) for h in head)] for k in keys
     ]
     widths = [max(len(h), *(len(r[c + 1]) for r in table)) for c, h in enumerate(head)]
+    first = max([5, *(len(r[0]) for r in table)])
+    # one decoder: layer numbers right-aligned; by modules: "vision_tower 2", left-aligned
+    label = (lambda x: f"{x:>5}") if first == 5 else (lambda x: x.ljust(first))
     lines = [
-        ("layer  " + "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))).rstrip()
+        (
+            "layer".ljust(first)
+            + "  "
+            + "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+        ).rstrip()
     ]
     for r in table:
         cells = "  ".join(v.ljust(w) for v, w in zip(r[1:], widths, strict=True))
-        lines.append(f"{r[0]:>5}  {cells}".rstrip())
+        lines.append(f"{label(r[0])}  {cells}".rstrip())
     return lines
 
 

@@ -40,7 +40,8 @@ PICTURE = "blend.png"
 # Files a merge writes besides shards, index and manifest (--overwrite replaces them).
 OWN_FILES = (CONFIG, CARD, PICTURE)
 # Files a model directory needs besides weights; copied from the base as they are.
-EXTRA_FILES = ("generation_config.json",)  # from the base, as they are
+# From the base, as they are: generation settings, a vision-language model's processors.
+EXTRA_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
 AUX_FILES = (*TOKENIZER_FILES, *EXTRA_FILES)
 
 
