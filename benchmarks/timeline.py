@@ -79,12 +79,25 @@ def phases(rows: list[dict[str, Any]], interval: float) -> dict[str, dict[str, f
     return out
 
 
+def show(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> None:
+    """The samples, then the phases, as a table on stdout."""
+    print(f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5}  doing")
+    for r in rows:
+        print(
+            f"{r['t']:6.1f} {r['read_mb_s']:9} {r['write_mb_s']:10} {r['cores']:5.2f}  {r['doing']}"
+        )
+    for kind, p in summary.items():
+        print(f"{kind:>10}: {p['seconds']:5.1f} s, read {p['read_mb_s']:.0f} MB/s, "
+              f"write {p['write_mb_s']:.0f} MB/s, {p['cores']:.2f} cores")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.timeline", description=__doc__)
     parser.add_argument("recipe", type=Path)
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     parser.add_argument("--json", type=Path, help="also write the samples and phases here")
+    parser.add_argument("--lanes", type=int, default=0, help="compute lanes (default: the cores)")
     args = parser.parse_args(argv)
 
     from lazymerge.plan import build_plan
@@ -104,20 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     shard.write_tensor = traced
     try:
         with sampler:
-            result = merge.run_merge(plan, args.out, MergeOptions(overwrite=True, progress=False))
+            opts = MergeOptions(overwrite=True, progress=False, lanes=args.lanes)
+            result = merge.run_merge(plan, args.out, opts)
             sampler.current = "finish"
     finally:
         shard.write_tensor = write_tensor
     print(f"merge {result.seconds:.1f} s; samples every {args.interval} s")
-    print(f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5}  doing")
-    for r in sampler.rows:
-        print(
-            f"{r['t']:6.1f} {r['read_mb_s']:9} {r['write_mb_s']:10} {r['cores']:5.2f}  {r['doing']}"
-        )
     summary = phases(sampler.rows, args.interval)
-    for kind, p in summary.items():
-        print(f"{kind:>10}: {p['seconds']:5.1f} s, read {p['read_mb_s']:.0f} MB/s, "
-              f"write {p['write_mb_s']:.0f} MB/s, {p['cores']:.2f} cores")  # fmt: skip
+    show(sampler.rows, summary)
     if args.json:
         record = {"merge_seconds": result.seconds, "samples": sampler.rows, "phases": summary}
         args.json.write_text(json.dumps(record, indent=2) + "\n")

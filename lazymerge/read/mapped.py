@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lazymerge.errors import InputError
 from lazymerge.read.tensorref import TensorRef, itemsize
 
 PAGE = mmap.PAGESIZE
+_WARNINGS = threading.Lock()  # around warnings.catch_warnings (see _frombuffer)
 # safetensors dtype code -> torch dtype (their sizes: tensorref.ITEMSIZE; a test checks both agree).
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -37,22 +39,40 @@ class MappedReader:
 
     The maps are opened lazily, one per file, and kept until `close()`; resident pages
     are dropped with `release()` after each use, so RSS stays bounded by what is in use.
+
+    Compute lanes (run/device.py) read and release rows from several threads at once: a
+    file is opened and mapped once, under a lock. Releasing pages is safe from any
+    thread: a page another lane still reads (one that two row ranges share) is unmapped,
+    and faults back in from the page cache, unchanged (the maps are read-only).
+    `release_touched` and `close` are for the thread that owns the reader, between tensors.
     """
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
         self._touched: set[Path] = set()
+        self._lock = threading.Lock()  # opening and mapping a file, noting it touched
 
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
-        if m is None:
-            m = self._maps[path] = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
-        self._touched.add(path)
+        if m is None or path not in self._touched:
+            with self._lock:
+                m = self._maps.get(path)
+                if m is None:
+                    m = self._maps[path] = mmap.mmap(self._open(path), 0, access=mmap.ACCESS_READ)
+                self._touched.add(path)
         return m
 
     def fd(self, path: Path) -> int:
         """The file's descriptor, opened read-only (inputs are never modified)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._open(path)
+        return fd
+
+    def _open(self, path: Path) -> int:
+        """fd(path), with the lock held."""
         fd = self._fds.get(path)
         if fd is None:
             try:
@@ -96,12 +116,13 @@ class MappedReader:
     def _frombuffer(self, ref: TensorRef, offset: int, count: int) -> torch.Tensor:
         if count == 0:
             return torch.empty(0, dtype=DTYPES[ref.dtype])
-        with warnings.catch_warnings():
-            # torch warns that the buffer is not writable; that is the point of ACCESS_READ.
+        m = self._map(ref.file)
+        # torch warns that the buffer is not writable; that is the point of ACCESS_READ.
+        # catch_warnings swaps the process's filters: one thread at a time, or two lanes'
+        # restores would interleave and leave the filter in place for good.
+        with _WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(
-                self._map(ref.file), dtype=DTYPES[ref.dtype], count=count, offset=offset
-            )
+            return torch.frombuffer(m, dtype=DTYPES[ref.dtype], count=count, offset=offset)
 
     def release(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> None:
         """Drop the resident pages of bytes [start, stop) of a tensor (data stays on disk)."""
@@ -120,10 +141,11 @@ class MappedReader:
         pages around each fault ("fault-around"), which may belong to tensors this merge
         never reads, and those would accumulate over a model.
         """
-        for path in self._touched:
+        with self._lock:
+            touched, self._touched = self._touched, set()
+        for path in touched:
             m = self._maps[path]
             m.madvise(mmap.MADV_DONTNEED, 0, len(m))
-        self._touched.clear()
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -1,6 +1,6 @@
 """The memory model: how many rows a block and a cache chunk hold under `--max-memory`,
-and the working set (and so the peak RSS) that gives. `lazymerge plan` prints the same
-estimate the executor lives by."""
+and the working set (and so the peak RSS) that gives; and how many compute lanes share
+them. `lazymerge plan` prints the same estimate the executor lives by."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ INTERPRETER = 240 * 2**20
 # fp32 bytes per torch thread of one chunk of rows blended at once on the CPU (see
 # chunk_rows): about what a core's L2 cache holds.
 CACHE_CHUNK = 2**20
+# Compute lanes at most (run/device.py Lanes: threads blending a block's chunks at once,
+# one torch thread each). Each holds one chunk's buffers (a few MiB); past the disk's
+# read rate more would only wait. LAZYMERGE_LANES=N overrides the default.
+MAX_LANES = 8
 
 
 def _per_row(t: PlannedTensor) -> int:
@@ -105,18 +109,40 @@ def merge_threads() -> int:
     return max(1, (cores or 1) - 1)
 
 
-def working_memory(t: PlannedTensor, budget: int, threads: int) -> int:
+def merge_lanes(most: int | None = None) -> int:
+    """Compute lanes a merge runs: LAZYMERGE_LANES if set, else the cores this process may
+    use, at most MAX_LANES and at most `most` (a process's share of a machine)."""
+    chosen = os.environ.get("LAZYMERGE_LANES", "").strip()
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_LANES, cores or 1, most or MAX_LANES))
+
+
+def tensor_lanes(t: PlannedTensor, budget: int, lanes: int) -> int:
+    """Lanes that compute `t`'s blocks on the CPU: all `lanes` when its method takes no
+    statistics pass (so combine keeps nothing from block to block) and a block holds
+    more than one chunk; else 1, the main thread's (a method with statistics sees every
+    block in row order, and may carry counters from one to the next)."""
+    if lanes < 2 or t.action != COMPUTE or t.method is None or t.method.stat_passes():
+        return 1
+    rows = block_rows(t, budget)
+    return lanes if chunk_rows(t, rows, 1) < rows else 1
+
+
+def working_memory(t: PlannedTensor, budget: int, threads: int, lanes: int = 1) -> int:
     """Bytes of buffers and mapped input pages held at once while writing `t` on the CPU
-    with `threads` torch threads."""
+    with `threads` torch threads, or `lanes` compute lanes (tensor_lanes)."""
     if t.data is not None:
         return t.nbytes
     if t.action != COMPUTE and (t.encoding is not None or not t.inputs[0].ref.contiguous):
         return _encoded_copy(t, budget)
     if t.action != COMPUTE:
         return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
+    work = _computed(t, budget, threads, tensor_lanes(t, budget, lanes))
     if t.encoding is not None:  # the lanes' float32 chunks and the quantizer's copies
-        return _computed(t, budget, threads) + ENCODE_LANES * ENCODE_TEMPS
-    return _computed(t, budget, threads)
+        return work + ENCODE_LANES * ENCODE_TEMPS
+    return work
 
 
 def _encoded_copy(t: PlannedTensor, budget: int) -> int:
@@ -129,28 +155,33 @@ def _encoded_copy(t: PlannedTensor, budget: int) -> int:
     return blocks * rows * per_row + WRITE_QUEUE + ENCODE_LANES * ENCODE_TEMPS
 
 
-def _computed(t: PlannedTensor, budget: int, threads: int) -> int:
+def _computed(t: PlannedTensor, budget: int, threads: int, lanes: int) -> int:
+    """A computed tensor's working set, with `lanes` lanes (1: the main thread's)."""
     rows = block_rows(t, budget)
-    chunk = chunk_rows(t, rows, threads)
-    # Two output blocks (one filled, one queued for the writer), and one chunk's fp32
-    # rows and mapped input rows.
+    chunk = chunk_rows(t, rows, 1 if lanes > 1 else threads)
+    # Two output blocks (one filled, one queued for the writer), and each lane's chunk
+    # of fp32 rows and mapped input rows.
     row_out = t.row_numel * itemsize(t.dtype)  # the values, and a GGUF's encoded row too
     row_out += t.nbytes // max(t.rows, 1) if t.encoding is not None else 0
-    total = 2 * rows * row_out + chunk * _per_row(t)
+    total = 2 * rows * row_out + lanes * chunk * _per_row(t)
     for term in (term for i in t.inputs for term in i.terms):
-        if term.kind == REPLACE:
-            total += chunk * term.a.row_nbytes * 2  # mapped rows, and an fp32 copy at most
-        else:  # the whole factors in fp32, and this chunk's B rows (mapped and fp32)
+        if term.kind == REPLACE:  # mapped rows, and an fp32 copy at most
+            total += lanes * chunk * term.a.row_nbytes * 2
+        else:  # the whole factors in fp32 (shared), and each chunk's B rows (mapped, fp32)
             total += sum(r.numel * 4 for r in term.refs())
-            total += chunk * term.rank * 4 * 2
+            total += lanes * chunk * term.rank * 4 * 2
     return total
 
 
-def estimate_peak(plan: MergePlan, budget: int, threads: int | None = None) -> int:
+def estimate_peak(
+    plan: MergePlan, budget: int, threads: int | None = None, lanes: int | None = None
+) -> int:
     """Expected peak RSS of `lazymerge merge`: interpreter and torch, plus the largest
-    working set of any one tensor (computed with `threads`, default merge_threads())."""
+    working set of any one tensor (computed with `threads`, default merge_threads(), or
+    `lanes`, default merge_lanes())."""
     threads = merge_threads() if threads is None else threads
-    working = (working_memory(t, budget, threads) for t in plan.tensors)
+    lanes = merge_lanes() if lanes is None else lanes
+    working = (working_memory(t, budget, threads, lanes) for t in plan.tensors)
     return INTERPRETER + max(working, default=0)
 
 

@@ -1,15 +1,19 @@
-"""Where the arithmetic runs: the device (`--device`), and the block buffers on it.
+"""Where the arithmetic runs: the device (`--device`), the block buffers on it, and on
+the CPU the lanes that share a block's chunks.
 
 On the CPU the executor computes each block in cache-sized chunks of rows, in reused host
-buffers; on a GPU, whole blocks in reused device buffers fed through one pinned staging
-buffer, with the cast to the output dtype done on the device before the (smaller) bytes
-come down.
+buffers, spread over compute lanes (threads of one torch thread each, their own buffers);
+on a GPU, whole blocks in reused device buffers fed through one pinned staging buffer,
+with the cast to the output dtype done on the device before the (smaller) bytes come down.
 """
 
 from __future__ import annotations
 
 import math
 import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -108,6 +112,92 @@ class Scratch:
         for _ in self._outputs:
             self._free.get()
         self._outputs.clear()
+
+
+S = TypeVar("S")  # what a lane keeps: its own buffers
+
+
+class _Batch:
+    """One `Lanes.run` call: its function, what is left to do, the first failure."""
+
+    def __init__(self, fn: Callable[[Any, Any], object], items: int) -> None:
+        self.fn = fn
+        self.left = items
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.cond:
+            self.error = self.error or error
+            self.left -= 1
+            if self.left == 0:
+                self.cond.notify_all()
+
+
+class Lanes(Generic[S]):
+    """`n` threads that run the items of one call at once, each with its own state
+    (`make()`: a lane's buffers) and one torch thread: torch releases the GIL inside its
+    kernels, so the lanes' upcasts, products, blends and casts (and the page faults of
+    their mapped reads) run on as many cores. Items are taken in the order given, each by
+    whichever lane is free, so the lanes move through the maps side by side.
+
+    torch's intra-op thread count is per thread (OpenMP's and MKL's settings, taken from
+    a process-wide default when a thread first computes): each lane sets its own to 1,
+    and the caller's, and that default, are as they were once the lanes have started.
+    """
+
+    def __init__(self, n: int, make: Callable[[], S]) -> None:
+        before = torch.get_num_threads()
+        self._items: queue.SimpleQueue[tuple[_Batch, Any] | None] = queue.SimpleQueue()
+        ready = threading.Barrier(n + 1)
+        self._threads = [
+            threading.Thread(target=self._lane, args=(make, ready), name=f"lane {k}", daemon=True)
+            for k in range(n)
+        ]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+        ready.wait()
+        torch.set_num_threads(before)  # the default the lanes' setting changed
+
+    def run(self, fn: Callable[[S, Any], object], items: Iterable[Any]) -> None:
+        """fn(state, item) for every item, spread over the lanes; returns when all are
+        done, raising the first failure (the items after it are skipped)."""
+        todo = list(items)
+        if not todo:
+            return
+        batch = _Batch(fn, len(todo))
+        for item in todo:
+            self._items.put((batch, item))
+        with batch.cond:
+            batch.cond.wait_for(lambda: batch.left == 0)
+        if batch.error is not None:
+            raise batch.error
+
+    def _lane(self, make: Callable[[], S], ready: threading.Barrier) -> None:
+        # A thread takes the process-wide default at its first parallel call, whatever it
+        # set before: make that call, then set this lane's own.
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        state = make()
+        ready.wait()
+        while (job := self._items.get()) is not None:
+            batch, item = job
+            error = None
+            if batch.error is None:
+                try:
+                    batch.fn(state, item)
+                except BaseException as e:  # handed to the caller's thread
+                    error = e
+            batch.finish(error)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._items.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def __len__(self) -> int:
+        return len(self._threads)
 
 
 def parse_device(name: str) -> torch.device | None:

@@ -17,3 +17,6 @@ class MergeOptions:
     allow_nonfinite: bool = False  # write NaN/Inf results instead of stopping
     device: str = "cpu"  # where the arithmetic runs: cpu, cuda, cuda:N or auto
     card: Card | None = None  # the model card, written once the shards are complete
+    # Compute lanes blending a tensor's chunks on the CPU (bytes never depend on it);
+    # 0: budget.merge_lanes (the cores, LAZYMERGE_LANES), 1: the main thread alone.
+    lanes: int = 0

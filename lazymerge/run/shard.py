@@ -31,7 +31,9 @@ def write_shard(
     writer = ShardWriter(out / shard.name, header, shard.data_size, inflight=WRITE_QUEUE)
     scratch = Scratch(resolve_device(opts.device))
     sink = EncodeLane(writer) if shard.header is not None else writer  # a GGUF encodes
-    ctx = ShardContext(reader, sink, scratch, opts.max_memory, step, opts.allow_nonfinite)
+    ctx = ShardContext(
+        reader, sink, scratch, opts.max_memory, step, opts.allow_nonfinite, opts.lanes
+    )
     reads = [(t, t.reads()) for t in shard.tensors]
     try:
         with ReadAhead([r for _, refs in reads for r in refs], opts.max_memory) as ahead:
@@ -44,10 +46,12 @@ def write_shard(
                 reader.release_touched()
                 for r in refs:
                     ahead.used(r)
+        ctx.close()
         if isinstance(sink, EncodeLane):
             sink.close()
         return writer.finish(), ctx.nonfinite
     except BaseException:
+        ctx.close()
         if isinstance(sink, EncodeLane):
             with contextlib.suppress(BaseException):
                 sink.close()

@@ -4,6 +4,9 @@ or its rows streamed block by block through the tensor's method (lazymerge.meani
 Memory is bounded by the working budget, not by the tensor: blocks of rows
 (budget.block_rows) are computed chunk by chunk in cache on the CPU (budget.chunk_rows),
 cast once to the output dtype, queued for the writer, and their input pages released.
+On the CPU a block's chunks are shared among compute lanes (device.Lanes) when the
+method keeps nothing from one block to the next (budget.tensor_lanes): every chunk is
+the one a single lane computes, into its own rows of the block, so the bytes are too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from lazymerge.errors import NumericsError
 from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
-from lazymerge.run.device import Scratch
+from lazymerge.run.device import Lanes, Scratch
 from lazymerge.run.encode import EncodeLane
 from lazymerge.run.rows import Factor, Source, TensorBlock
 from lazymerge.write.safetensors import ShardWriter
@@ -39,11 +42,31 @@ class ShardContext:
     budget: int
     step: Step
     allow_nonfinite: bool = False
+    lanes: int = 0  # compute lanes on the CPU; 0: budget.merge_lanes for this process
     nonfinite: list[str] = field(default_factory=list)  # tensors written with NaN/Inf
     source: Source = field(init=False)  # reader and scratch, as the rows of a block need them
+    _pool: Lanes[Source] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.source = Source(self.reader, self.scratch)
+        if not self.lanes:
+            # This process's share of the cores: a batch worker's torch threads are its
+            # share less the writer's core (run.process.compute_threads), so no more.
+            self.lanes = memory.merge_lanes(torch.get_num_threads() + 1)
+        if self.scratch.whole_blocks:  # a GPU computes whole blocks, one at a time
+            self.lanes = 1
+
+    def pool(self) -> Lanes[Source]:
+        """The compute lanes, started at their first use: each with its own buffers."""
+        if self._pool is None:
+            self._pool = Lanes(self.lanes, lambda: Source(self.reader, Scratch()))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the lanes, if any started."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:
@@ -140,7 +163,9 @@ class _Blocks:
 def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
     assert t.method is not None  # the plan gives every computed tensor its method
     rows = memory.block_rows(t, ctx.budget)
-    step = rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows, torch.get_num_threads())
+    lanes = memory.tensor_lanes(t, ctx.budget, ctx.lanes)
+    threads = 1 if lanes > 1 else torch.get_num_threads()
+    step = rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows, threads)
     cut = _Blocks(rows, step)
     factors = [ctx.source.factors(i) for i in t.inputs]
     stats = _stat_passes(ctx, t, factors, cut)
@@ -149,20 +174,45 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
         r1 = min(r0 + rows, t.rows)
         out = ctx.scratch.output((r1 - r0, *t.shape[1:]), DTYPES[t.dtype])
         # Chunk by chunk (a multiple of LORA_ROWS), each combined and cast while in cache.
-        for c0 in cut.chunks(r0, r1):
-            c1 = min(c0 + cut.step, r1)
-            acc = t.method.combine(TensorBlock(ctx.source, t, factors, c0, c1), stats)
-            ctx.scratch.cast(out[c0 - r0 : c1 - r0], acc)
-        _check_finite(ctx, t, out, (r0, r1))
-        give_back = functools.partial(ctx.scratch.give_back, out)
-        at = t.offset + r0 * row_bytes
-        if t.encoding is not None:  # a GGUF's: encoded in the lane, beside the next block
-            assert isinstance(ctx.writer, EncodeLane)  # run/shard.py gives a GGUF one
-            ctx.writer.write_encoded(at, out, t.encoding, t.row_align, after=give_back)
+        fill = _Fill(t, factors, stats, out, r0)
+        spans = [(c0, min(c0 + cut.step, r1)) for c0 in cut.chunks(r0, r1)]
+        if lanes > 1:
+            ctx.pool().run(fill, spans)
         else:
-            view = out.reshape(-1).view(torch.uint8).numpy().data
-            ctx.writer.write(at, view, after=give_back)
+            for span in spans:
+                fill(ctx.source, span)
+        _check_finite(ctx, t, out, (r0, r1))
+        _queue(ctx, t, out, t.offset + r0 * row_bytes)
         ctx.step((r1 - r0) * row_bytes)
+
+
+@dataclass(frozen=True)
+class _Fill:
+    """Rows `span` of a block of `t` (its rows from `r0` in `out`): combined by the
+    method from the rows a lane's `source` reads, and cast into their place in `out`."""
+
+    t: PlannedTensor
+    factors: list[list[Factor]]
+    stats: Any
+    out: torch.Tensor
+    r0: int
+
+    def __call__(self, source: Source, span: tuple[int, int]) -> None:
+        assert self.t.method is not None
+        c0, c1 = span
+        acc = self.t.method.combine(TensorBlock(source, self.t, self.factors, c0, c1), self.stats)
+        source.scratch.cast(self.out[c0 - self.r0 : c1 - self.r0], acc)
+
+
+def _queue(ctx: ShardContext, t: PlannedTensor, out: torch.Tensor, at: int) -> None:
+    """A computed block to its place in the file; its buffer comes back once written."""
+    give_back = functools.partial(ctx.scratch.give_back, out)
+    if t.encoding is not None:  # a GGUF's: encoded in the lane, beside the next block
+        assert isinstance(ctx.writer, EncodeLane)  # run/shard.py gives a GGUF one
+        ctx.writer.write_encoded(at, out, t.encoding, t.row_align, after=give_back)
+    else:
+        view = out.reshape(-1).view(torch.uint8).numpy().data
+        ctx.writer.write(at, view, after=give_back)
 
 
 def _stat_passes(

@@ -1,0 +1,224 @@
+"""Compute lanes (run/device.py `Lanes`): a block's chunks blended by several threads at
+once give the bytes one lane gives, byte for byte, for every kind of merge; methods that
+carry state from block to block stay on one lane; a failure in a lane stops the merge.
+
+Chunks are cut to LORA_ROWS rows here (CACHE_CHUNK tiny) so that the small test tensors
+have several per block, as a 13B layer's have hundreds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from lazymerge.plan import build_plan
+from lazymerge.recipe import load_recipe
+from lazymerge.run import budget, tensor
+from lazymerge.run.device import Lanes
+from lazymerge.run.merge import run_merge
+from lazymerge.run.options import MergeOptions
+from lazymerge.testing import LlamaShape, write_llama
+
+from conftest import run_cli, synthetic_job
+
+SHAPE = LlamaShape(layers=3, hidden=128, intermediate=320, heads=4, kv_heads=4, vocab=640)
+BLOCKS = 256 * 2**10  # --max-memory: blocks of 192 rows here, three chunks each
+NMODEL_BLOCKS = 2**20  # the same for three models (more fp32 rows each)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Base, other and a LoRA on the other (the founding recipe's), and a third model."""
+    root = tmp_path_factory.mktemp("lanes")
+    recipe = synthetic_job(
+        root, SHAPE, {"values": [0.9, 0.0], "layers": [0, 2]}, r=8, output={"dtype": "float16"}
+    )
+    write_llama(root / "third", SHAPE, seed=4)
+    return recipe
+
+
+@pytest.fixture
+def lane_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
+    """Chunks of LORA_ROWS rows; the names of the threads that computed them."""
+    monkeypatch.setattr(budget, "CACHE_CHUNK", 1)
+    names: set[str] = set()
+    fill = tensor._Fill.__call__
+
+    def spy(self: tensor._Fill, source: Any, span: tuple[int, int]) -> None:
+        names.add(threading.current_thread().name)
+        fill(self, source, span)
+
+    monkeypatch.setattr(tensor._Fill, "__call__", spy)
+    yield names
+
+
+def digests(out: Path) -> dict[str, str]:
+    """sha256 of every weights file of a merged model."""
+    files = sorted([*out.glob("*.safetensors"), *out.glob("*.gguf")])
+    assert files, f"{out}: nothing written"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def merged(recipe: Path, out: Path, lanes: int, max_memory: int) -> dict[str, str]:
+    plan = build_plan(load_recipe(recipe))
+    run_merge(plan, out, MergeOptions(max_memory=max_memory, progress=False, lanes=lanes))
+    return digests(out)
+
+
+def write(path: Path, recipe: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("max_memory", [budget.DEFAULT_MAX_MEMORY, BLOCKS])
+def test_founding_recipe_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str], max_memory: int
+) -> None:
+    """LoRA products (fixed LORA_ROWS chunks) and the gradient blend, in one block or
+    several: 1, 2 and 3 lanes write the same shards, and the lanes did the work."""
+    one = merged(job, tmp_path / "one", 1, max_memory)
+    assert lane_threads == {"MainThread"}
+    lane_threads.clear()
+    assert merged(job, tmp_path / "two", 2, max_memory) == one
+    assert lane_threads == {"lane 0", "lane 1"} | ({"MainThread"} & lane_threads)
+    assert merged(job, tmp_path / "three", 3, max_memory) == one
+    assert {"lane 0", "lane 1", "lane 2"} <= lane_threads
+
+
+def nmodel(job: Path, method: str, shared: dict[str, Any]) -> dict[str, Any]:
+    root = job.parent
+    models = [("other", 0.6), ("third", 0.4)]
+    return {
+        "method": method,
+        "base": str(root / "base"),
+        "models": [
+            {"model": str(root / m), "parameters": {"weight": w, "density": 0.5}} for m, w in models
+        ],
+        "parameters": shared,
+        "seed": 7,
+    }
+
+
+@pytest.mark.parametrize(
+    "case",  # method, its method-wide parameters, whether lanes share its chunks
+    [
+        ("dare_ties", {"rescale": False}, True),
+        ("dare_ties", {}, False),
+        ("ties", {}, False),
+        ("task_arithmetic", {}, True),
+    ],
+)
+def test_nmodel_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str], case: tuple[str, dict[str, Any], bool]
+) -> None:
+    """DARE's random masks are keyed by element, not by who draws them: lanes share its
+    chunks. A method with a statistics pass (TIES's top-k masks keep ties by flat index,
+    counted block after block; DARE's rescaling by L1 norms) stays on one lane."""
+    method, shared, in_lanes = case
+    recipe = write(tmp_path / "recipe.yaml", nmodel(job, method, shared))
+    one = merged(recipe, tmp_path / "one", 1, NMODEL_BLOCKS)
+    lane_threads.clear()
+    assert merged(recipe, tmp_path / "two", 2, NMODEL_BLOCKS) == one
+    assert ("lane 1" in lane_threads) == in_lanes, lane_threads
+
+
+@pytest.mark.parametrize(
+    "case",  # method, its parameters, whether lanes share its chunks
+    [("slerp", {"t": [0.2, 0.8]}, False), ("nuslerp", {"nuslerp_flatten": False}, True)],
+)
+def test_slerp_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str], case: tuple[str, dict[str, Any], bool]
+) -> None:
+    """slerp takes a whole-tensor pass (one lane); nuslerp row by row needs none (lanes)."""
+    method, parameters, in_lanes = case
+    root = job.parent
+    weights = {"weight": 0.5} if method == "nuslerp" else {}
+    sources = [
+        {"model": str(root / m), "layer_range": [0, SHAPE.layers], "parameters": weights}
+        for m in ("base", "other")
+    ]
+    config = {
+        "merge_method": method,
+        "base_model": str(root / "base"),
+        "dtype": "float16",
+        "parameters": parameters,
+        "slices": [{"sources": sources}],
+    }
+    if method == "nuslerp":
+        del config["base_model"]
+    recipe = write(tmp_path / "config.yml", config)
+    one = merged(recipe, tmp_path / "one", 1, NMODEL_BLOCKS)
+    lane_threads.clear()
+    assert merged(recipe, tmp_path / "two", 2, NMODEL_BLOCKS) == one
+    assert ("lane 1" in lane_threads) == in_lanes, lane_threads
+
+
+def test_gguf_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF's blocks are computed in lanes, then encoded in its encoding lane, in order;
+    the command line takes the lane count from LAZYMERGE_LANES."""
+    flags = ["--format", "gguf", "--quant", "q8_0", "--no-tokenizer", "-q"]
+    files = {}
+    for lanes in ("1", "2"):
+        monkeypatch.setenv("LAZYMERGE_LANES", lanes)
+        out = tmp_path / lanes / "merged"  # the name is the GGUF's general.name
+        assert run_cli("merge", job, "-o", out, *flags) == 0
+        files[lanes] = digests(out)
+    assert files["1"] == files["2"]
+    assert "lane 1" in lane_threads
+
+
+def test_a_failure_in_a_lane_stops_the_merge(
+    job: Path, tmp_path: Path, lane_threads: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first failure comes back to the merge's thread; the lanes stop with the shard."""
+    from lazymerge.meaning.methods.base import Block
+    from lazymerge.meaning.methods.linear import Linear
+
+    def broken(self: Linear, block: Block, stats: object = None) -> torch.Tensor:
+        if threading.current_thread().name == "lane 1":
+            raise ValueError("lane 1 failed")
+        return block.rows(0)
+
+    monkeypatch.setattr(Linear, "combine", broken)
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="lane 1 failed"):
+        merged(job, tmp_path / "out", 2, BLOCKS)
+    assert threading.active_count() == before
+    assert list((tmp_path / "out").glob("*.partial"))
+
+
+def test_each_lane_computes_with_one_torch_thread() -> None:
+    """torch's thread count is per thread: the lanes' is 1, the caller's is as it was."""
+    before = torch.get_num_threads()
+    lanes: Lanes[int] = Lanes(2, lambda: 0)
+    seen: list[int] = []
+    try:
+        lanes.run(lambda _, item: seen.append(torch.get_num_threads()), range(8))
+        with pytest.raises(ZeroDivisionError):
+            lanes.run(lambda _, item: 1 // item, [1, 0, 2])
+        lanes.run(lambda _, item: seen.append(item), [5])  # still working after a failure
+    finally:
+        lanes.close()
+    assert seen == [1] * 8 + [5]
+    assert torch.get_num_threads() == before
+
+
+def test_the_estimate_counts_each_lanes_chunk(job: Path, lane_threads: set[str]) -> None:
+    """Lanes share the budget's blocks; each adds its own chunk's buffers, no more."""
+    plan = build_plan(load_recipe(job))
+    t = max(plan.tensors, key=lambda t: t.nbytes if t.action == "compute" else 0)
+    one = budget.working_memory(t, BLOCKS, 1, 1)
+    two = budget.working_memory(t, BLOCKS, 1, 2)
+    chunk = budget.chunk_rows(t, budget.block_rows(t, BLOCKS), 1)
+    assert budget.tensor_lanes(t, BLOCKS, 2) == 2
+    assert 0 < two - one <= chunk * (budget._per_row(t) + 2 * 4 * 8)
+    assert budget.estimate_peak(plan, BLOCKS, 1, 2) >= budget.estimate_peak(plan, BLOCKS, 1, 1)
