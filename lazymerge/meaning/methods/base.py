@@ -9,8 +9,10 @@ A method that needs whole-tensor statistics (norms, dot products, top-k threshol
 says how many statistics passes it takes (`stat_passes`); for each, the executor streams
 every block, in row order, through the accumulator `stats_pass` gives, and hands its
 `result()` to the next pass, and the last one to `combine` for every block of the writing
-pass. `combine` too sees the blocks exactly once each, in row order, so a result may
-carry counters (ties at a top-k threshold are kept by flat index).
+pass. `combine` of such a method too sees the blocks exactly once each, in row order,
+so a result may carry counters (ties at a top-k threshold are kept by flat index). A
+method without statistics passes must keep no state between blocks: its blocks are
+computed by several lanes at once (run/device.py `Lanes`), in any order.
 """
 
 from __future__ import annotations
