@@ -91,29 +91,25 @@ def align(
             forced[i] = True
         elif present[:, i].all():
             continue
-        defaults[i] = _default(token, i, present[:, i], perms, base, rule)
+        defaults[i] = _default(token, [int(p[i]) for p in perms], base, rule)
     own = tuple(np.where(forced, ABSENT, p) for p in perms)
     return Alignment(len(out), own, defaults)
 
 
 def _default(
-    token: str,
-    i: int,
-    have: np.ndarray,
-    perms: Sequence[np.ndarray],
-    base: int | None,
-    rule: RowRule | None,
+    token: str, rows: Sequence[int], base: int | None, rule: RowRule | None
 ) -> tuple[Part, ...]:
+    """The default row of one token: `rows` holds each model's row for it (or ABSENT)."""
     if rule is not None:
         if rule.parts is None:
             raise ValueError(f"token {token!r}: a model lacks it and its rule names no source")
         return rule.parts
-    holders = [int(m) for m in np.flatnonzero(have)]
-    if len(holders) == 1 or (base is not None and have[base]):
+    holders = [m for m, row in enumerate(rows) if row != ABSENT]
+    if len(holders) == 1 or (base is not None and rows[base] != ABSENT):
         who = holders[0] if len(holders) == 1 else base
         assert who is not None
-        return ((who, int(perms[who][i])),)
-    return tuple((m, int(perms[m][i])) for m in holders)  # (): in no model, zeros
+        return ((who, rows[who]),)
+    return tuple((m, rows[m]) for m in holders)  # (): in no model, zeros
 
 
 SETTINGS = ("single_word", "lstrip", "rstrip", "normalized", "special")

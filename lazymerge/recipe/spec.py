@@ -268,15 +268,7 @@ class Recipe:
         if self.other is not None:
             data["other"] = model(self.other)
             data["gradient"] = [rule(r) for r in self.gradient]
-        output: dict[str, Any] = {}
-        if self.output.shard_size is not None:  # (unset: 2 GB shards, or one GGUF file)
-            output["shard_size"] = self.output.shard_size
-        if self.output.dtype is not None:
-            output["dtype"] = DTYPE_LABELS[self.output.dtype]
-        if self.output.format == "gguf":
-            output |= {"format": "gguf", "quant": self.output.quant}
-            output |= {} if self.output.tokenizer else {"tokenizer": False}
-        data["output"] = output
+        data["output"] = _output_dict(self.output)
         if self.layers_prefix is not None:
             data["layers_prefix"] = self.layers_prefix
         if self.tokenizer is not None:
@@ -284,6 +276,19 @@ class Recipe:
         if self.chat_template is not None:
             data["chat_template"] = self.chat_template
         return data
+
+
+def _output_dict(out: OutputSpec) -> dict[str, Any]:
+    """The output settings a recipe gave (unset ones left out)."""
+    output: dict[str, Any] = {}
+    if out.shard_size is not None:  # (unset: 2 GB shards, or one GGUF file)
+        output["shard_size"] = out.shard_size
+    if out.dtype is not None:
+        output["dtype"] = DTYPE_LABELS[out.dtype]
+    if out.format == "gguf":
+        output |= {"format": "gguf", "quant": out.quant}
+        output |= {} if out.tokenizer else {"tokenizer": False}
+    return output
 
 
 def _tokenizer_dict(spec: TokenizerSpec) -> dict[str, Any]:
