@@ -1,8 +1,8 @@
 """Issue 17: mergekit's `modules:` configs (its modular architectures), through
 `mergekit-yaml` (mergekit 0.1.5, tests/mergekit_ref.py) and through `lazymerge merge`, on
-tiny random Gemma 3 vision-language models (tests/vlm_fixtures.py): a text decoder, a
-SigLIP vision tower and a projector, each merged by its own slices or models with its own
-parameters, a gradient running over each module's own layers.
+tiny random Gemma 3 and Mistral 3 vision-language models (tests/vlm_fixtures.py): a text
+decoder, a vision tower (SigLIP, Pixtral) and a projector, each merged by its own slices or
+models with its own parameters, a gradient running over each module's own layers.
 
 Compared: every tensor within 1 fp16 ulp (bit for bit, in practice), its dtype, the
 output's names; config.json's per-module layer counts. A plain `models:` config on such
@@ -11,8 +11,10 @@ a model is mergekit's too: every module merges the models over its own layers.
 mergekit 0.1.5 writes a module's new layer count but not `text_config.layer_types`, so
 its Gemma 3 with more text layers than the donor does not load in transformers 5
 ("num_hidden_layers (5) must be equal to the number of layer_types (4)"); lazymerge's
-layer_types follow the output's layers, and its output loads and runs. Bad configs are
-refused in one line naming the key, before anything is written.
+layer_types follow the output's layers, and its output loads and runs. Mistral 3 has no
+per-layer lists, so there the two config.json files are the same. Each module holds what
+mergekit's JSON lists for it. Bad configs are refused in one line naming the key, before
+anything is written.
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ import torch
 import yaml
 
 from lazymerge.errors import RecipeError
+from lazymerge.meaning.modules import modules_of, split
 from lazymerge.recipe.parse import parse_recipe
 
 from conftest import error_of, make_llama, run_cli, session_runs
 from mergekit_ref import Mergekit, load_checkpoint, run_many
 from test_mergekit_methods import ulps
-from vlm_fixtures import build_all, forward, hub_name
+from vlm_fixtures import (
+    build_all,
+    build_all_mistral3,
+    build_mistral3,
+    forward,
+    forward_mistral3,
+    hub_name,
+)
 
 pytestmark = pytest.mark.mergekit
 
@@ -44,6 +54,11 @@ def vlms(tmp_path_factory: pytest.TempPathFactory) -> Models:
     return build_all(tmp_path_factory.mktemp("vlms"))
 
 
+@pytest.fixture(scope="module")
+def mistral3s(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    return build_all_mistral3(tmp_path_factory.mktemp("mistral3s"))
+
+
 def src(model: Path, start: int, end: int, **params: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"model": str(model), "layer_range": [start, end]}
     return entry | ({"parameters": params} if params else {})
@@ -53,11 +68,12 @@ def entry(model: Path, **params: Any) -> dict[str, Any]:
     return {"model": str(model)} | ({"parameters": params} if params else {})
 
 
-def modules_a(m: Models, first: int = 2) -> dict[str, Any]:
+def modules_a(m: Models, first: int = 2, mlp: str = "mlp") -> dict[str, Any]:
     """linear: the text decoder by two slices (a source's weight over the module's, a
     slice's gradient), the vision tower by models (a gradient over its own 3 layers, a
-    filter; the module's normalize over the config's), the projector by models (the
-    config's weight). `first` 3: a first slice of 3 layers, 5 text layers in all."""
+    filter on its MLPs, named `mlp`; the module's normalize over the config's), the
+    projector by models (the config's weight). `first` 3: a first slice of 3 layers, 5
+    text layers in all."""
     text = {
         "parameters": {"weight": 0.25},
         "slices": [
@@ -73,7 +89,7 @@ def modules_a(m: Models, first: int = 2) -> dict[str, Any]:
         "models": [
             entry(m["a"], weight=[0.2, 0.6]),
             entry(m["b"], weight=0.3),
-            entry(m["c"], weight=[{"filter": "mlp", "value": 0.5}, {"value": 0.1}]),
+            entry(m["c"], weight=[{"filter": mlp, "value": 0.5}, {"value": 0.1}]),
         ],
     }
     return {
@@ -147,26 +163,49 @@ ROTATING = {"modules_a_stack", "slerp"}  # heavy extras: one slice of them per r
 CASE_PARAMS = [
     pytest.param(c, id=c, marks=pytest.mark.rotating if c in ROTATING else ()) for c in CASES
 ]
+# Mistral 3: the same merges (its vision tower's MLPs are `feed_forward`); each output's
+# text and vision layer counts.
+MISTRAL3_CASES = {
+    "modules_a": lambda m: modules_a(m, mlp="feed_forward"),
+    "plain_gradient": plain_gradient,
+    "passthrough": passthrough,
+}
+MISTRAL3_COUNTS = {"modules_a": (4, 3), "plain_gradient": (4, 3), "passthrough": (5, 4)}
 
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(
-    mergekit: Mergekit,
-    vlms: Models,
-    tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
+    mergekit: Mergekit, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> dict[str, Path]:
-    """Every case this session compares, merged by mergekit in one process (run_many)."""
-    wanted = {i.callspec.params["case"] for i in session_runs(request, test_matches_mergekit)}
+    """Every case this session compares, merged by mergekit in one process (run_many):
+    Gemma 3's by case name, Mistral 3's as `mistral3-<case>`."""
+    wanted = {str(i.callspec.params["case"]) for i in session_runs(request, test_matches_mergekit)}
     if session_runs(request, test_output_loads_in_transformers):
         wanted.add("modules_a")
     if session_runs(request, test_transformers_5_layout_merges_as_the_hubs):
         wanted.add("plain_gradient")
+    mistral3 = {
+        str(i.callspec.params["case"])
+        for i in session_runs(request, test_mistral3_matches_mergekit)
+    }
+    if session_runs(request, test_mistral3_output_loads_in_transformers):
+        mistral3.add("modules_a")
+    if session_runs(request, test_mistral3_module_tree_layout_merges_as_the_hubs):
+        mistral3.add("plain_gradient")
     root = tmp_path_factory.mktemp("mergekit-modules")
-    jobs = {c: (CASES[c](vlms), root / c) for c in sorted(wanted)}
+    jobs: dict[str, tuple[dict[str, Any], Path]] = {}
+    if wanted:
+        vlms = request.getfixturevalue("vlms")
+        jobs |= {c: (CASES[c](vlms), root / c) for c in sorted(wanted)}
+    if mistral3:
+        m3 = request.getfixturevalue("mistral3s")
+        jobs |= {
+            f"mistral3-{c}": (MISTRAL3_CASES[c](m3), root / f"mistral3-{c}")
+            for c in sorted(mistral3)
+        }
     errors = {k: e for k, e in run_many(mergekit, jobs).items() if e}
     assert not errors, errors
-    return {c: root / c for c in wanted}
+    return {k: out for k, (_, out) in jobs.items()}
 
 
 def run_lazymerge(cfg: dict[str, Any], tmp: Path, name: str = "lm-out") -> Path:
@@ -285,6 +324,132 @@ def test_plan_and_card_show_each_module(
     assert replace(merge, source="mergekit") == parse_recipe(modules_a(vlms), tmp_path).merge
 
 
+@pytest.mark.parametrize("case", list(MISTRAL3_CASES))
+def test_mistral3_matches_mergekit(
+    mergekit_outputs: dict[str, Path], mistral3s: Models, tmp_path: Path, case: str
+) -> None:
+    """Every tensor, and config.json whole: the per-module counts, nothing else changed
+    (Mistral and Pixtral configs have no per-layer lists)."""
+    out = run_lazymerge(MISTRAL3_CASES[case](mistral3s), tmp_path)
+    theirs = mergekit_outputs[f"mistral3-{case}"]
+    assert_same_tensors(load_checkpoint(out), load_checkpoint(theirs))
+    config = json.loads((out / "config.json").read_text())
+    assert config == json.loads((theirs / "config.json").read_text())
+    assert text_and_vision(config) == MISTRAL3_COUNTS[case]
+
+
+def test_mistral3_output_loads_in_transformers(
+    mergekit_outputs: dict[str, Path], mistral3s: Models, tmp_path: Path
+) -> None:
+    """Ours and mergekit's modules_a give the same logits on an image and text."""
+    ours = run_lazymerge(MISTRAL3_CASES["modules_a"](mistral3s), tmp_path)
+    assert torch.equal(
+        forward_mistral3(ours), forward_mistral3(mergekit_outputs["mistral3-modules_a"])
+    )
+
+
+@pytest.mark.rotating
+def test_mistral3_stacked_output_loads_in_transformers(mistral3s: Models, tmp_path: Path) -> None:
+    """A frankenmerge of both stacks (5 text layers, 4 vision layers) loads and runs."""
+    stacked = run_lazymerge(passthrough(mistral3s), tmp_path)
+    assert text_and_vision(json.loads((stacked / "config.json").read_text())) == (5, 4)
+    forward_mistral3(stacked)
+
+
+# A Mistral 3 saved from its module tree's state_dict(), not by save_pretrained.
+MODULE_TREE = {
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+    "vision_tower.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+}
+
+
+def module_tree_name(name: str) -> str:
+    old = next(p for p in MODULE_TREE if name.startswith(p))
+    return MODULE_TREE[old] + name.removeprefix(old)
+
+
+@pytest.mark.rotating
+def test_mistral3_module_tree_layout_merges_as_the_hubs(
+    mergekit_outputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The module tree's names (`model.language_model.*`, `lm_head.*`...): the same merge,
+    those names kept; the output loads."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("mistral3-tree")
+    models = {}
+    for n, (seed, dtype) in {"a": (1, torch.float16), "b": (2, torch.float16)}.items():
+        file = build_mistral3(root / n, seed, dtype) / "model.safetensors"
+        tensors = {module_tree_name(k): v for k, v in load_file(str(file)).items()}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+        models[n] = root / n
+    out = run_lazymerge(plain_gradient(models), tmp_path)
+    want = load_checkpoint(mergekit_outputs["mistral3-plain_gradient"])
+    assert_same_tensors(load_checkpoint(out), {module_tree_name(k): v for k, v in want.items()})
+    forward_mistral3(out)
+
+
+@pytest.mark.rotating
+def test_mistral3_projector_biases_are_merged(tmp_path: Path) -> None:
+    """multimodal_projector_bias: true. mergekit's mistral3.json lists no projector bias,
+    so mergekit leaves both out and its output loads them newly initialised; here they
+    are the projector's, merged like its weights."""
+    models = {
+        n: build_mistral3(tmp_path / n, seed, torch.float16, True)
+        for n, seed in (("a", 1), ("b", 2))
+    }
+    cfg = {
+        "merge_method": "linear", "dtype": "float32", "out_dtype": "float16",
+        "models": [entry(models["a"], weight=0.5), entry(models["b"], weight=0.5)],
+    }  # fmt: skip
+    out = run_lazymerge(cfg, tmp_path)
+    got, a, b = (load_checkpoint(p) for p in (out, models["a"], models["b"]))
+    for name in ("multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_2.bias"):
+        want = ((a[name].float() + b[name].float()) / 2).half()
+        assert float(ulps(got[name], want).max()) <= 1.0, name
+    forward_mistral3(out)
+
+
+@pytest.mark.parametrize("arch", ["gemma3vl", "mistral3"])
+def test_modules_hold_what_mergekits_json_lists(
+    mergekit: Mergekit, request: pytest.FixtureRequest, arch: str
+) -> None:
+    """Each module of the table holds exactly the tensors of the checkpoint (in the
+    Hub's layout) that mergekit's architecture JSON lists for it under its weight_prefix
+    (pre_weights, each layer's templates, post_weights), in the JSON's order of modules;
+    the ones it takes after its layers are the post_weights; its layer count is at the
+    JSON's num_layers_config_key."""
+    model = request.getfixturevalue("vlms" if arch == "gemma3vl" else "mistral3s")["a"]
+    data = "lib/python*/site-packages/mergekit/_data/architectures"
+    (file,) = mergekit.venv.glob(f"{data}/{arch}.json")
+    spec = json.loads(file.read_text())
+    config = json.loads((model / "config.json").read_text())
+    names = set(load_checkpoint(model))
+    defs = modules_of(config)
+    assert defs is not None and [d.name for d in defs] == list(spec["modules"])
+    held = split(names, defs, str(model))
+    for d in defs:
+        module, mine = spec["modules"][d.name], held[d.name]
+        body, prefix = module["architecture"], module["weight_prefix"] or ""
+        assert d.count_key == body.get("num_layers_config_key")
+        n = mine.stack.count
+        if d.count_key is not None:
+            text, leaf = d.count_key.split(".")
+            assert n == config[text][leaf] > 0
+        layers = {
+            prefix + w["name"].replace("${layer_index}", str(i))
+            for w in body["layer_templates"]["weights"]
+            for i in range(n)
+        }
+        pre, post = ({prefix + w["name"] for w in body[k]} for k in ("pre_weights", "post_weights"))
+        required = {prefix + w["name"] for w in body["pre_weights"] + body["post_weights"]}
+        required -= {prefix + w["name"] for w in body["post_weights"] if w.get("optional")}
+        assert set(mine.names) == (pre | layers | post) & names and required <= names
+        assert {x for x in mine.names if mine.is_post(x)} == post & names
+
+
 def _bad(m: Models, case: str, tmp: Path) -> dict[str, Any]:
     cfg = modules_b(m)
     modules = cfg["modules"]
@@ -358,6 +523,22 @@ def test_mixed_layouts_are_refused(
     err = error_of(capsys, "merge", root / "cfg.yml", "-o", root / "out")
     assert f"{v5} keeps vision_tower's layers in vision_tower.encoder.layers" in err
     assert not (root / "out").exists()
+
+
+def test_mistral3_module_it_lacks_is_one_line(
+    mistral3s: Models, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Llama 4's name for its tower, on a Mistral 3."""
+    cfg = modules_b(mistral3s)
+    cfg["modules"]["vision_model"] = cfg["modules"].pop("vision_tower")
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    err = error_of(capsys, "merge", path, "-o", tmp_path / "out")
+    assert err == (
+        f"lazymerge: error: modules.vision_model: {mistral3s['a']} (Mistral3ForConditionalGeneration) has no "
+        "module vision_model; its modules: text_decoder, multi_modal_projector, vision_tower\n"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@ model's text decoder, vision tower and projector), and which module each tensor 
 checkpoint belongs to.
 
 mergekit lists every tensor of a module by name, from a JSON per architecture
-(`mergekit/_data/architectures/gemma3vl.json`), and drops anything it does not list. Here
+(`mergekit/_data/architectures/gemma3vl.json`, `mistral3.json`), and drops anything it
+does not list. Here
 a module owns the tensors under its prefixes (the longest matching prefix wins), so a
 checkpoint in the Hub's layout (`vision_tower.vision_model.*`, mergekit's names) and one
 transformers 5 saved (`vision_tower.*`) are both read, and the output keeps the input's
@@ -37,7 +38,11 @@ class ModuleDef:
 # order. Gemma 3 (mergekit's gemma3vl.json): the text decoder in the Hub's layout
 # (`language_model.model.*`, which transformers 5 still saves) or the module tree's
 # (`model.language_model.*`); the SigLIP tower as the Hub (`vision_tower.vision_model.*`)
-# or transformers 5 (`vision_tower.*`) saves it.
+# or transformers 5 (`vision_tower.*`) saves it. Mistral 3 (mergekit's mistral3.json):
+# the Hub and transformers 5 save the same names (`language_model.model.*`,
+# `language_model.lm_head.weight`, `vision_tower.transformer.layers.*`), the module tree
+# spells them `model.language_model.*`, `lm_head.*`...; its Pixtral tower has nothing
+# after its layers (patch_conv and ln_pre come before), its projector no layers.
 MODULES: dict[str, tuple[ModuleDef, ...]] = {
     "Gemma3ForConditionalGeneration": (
         ModuleDef(
@@ -56,6 +61,24 @@ MODULES: dict[str, tuple[ModuleDef, ...]] = {
             ("vision_tower.", "model.vision_tower."),
             "vision_config.num_hidden_layers",
             ("post_layernorm.weight", "post_layernorm.bias"),
+        ),
+    ),
+    "Mistral3ForConditionalGeneration": (
+        ModuleDef(
+            "text_decoder",
+            ("language_model.", "model.language_model.", "lm_head."),
+            "text_config.num_hidden_layers",
+            (".norm.weight", "lm_head.weight"),
+        ),
+        ModuleDef(
+            "multi_modal_projector",
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+            None,
+        ),
+        ModuleDef(
+            "vision_tower",
+            ("vision_tower.", "model.vision_tower."),
+            "vision_config.num_hidden_layers",
         ),
     ),
 }
