@@ -59,7 +59,7 @@ def _read_all(
             fd = fds.setdefault(file, os.open(file, os.O_RDONLY))
             while length > 0:
                 buf = free.get()
-                n = os.preadv(fd, [buf[: min(length, BUFFER)]], offset)
+                n = os.preadv(fd, [buf[: min(length, len(buf))]], offset)
                 if n <= 0:
                     raise RuntimeError(f"{file}: short read at {offset}")
                 filled.put((buf, n))

@@ -431,7 +431,7 @@ def test_full_disk(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_pwrite, real_copy = os.pwrite, os.copy_file_range
+    real_pwrite, real_pwritev, real_copy = os.pwrite, os.pwritev, os.copy_file_range
     written = {"bytes": 0}
 
     def room(n: int) -> None:  # the disk fills up mid-merge
@@ -443,11 +443,16 @@ def test_full_disk(
         room(len(data))
         return real_pwrite(fd, data, offset)
 
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:  # uncached writes
+        room(sum(len(b) for b in buffers))
+        return real_pwritev(fd, buffers, offset, flags)
+
     def copy_file_range(src: int, dst: int, count: int, *at: Any) -> int:
         room(count)
         return real_copy(src, dst, count, *at)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     out = tmp_path / "out"
     args = half_blend(models, "--shard-size", "200KB", "-o", out, "-q")
