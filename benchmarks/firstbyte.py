@@ -1,0 +1,81 @@
+"""python -m benchmarks.firstbyte RECIPE [--repeat N]: when a merge's start-up ends (issue
+19, "start-up hidden behind I/O"): seconds from the process's start to torch imported, to
+the first byte handed to the shard writer, and to the end. Rounds alternate a cold run
+(the page cache dropped: torch's own files too, as after a reboot) and a warm one (every
+page kept: torch's and the inputs').
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import drop_caches
+
+MODES = ("cold", "warm")
+
+
+def child(recipe: str, out: str) -> None:
+    """One merge in this process, timed from its start (the parent's `-m` start-up aside)."""
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
+    real_import = builtins.__import__
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        module = real_import(name, *args, **kwargs)
+        if name == "lazymerge.run.merge":
+            marks.setdefault("torch", time.monotonic() - t0)
+        return module
+
+    builtins.__import__ = spy
+    from lazymerge.cli import main
+    from lazymerge.write import safetensors
+
+    for name in ("write", "copy"):
+        real = getattr(safetensors.ShardWriter, name)
+
+        def first(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            marks.setdefault("first", time.monotonic() - t0)
+            return _real(self, *args, **kwargs)
+
+        setattr(safetensors.ShardWriter, name, first)
+    assert main(["merge", recipe, "-o", out, "-q", "--overwrite"]) == 0
+    print(marks["torch"], marks["first"], time.monotonic() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("/tmp/lazymerge-bench-firstbyte"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.recipe, str(args.out))
+        return
+    runs: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    for _ in range(args.repeat):
+        for mode in MODES:
+            shutil.rmtree(args.out, ignore_errors=True)
+            drop_caches(mode == "cold")
+            cmd = [sys.executable, "-m", "benchmarks.firstbyte", args.recipe, "--child"]
+            done = subprocess.run([*cmd, "--out", str(args.out)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-1500:])
+            runs[mode].append([float(x) for x in done.stdout.split()[-3:]])
+    for mode, rs in runs.items():
+        each = "; ".join(" / ".join(f"{x:.2f}" for x in r) for r in rs)
+        med = [statistics.median(r[i] for r in rs) for i in range(3)]
+        print(f"{mode:7s} torch / first byte / end: {each}  (medians {med[0]:.2f} / "
+              f"{med[1]:.2f} / {med[2]:.2f} s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
