@@ -43,44 +43,25 @@ class ModuleDef:
 # `language_model.lm_head.weight`, `vision_tower.transformer.layers.*`), the module tree
 # spells them `model.language_model.*`, `lm_head.*`...; its Pixtral tower has nothing
 # after its layers (patch_conv and ln_pre come before), its projector no layers.
+# Gemma 3 and Mistral 3 name their text decoder, projector and vision tower alike (llava's
+# layout): the tower differs only in what follows its layers.
+_TEXT = ModuleDef(
+    "text_decoder",
+    ("language_model.", "model.language_model.", "lm_head."),
+    "text_config.num_hidden_layers",
+    (".norm.weight", "lm_head.weight"),
+)
+_PROJECTOR = ModuleDef(
+    "multi_modal_projector", ("multi_modal_projector.", "model.multi_modal_projector."), None
+)
+_TOWER = ("vision_tower.", "model.vision_tower."), "vision_config.num_hidden_layers"
 MODULES: dict[str, tuple[ModuleDef, ...]] = {
     "Gemma3ForConditionalGeneration": (
-        ModuleDef(
-            "text_decoder",
-            ("language_model.", "model.language_model.", "lm_head."),
-            "text_config.num_hidden_layers",
-            (".norm.weight", "lm_head.weight"),
-        ),
-        ModuleDef(
-            "multi_modal_projector",
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-            None,
-        ),
-        ModuleDef(
-            "vision_tower",
-            ("vision_tower.", "model.vision_tower."),
-            "vision_config.num_hidden_layers",
-            ("post_layernorm.weight", "post_layernorm.bias"),
-        ),
+        _TEXT,
+        _PROJECTOR,
+        ModuleDef("vision_tower", *_TOWER, ("post_layernorm.weight", "post_layernorm.bias")),
     ),
-    "Mistral3ForConditionalGeneration": (
-        ModuleDef(
-            "text_decoder",
-            ("language_model.", "model.language_model.", "lm_head."),
-            "text_config.num_hidden_layers",
-            (".norm.weight", "lm_head.weight"),
-        ),
-        ModuleDef(
-            "multi_modal_projector",
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-            None,
-        ),
-        ModuleDef(
-            "vision_tower",
-            ("vision_tower.", "model.vision_tower."),
-            "vision_config.num_hidden_layers",
-        ),
-    ),
+    "Mistral3ForConditionalGeneration": (_TEXT, _PROJECTOR, ModuleDef("vision_tower", *_TOWER)),
 }
 
 
