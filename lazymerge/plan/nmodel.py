@@ -41,6 +41,14 @@ from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams, Param, Scope
 from lazymerge.recipe.spec import MethodSpec, Recipe
 
 _PROMOTE = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
+# mergekit's modular architectures that meaning/modules.py has no table for: mergekit
+# gives each module's layers positions t of their own, a plain models: merge here gives a
+# tower's layers t = 0. Where that would change a value, the merge is refused.
+UNPLACED = frozenset({
+    "Llama4ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class Group:
     span: tuple[int, int] | None = None  # its output layers [start, end); None: all
     has_base: bool = True
     vocab: VocabPlan | None = None  # the recipe's tokenizer source: vocabularies aligned
+    unplaced: str | None = None  # a modular architecture without a module table (UNPLACED)
 
     def t(self, name: str) -> float:
         """The layer position of output tensor `name` within the group (mergekit's t: a
@@ -98,7 +107,9 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
     stack = replace(stack, order=order_of(config))
     merge, uses = _open(recipe, recipe.merge, base, stack)
     vocab = plan_vocab(recipe.tokenizer, recipe.models()) if recipe.tokenizer else None
-    merge = replace(merge, vocab=vocab)
+    arch = ((config or {}).get("architectures") or [None])[0]
+    unplaced = arch if arch in UNPLACED and recipe.merge.source == "mergekit" else None
+    merge = replace(merge, vocab=vocab, unplaced=unplaced)
     kept = sorted(
         (r for r in base if not build.DROPPED.search(r.name)),
         key=lambda r: natural_key(r.name, stack),
@@ -177,6 +188,7 @@ def plan_tensor(group: Group, name: str) -> PlannedTensor:
     out = group.recipe.output.dtype or _natural_out(group, ref.dtype, compute)
     resolved = _resolve(group, name, shape, compute)
     _check(group, resolved)
+    _check_tower(group, name, resolved)
     method = BUILDERS[group.method.name](resolved)
     nbytes = math.prod(shape) * itemsize(out)
     action = COPY if copies(method, inputs, compute, out) else COMPUTE
@@ -277,8 +289,26 @@ def _compute(spec: MethodSpec, inputs: Sequence[Input]) -> str:
     return max(codes | {"F32"}, key=lambda c: _PROMOTE[c])
 
 
-def _resolve(group: Group, name: str, shape: tuple[int, ...], compute: str) -> Resolved:
-    t = group.t(name)
+def _check_tower(group: Group, name: str, resolved: Resolved) -> None:
+    """A tower's tensor of an UNPLACED architecture whose parameters vary with t: its
+    value here (t = 0) is not mergekit's (the tower's own t): one line."""
+    towers = group.stack.towers
+    if group.unplaced is None or not any(name.startswith(f"{p}.") for p in towers):
+        return
+    at_end = _resolve(group, name, resolved.shape, resolved.compute, t=1.0)
+    if (at_end.shared, at_end.per_input) != (resolved.shared, resolved.per_input):
+        raise RecipeError(
+            f"{name}: a parameter varies over the layers, and mergekit gives "
+            f"{group.unplaced}'s vision layers positions of their own (per module); "
+            "lazymerge knows the modules of Gemma 3 and Mistral 3 only: give the tower "
+            "constant values (a filter) for now"
+        )
+
+
+def _resolve(
+    group: Group, name: str, shape: tuple[int, ...], compute: str, t: float | None = None
+) -> Resolved:
+    t = group.t(name) if t is None else t
     params = group.method.params
     shared = {p.name: _value(p, group.top, name, t, "") for p in params if p.scope == Scope.SHARED}
     per_input = []
