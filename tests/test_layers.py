@@ -165,3 +165,27 @@ def test_a_tensor_its_familys_table_does_not_name_is_not_guessed() -> None:
     unknown = LayerStack("model.layers", 1, order=Order("opt", None))
     with pytest.raises(RecipeError, match="no natural order for model_type 'opt'"):
         all_ratios(["model.layers.0.x.weight"], [tensors], unknown)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mistral3_natural_order_is_its_state_dict(bias: bool) -> None:
+    """Mistral 3's table (meaning/order.py) against transformers' own module tree: the
+    saved names sorted by natural_key come out in state_dict() order, the Pixtral tower's
+    blocks and the projector (with its optional biases) included."""
+    import torch
+    from transformers import Mistral3ForConditionalGeneration
+
+    from vlm_fixtures import mistral3_config
+
+    config = mistral3_config()
+    config.multimodal_projector_bias = bias
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(config)
+    saved = list(model.state_dict())
+    stack = find_stack(saved, "mistral3", None)
+    stack = LayerStack(
+        stack.prefix, stack.count, stack.towers, order_of({"model_type": "mistral3"})
+    )
+    assert stack.order.table is not None
+    shuffled = sorted(saved, key=lambda n: (len(n) * 7919) % 101)
+    assert sorted(shuffled, key=lambda n: natural_key(n, stack, anchors=True)) == saved

@@ -76,6 +76,15 @@ SIGLIP = (
     "head", "head.attention", "head.attention.out_proj", "head.layernorm", "head.mlp.fc1",
     "head.mlp.fc2",
 )  # fmt: skip
+# Pixtral's tower (PixtralVisionModel, PixtralTransformer, PixtralAttentionLayer): its
+# feed-forward before its attention, k/v/q before o.
+PIXTRAL = (
+    "patch_conv", "ln_pre", "transformer.layers.*.attention_norm",
+    "transformer.layers.*.feed_forward.gate_proj", "transformer.layers.*.feed_forward.up_proj",
+    "transformer.layers.*.feed_forward.down_proj", "transformer.layers.*.attention.k_proj",
+    "transformer.layers.*.attention.v_proj", "transformer.layers.*.attention.q_proj",
+    "transformer.layers.*.attention.o_proj", "transformer.layers.*.ffn_norm",
+)  # fmt: skip
 TABLES = {
     "llama": LLAMA,
     "mistral": Table("MistralForCausalLM, MistralDecoderLayer", LLAMA.pre, LLAMA.layer, HEAD),
@@ -93,6 +102,13 @@ TABLES = {
         (*SIGLIP, "multi_modal_projector", "multi_modal_projector.mm_soft_emb_norm",
          "embed_tokens"),
         GEMMA3_TEXT.layer, HEAD,
+    ),
+    "mistral3": Table(
+        "Mistral3ForConditionalGeneration, Mistral3Model, Mistral3MultiModalProjector, "
+        "PixtralVisionModel; MistralDecoderLayer",
+        (*PIXTRAL, "multi_modal_projector.norm", "multi_modal_projector.patch_merger.merging_layer",
+         "multi_modal_projector.linear_1", "multi_modal_projector.linear_2", "embed_tokens"),
+        LLAMA.layer, HEAD,
     ),
     # o_proj is assigned before the fused qkv_proj.
     "phi3": Table(
