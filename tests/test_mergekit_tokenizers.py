@@ -146,6 +146,10 @@ def case_config(case: str, m: Models) -> dict[str, Any]:
         "union-pair": lambda: union_pair(m),
         "union-three": lambda: task_arithmetic(m, tokenizer_source="union"),
         "union-ties": lambda: task_arithmetic(m, "ties", tokenizer_source="union"),
+        # Rows rounded up to a multiple of 64: each model's extra rows its aligned rows' mean.
+        "union-pad": lambda: linear(
+            (m.base, 0.5), (m.chat, 0.5), tokenizer={"source": "union", "pad_to_multiple_of": 64}
+        ),
         # Computed in fp32 (the defaults' means too), one rounding to fp16 at the end.
         "tokens-union": lambda: task_arithmetic(m, tokenizer=tokens_block(m), **FP32),
         "tokens-model": lambda: task_arithmetic(m, tokenizer=tokens_block(m, str(m.chat)), **FP32),
@@ -179,6 +183,7 @@ CASES: dict[str, bool] = {
     "union-pair": False,
     "union-three": False,
     "union-ties": True,
+    "union-pad": False,
     "tokens-union": False,
     "tokens-model": False,
     "auto-union": False,
@@ -305,12 +310,12 @@ def assert_runs_in_transformers(out: Path) -> None:
         out, output_loading_info=True, dtype=torch.float32
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert model.config.vocab_size == len(tok)
+    assert model.config.vocab_size >= len(tok)  # rows past the tokens: pad_to_multiple_of
     text = tok.apply_chat_template(CONVERSATIONS[1], tokenize=False) if tok.chat_template else ""
     ids = tok(text + SAMPLES[0] + SAMPLES[3], return_tensors="pt")
     with torch.no_grad():
         logits = model(**ids).logits
-    assert logits.shape == (1, ids["input_ids"].shape[1], len(tok))
+    assert logits.shape == (1, ids["input_ids"].shape[1], model.config.vocab_size)
     assert bool(torch.isfinite(logits).all())
 
 

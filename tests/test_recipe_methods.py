@@ -145,7 +145,10 @@ def test_bad_native_recipe_is_one_line(dirs: Path, change: dict[str, Any], expec
             {"tokenizer_source": "base", "tokenizer": {"source": "union"}},
             "give tokenizer_source or a tokenizer: block, not both",
         ),
-        ({"tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, "pad_to_multiple_of"),
+        (
+            {"tokenizer": {"source": "union", "pad_to_multiple_of": 0}},
+            "pad_to_multiple_of: expected a positive integer",
+        ),
         (
             {"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "a"}}}}},
             "model_token takes model and one of token, token_id",

@@ -273,7 +273,10 @@ def test_the_recorded_recipe_reads_back_the_same(models: dict[str, Path], tmp_pa
         "the": {"source": str(models["other"])},
     }  # fmt: skip
     for extra in (
-        {"tokenizer": {"source": "union", "tokens": tokens}, "chat_template": "auto"},
+        {
+            "tokenizer": {"source": "union", "tokens": tokens, "pad_to_multiple_of": 64},
+            "chat_template": "auto",
+        },
         {"tokenizer_source": str(models["other"]), "chat_template": "llama3"},
     ):
         recipe = parse_recipe(config(models, **extra), tmp_path)

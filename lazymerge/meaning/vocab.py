@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-ABSENT = -1
+ABSENT = -1  # the token's default row
+MEAN = -2  # a padding row (pad_to_multiple_of): the mean of the model's aligned rows
 Part = tuple[int, int]  # (model index, row): one row a default is made of
 
 

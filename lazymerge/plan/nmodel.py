@@ -23,6 +23,7 @@ from lazymerge.meaning.methods.pointwise import Passthrough
 from lazymerge.meaning.methods.registry import BUILDERS, CHECKS
 from lazymerge.meaning.order import order_of
 from lazymerge.meaning.params import Level, position, resolve
+from lazymerge.meaning.vocab import MEAN
 from lazymerge.plan import build
 from lazymerge.plan.model import (
     COMPUTE,
@@ -184,7 +185,7 @@ def plan_tensor(group: Group, name: str) -> PlannedTensor:
     shape = ref.shape
     if group.vocab is not None and by_token:
         inputs = by_tokens(group, name, inputs, compute)
-        shape = (group.vocab.out.size, *ref.shape[1:])
+        shape = (group.vocab.out.rows, *ref.shape[1:])
     out = group.recipe.output.dtype or _natural_out(group, ref.dtype, compute)
     resolved = _resolve(group, name, shape, compute)
     _check(group, resolved)
@@ -207,8 +208,10 @@ def by_tokens(
     defaults = {
         row: tuple((refs[m], r) for m, r in parts) for row, parts in aligned.defaults.items()
     }
+    pad = group.vocab.out.rows - group.vocab.out.size  # rows each model's mean fills
     out = []
     for inp, own in zip(inputs, aligned.own, strict=True):
+        own = np.concatenate([own, np.full(pad, MEAN, dtype=own.dtype)]) if pad else own
         if not defaults and len(own) == inp.ref.rows and bool((own == np.arange(len(own))).all()):
             out.append(inp)
         else:

@@ -41,8 +41,13 @@ class OutputTokenizer:
     files: Path  # the model directory the files come from
     text: str | None
     added: int
-    size: int  # tokens in all: the output's vocabulary rows
+    size: int  # tokens in all
     notes: tuple[str, ...] = ()  # what the user should know (added tokens' settings)
+    rows: int = 0  # the output's vocabulary rows: `size` padded (pad_to_multiple_of)
+
+    def __post_init__(self) -> None:
+        if self.rows < self.size:
+            object.__setattr__(self, "rows", self.size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +113,8 @@ def plan_vocab(spec: TokenizerSpec, models: Sequence[ModelSpec]) -> VocabPlan:
     for t in toks:
         _check_rows(t)
     out, vocab = _output(spec, toks, [m.path for m in models])
+    if spec.pad is not None:
+        out = replace(out, rows=-(-out.size // spec.pad) * spec.pad)
     perms = tuple(permutation(vocab, t.ids()) for t in toks)
     return VocabPlan(out, vocab, tuple(m.path for m in models), perms, spec, toks)
 
@@ -194,7 +201,7 @@ def with_tokenizer(plan: MergePlan, vocab: VocabPlan | None) -> MergePlan:
         )
     config = plan.config
     if vocab is not None and config is not None:
-        config = _vocab_size(config, vocab.out.size)
+        config = _vocab_size(config, vocab.out.rows)
     out = vocab.out if vocab is not None else None
     notes = plan.notes + (out.notes if out is not None else ())
     return replace(plan, config=config, tokenizer=out, chat_template=template, notes=notes)
@@ -202,7 +209,9 @@ def with_tokenizer(plan: MergePlan, vocab: VocabPlan | None) -> MergePlan:
 
 def _changes(vocab: VocabPlan | None, plan: MergePlan) -> bool:
     return vocab is not None and (
-        vocab.out.text is not None or vocab.out.files != model_dir(plan.base.path)
+        vocab.out.text is not None
+        or vocab.out.files != model_dir(plan.base.path)
+        or vocab.out.rows != vocab.out.size
     )
 
 

@@ -206,6 +206,9 @@ class TokenizerSpec:
 
     source: Literal["base", "union"] | ModelSpec
     tokens: tuple[TokenRule, ...] = ()
+    # The vocabulary rows rounded up to a multiple of this; each model's extra rows are
+    # the mean of its aligned rows (mergekit's pad_to_multiple_of). None: no padding.
+    pad: int | None = None
 
 
 @dataclass(frozen=True)
@@ -309,7 +312,8 @@ def _tokenizer_dict(spec: TokenizerSpec) -> dict[str, Any]:
         for r in spec.tokens
     }
     given = spec.source if isinstance(spec.source, str) else str(spec.source.path)
-    return {"source": given} | ({"tokens": tokens} if tokens else {})
+    pad = {"pad_to_multiple_of": spec.pad} if spec.pad is not None else {}
+    return {"source": given} | ({"tokens": tokens} if tokens else {}) | pad
 
 
 def _setting(setting: Setting) -> Any:

@@ -45,10 +45,9 @@ def tokenizer_block(
     unknown = sorted(str(k) for k in block if k not in ("source", "tokens", "pad_to_multiple_of"))
     if unknown:
         raise RecipeError(f"{where}: unknown key {unknown[0]!r}; it takes source and tokens")
-    if block.get("pad_to_multiple_of") is not None:
-        raise RecipeError(
-            f"{where}.pad_to_multiple_of: padding the vocabulary is not supported yet"
-        )
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise RecipeError(f"{where}.pad_to_multiple_of: expected a positive integer, got {pad!r}")
     src = _source(block.get("source", "union"), models, locate, f"{where}.source")
     tokens = block.get("tokens") or {}
     if not isinstance(tokens, dict):
@@ -57,7 +56,7 @@ def tokenizer_block(
         _rule(str(tok), cfg, models, locate, f"{where}.tokens[{tok!r}]")
         for tok, cfg in tokens.items()
     )
-    return TokenizerSpec(src, rules)
+    return TokenizerSpec(src, rules, pad)
 
 
 def _source(

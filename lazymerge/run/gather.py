@@ -5,13 +5,21 @@ dtype, as mergekit's PermutedVocabulary makes them (zeros for none)."""
 
 from __future__ import annotations
 
+import threading
+import weakref
+
+import numpy as np
 import torch
 
+from lazymerge.meaning.vocab import MEAN
 from lazymerge.plan.model import Input, RowMap
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run.device import Scratch
 
 GATHER_ROWS = 256  # rows gathered at once: their copies (input dtype, then fp32) stay small
+_HOST = Scratch()  # the padding mean is summed on the CPU, whatever the merge's device
+_MEANS: weakref.WeakKeyDictionary[RowMap, torch.Tensor] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
 
 
 def gather_rows(
@@ -40,7 +48,31 @@ def _piece(reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input
         acc[have.to(acc.device)] = scratch.put(rows, acc.dtype)
         reader.release(ref, lo * ref.row_nbytes, hi * ref.row_nbytes)
     for i in torch.nonzero(~have).flatten().tolist():
-        acc[i] = scratch.put(_default(reader, m, r0 + i), acc.dtype)
+        row = _mean(reader, scratch, inp) if own[i] == MEAN else _default(reader, m, r0 + i)
+        acc[i] = scratch.put(row, acc.dtype)
+
+
+def _mean(reader: MappedReader, scratch: Scratch, inp: Input) -> torch.Tensor:
+    """A padding row: the mean of the input's aligned rows, each as the compute dtype
+    holds it (mergekit's torch.mean over them), summed in float64 and rounded once.
+    Computed once per input (lanes may race to it: the same value either way)."""
+    m = inp.gather
+    assert m is not None
+    with _LOCK:
+        if m in _MEANS:
+            return _MEANS[m]
+    tokens = int(np.argmax(m.own == MEAN))  # the padding rows come last
+    dtype = DTYPES[m.dtype]
+    total = torch.zeros(inp.ref.shape[1:], dtype=torch.float64)
+    rows = torch.empty((GATHER_ROWS, *inp.ref.shape[1:]), dtype=torch.float32)
+    for q in range(0, tokens, GATHER_ROWS):
+        piece = rows[: min(GATHER_ROWS, tokens - q)]
+        _piece(reader, _HOST, piece, inp, q)
+        total += piece.to(dtype).to(torch.float64).sum(dim=0)
+    mean = (total / tokens).to(dtype)
+    with _LOCK:
+        _MEANS[m] = mean
+    return mean
 
 
 def _default(reader: MappedReader, m: RowMap, row: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ def tokenizer_json(plan: MergePlan) -> dict[str, Any] | None:
         label = f"auto, the inputs' most common: {label}"
     data: dict[str, Any] = {"chat_template": label}
     if tok is not None:
-        data |= {"source": tok.source, "tokens": tok.size, "added": tok.added}
+        data |= {"source": tok.source, "tokens": tok.size, "added": tok.added, "rows": tok.rows}
         data["aligned"] = {role: n for role, n in _aligned(plan).items()}
     return data
 
@@ -39,7 +39,10 @@ def tokenizer_lines(plan: MergePlan) -> list[str]:
         whose = {"union": "the union of the models' vocabularies", "base": "the base's"}
         to = " to the base's" if source in whose else ""
         added = f" ({data['added']} added{to})" if data["added"] else ""
-        lines.append(f"tokenizer: {whose.get(source, source)}, {data['tokens']} tokens{added}")
+        padded = f"; {data['rows']} rows (padded)" if data["rows"] > data["tokens"] else ""
+        lines.append(
+            f"tokenizer: {whose.get(source, source)}, {data['tokens']} tokens{added}{padded}"
+        )
         for role, (moved, defaults) in data["aligned"].items():
             lines.append(
                 f"  {role}: vocabulary rows aligned by token ({moved} moved, "
@@ -69,7 +72,7 @@ def _aligned(plan: MergePlan) -> dict[str, tuple[int, int]]:
         if inp.gather is None:
             continue
         own = inp.gather.own
-        moved = int(((own != np.arange(len(own))) & (own != ABSENT)).sum())
+        moved = int(((own != np.arange(len(own))) & (own >= 0)).sum())
         out[inp.role] = (moved, int((own == ABSENT).sum()))
     return out
 
