@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lazymerge import __version__
+from lazymerge.recipe.tokenizer import TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_OUTPUTS = ("airolima-chronos-grad", "chronolima-airo-grad")
@@ -62,6 +63,8 @@ def test_wheel_holds_the_package_and_its_recipes_only(tmp_path: Path) -> None:
     )
     assert shipped == recipes
     assert "lazymerge/py.typed" in names
+    # The built-in chat templates recipe/tokenizer.py names, each shipped.
+    assert {f"lazymerge/templates/{t}.jinja" for t in TEMPLATES} <= set(names)
     assert "lazymerge/testing.py" in names  # the demo builds its models with it
     # No tests/, benchmarks/ or examples/ beside the package.
     assert {n.split("/")[0] for n in names} == {"lazymerge", f"lazymerge-{__version__}.dist-info"}
