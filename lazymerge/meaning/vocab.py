@@ -81,18 +81,19 @@ def align(
     base: int | None,
     rules: Mapping[str, RowRule],
 ) -> Alignment:
-    """Which row every model takes for every output token, and the defaults."""
-    present = np.stack(perms) >= 0  # [models, tokens]
-    defaults: dict[int, tuple[Part, ...]] = {}
+    """Which row every model takes for every output token, and the defaults: for the
+    tokens some model lacks, and those a rule forces."""
     forced = np.zeros(len(out), dtype=bool)
+    forced[[out[t] for t, rule in rules.items() if rule.force and t in out]] = True
+    need = forced | ~(np.stack(perms) >= 0).all(axis=0)
+    names = dict.fromkeys(np.flatnonzero(need).tolist(), "")
     for token, i in out.items():
-        rule = rules.get(token)
-        force = rule is not None and rule.force
-        if force:
-            forced[i] = True
-        elif present[:, i].all():
-            continue
-        defaults[i] = _default(token, [int(p[i]) for p in perms], base, rule)
+        if i in names:
+            names[i] = token
+    defaults = {
+        i: _default(token, [int(p[i]) for p in perms], base, rules.get(token))
+        for i, token in names.items()
+    }
     own = tuple(np.where(forced, ABSENT, p) for p in perms)
     return Alignment(len(out), own, defaults)
 

@@ -58,10 +58,7 @@ class RowMap:
     @functools.cached_property
     def sources(self) -> tuple[TensorRef, ...]:
         """The other inputs' tensors the default rows are read from."""
-        refs = {
-            ref.name + str(ref.file): ref for parts in self.defaults.values() for ref, _ in parts
-        }
-        return tuple(refs.values())
+        return tuple(dict.fromkeys(ref for parts in self.defaults.values() for ref, _ in parts))
 
 
 @dataclass(frozen=True)

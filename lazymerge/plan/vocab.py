@@ -43,11 +43,12 @@ class OutputTokenizer:
     added: int
     size: int  # tokens in all
     notes: tuple[str, ...] = ()  # what the user should know (added tokens' settings)
-    rows: int = 0  # the output's vocabulary rows: `size` padded (pad_to_multiple_of)
+    pad: int = 1  # the rows are a multiple of this (pad_to_multiple_of)
 
-    def __post_init__(self) -> None:
-        if self.rows < self.size:
-            object.__setattr__(self, "rows", self.size)
+    @property
+    def rows(self) -> int:
+        """The output's vocabulary rows: `size` rounded up to a multiple of `pad`."""
+        return -(-self.size // self.pad) * self.pad
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +57,7 @@ class VocabPlan:
 
     out: OutputTokenizer
     vocab: dict[str, int]  # the output's token -> id
-    models: tuple[Path, ...]  # the recipe's models, base first
+    models: tuple[Path, ...]  # the recipe's models' directories (model_dir), base first
     perms: tuple[np.ndarray, ...]  # per model: its row for each output token, or ABSENT
     spec: TokenizerSpec
     tokenizers: tuple[Tokenizer, ...]
@@ -87,10 +88,11 @@ class VocabPlan:
             return RowRule(None, rule.force)
         if src.model is None:
             return RowRule((), rule.force)
-        if src.model.path not in where:
+        path = model_dir(src.model.path)
+        if path not in where:
             raise RecipeError(f"{at}: {src.model.path} has no rows in this tensor's merge")
-        k = self.models.index(src.model.path)
-        return RowRule(((where[src.model.path], self._row(k, rule, at)),), rule.force)
+        k = self.models.index(path)
+        return RowRule(((where[path], self._row(k, rule, at)),), rule.force)
 
     def _row(self, k: int, rule: TokenRule, at: str) -> int:
         src, tok = rule.source, self.tokenizers[k]
@@ -113,10 +115,9 @@ def plan_vocab(spec: TokenizerSpec, models: Sequence[ModelSpec]) -> VocabPlan:
     for t in toks:
         _check_rows(t)
     out, vocab = _output(spec, toks, [m.path for m in models])
-    if spec.pad is not None:
-        out = replace(out, rows=-(-out.size // spec.pad) * spec.pad)
+    out = replace(out, pad=spec.pad or 1)
     perms = tuple(permutation(vocab, t.ids()) for t in toks)
-    return VocabPlan(out, vocab, tuple(m.path for m in models), perms, spec, toks)
+    return VocabPlan(out, vocab, tuple(t.path for t in toks), perms, spec, toks)
 
 
 def _check_rows(t: Tokenizer) -> None:
@@ -173,17 +174,14 @@ def _added(
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Rust
 
+    # One call per kind: the library gives ids in list order as one call per token would
+    # (mergekit's), but rebuilds its matcher once rather than per token.
     rust = Rust.from_str(start.text)
-    new = [t for t in plain if t not in start.vocab]
-    for token in new:
-        rust.add_tokens([token])
-    for entry in added:
-        keys = ("single_word", "lstrip", "rstrip", "normalized", "special")
-        rust.add_tokens([AddedToken(str(entry["content"]), **{k: entry[k] for k in keys})])
+    rust.add_tokens([t for t in plain if t not in start.vocab])
+    keys = ("single_word", "lstrip", "rstrip", "normalized", "special")
+    rust.add_tokens([AddedToken(str(e["content"]), **{k: e[k] for k in keys}) for e in added])
     have = rust.get_vocab(with_added_tokens=True)
-    for token in extra:
-        if token not in have:
-            rust.add_tokens([token])
+    rust.add_tokens([t for t in dict.fromkeys(extra) if t not in have])
     return rust.to_str(), rust.get_vocab(with_added_tokens=True)
 
 

@@ -29,30 +29,29 @@ def gather_rows(
     GATHER_ROWS at a time (the gathered copies stay that small)."""
     for q in range(0, acc.shape[0], GATHER_ROWS):
         _piece(reader, scratch, acc[q : q + GATHER_ROWS], inp, r0 + q)
-    # Single rows read here and there fault their neighbours in too (the kernel's
-    # fault-around): the whole of every tensor read goes, or they would pile up.
-    assert inp.gather is not None
-    for ref in (inp.ref, *inp.gather.sources):
-        reader.release(ref)
 
 
 def _piece(reader: MappedReader, scratch: Scratch, acc: torch.Tensor, inp: Input, r0: int) -> None:
+    """Up to GATHER_ROWS output rows; then the pages of every tensor read go: single rows
+    read here and there fault their neighbours in too (the kernel's fault-around), which
+    would pile up if only the rows read were released."""
     ref, m = inp.ref, inp.gather
     assert m is not None
     own = torch.from_numpy(m.own[r0 : r0 + acc.shape[0]])
     have = own >= 0
     if bool(have.any()):
         idx = own[have]
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        rows = reader.rows(ref, lo, hi)[idx - lo]  # only the pages of these rows are read
+        lo = int(idx.min())
+        rows = reader.rows(ref, lo, int(idx.max()) + 1)[idx - lo]  # only these rows' pages
         acc[have.to(acc.device)] = scratch.put(rows, acc.dtype)
-        reader.release(ref, lo * ref.row_nbytes, hi * ref.row_nbytes)
     for i in torch.nonzero(~have).flatten().tolist():
-        row = _mean(reader, scratch, inp) if own[i] == MEAN else _default(reader, m, r0 + i)
+        row = _mean(reader, inp) if own[i] == MEAN else _default(reader, m, r0 + i)
         acc[i] = scratch.put(row, acc.dtype)
+    for read in (ref, *m.sources):
+        reader.release(read)
 
 
-def _mean(reader: MappedReader, scratch: Scratch, inp: Input) -> torch.Tensor:
+def _mean(reader: MappedReader, inp: Input) -> torch.Tensor:
     """A padding row: the mean of the input's aligned rows, each as the compute dtype
     holds it (mergekit's torch.mean over them), summed in float64 and rounded once.
     Computed once per input (lanes may race to it: the same value either way)."""
@@ -82,9 +81,8 @@ def _default(reader: MappedReader, m: RowMap, row: int) -> torch.Tensor:
     if not parts:
         return torch.zeros(1, dtype=dtype)  # broadcast over the row
     total: torch.Tensor | None = None
-    for ref, r in parts:
+    for ref, r in parts:  # (their pages go with the piece's: _piece)
         value = reader.rows(ref, r, r + 1)[0].to(dtype, copy=True)
-        reader.release(ref, r * ref.row_nbytes, (r + 1) * ref.row_nbytes)
         total = value if total is None else total + value
     assert total is not None
     return total if len(parts) == 1 else total / len(parts)

@@ -13,7 +13,12 @@ from typing import Any
 
 from lazymerge.plan.model import MergePlan
 from lazymerge.read.config import model_dir
-from lazymerge.read.tokenizer import TEMPLATE_FILES, TOKENIZER_CONFIG, TOKENIZER_JSON
+from lazymerge.read.tokenizer import (
+    TEMPLATE_FILES,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    tokenizer_config,
+)
 
 # Files that hold a tokenizer's vocabulary in another form: stale once tokens are added.
 VOCAB_FILES = ("tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt")
@@ -41,18 +46,12 @@ def tokenizer_files(plan: MergePlan) -> TokenizerFiles:
     copies = tuple(source / n for n in FILES if n not in skip and (source / n).is_file())
     if text is None and template is None:
         return TokenizerFiles(copies)
-    config = _config(source)
+    config = tokenizer_config(source)
     if text is not None:
         config["added_tokens_decoder"] = _decoder(text)
     if template is not None:
         config["chat_template"] = template
     return TokenizerFiles(copies, text, config)
-
-
-def _config(source: Path) -> dict[str, Any]:
-    file = source / TOKENIZER_CONFIG
-    data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    return data if isinstance(data, dict) else {}
 
 
 def _decoder(text: str) -> dict[str, dict[str, Any]]:
