@@ -65,17 +65,31 @@ MODULES: dict[str, tuple[ModuleDef, ...]] = {
 }
 
 
+# mergekit's modular architectures with no table here: mergekit gives each module's
+# layers positions t of their own, a plain models: merge here gives a tower's layers t = 0
+# (plan/nmodel.py refuses a parameter that varies over them).
+UNPLACED = frozenset({
+    "Llama4ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+})  # fmt: skip
+
+
+def arch_name(config: Mapping[str, Any] | None) -> str | None:
+    """config.json's architectures[0] (None: it names none)."""
+    names = (config or {}).get("architectures")
+    return str(names[0]) if isinstance(names, list) and names else None
+
+
 def modules_of(config: Mapping[str, Any] | None) -> tuple[ModuleDef, ...] | None:
     """The modules of the architecture config.json names (None: not a modular one)."""
-    names = (config or {}).get("architectures")
-    first = names[0] if isinstance(names, list) and names else None
-    return MODULES.get(first) if isinstance(first, str) else None
+    name = arch_name(config)
+    return MODULES.get(name) if name is not None else None
 
 
 def architecture(config: Mapping[str, Any] | None) -> str:
     """config.json's architectures[0], for messages."""
-    names = (config or {}).get("architectures")
-    return str(names[0]) if isinstance(names, list) and names else "no architectures in config.json"
+    return arch_name(config) or "no architectures in config.json"
 
 
 @dataclass(frozen=True)

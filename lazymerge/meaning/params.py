@@ -67,3 +67,13 @@ def resolve(param: Param, levels: Sequence[Level], name: str, t: float) -> Found
                 value = at(cond.value, t)
                 return Found(float(value) if param.kind is float else bool(value), level.where, k)
     return Found(param.default)
+
+
+def varies(param: Param, levels: Sequence[Level], name: str) -> bool:
+    """Whether the setting that decides `param` for tensor `name` is a gradient whose
+    anchors differ (its value then depends on the tensor's position t)."""
+    found = resolve(param, levels, name, 0.0)
+    level = next((lv for lv in levels if lv.where == found.where), None)
+    if level is None or found.conditional is None:
+        return False  # the method's default: a constant
+    return len(set(level.parameters[param.name][found.conditional].value)) > 1

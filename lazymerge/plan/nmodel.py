@@ -21,8 +21,9 @@ from lazymerge.meaning.methods import Method
 from lazymerge.meaning.methods.base import Resolved, Scalar
 from lazymerge.meaning.methods.pointwise import Passthrough
 from lazymerge.meaning.methods.registry import BUILDERS, CHECKS
+from lazymerge.meaning.modules import UNPLACED, arch_name
 from lazymerge.meaning.order import order_of
-from lazymerge.meaning.params import Level, position, resolve
+from lazymerge.meaning.params import Level, position, resolve, varies
 from lazymerge.meaning.vocab import MEAN
 from lazymerge.plan import build
 from lazymerge.plan.model import (
@@ -42,14 +43,6 @@ from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams, Param, Scope
 from lazymerge.recipe.spec import MethodSpec, Recipe
 
 _PROMOTE = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
-# mergekit's modular architectures that meaning/modules.py has no table for: mergekit
-# gives each module's layers positions t of their own, a plain models: merge here gives a
-# tower's layers t = 0. Where that would change a value, the merge is refused.
-UNPLACED = frozenset({
-    "Llama4ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-    "Qwen3VLMoeForConditionalGeneration",
-})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,7 @@ def build_nmodel_plan(recipe: Recipe) -> MergePlan:
     stack = replace(stack, order=order_of(config))
     merge, uses = _open(recipe, recipe.merge, base, stack)
     vocab = plan_vocab(recipe.tokenizer, recipe.models()) if recipe.tokenizer else None
-    arch = ((config or {}).get("architectures") or [None])[0]
+    arch = arch_name(config)
     unplaced = arch if arch in UNPLACED and recipe.merge.source == "mergekit" else None
     merge = replace(merge, vocab=vocab, unplaced=unplaced)
     kept = sorted(
@@ -189,7 +182,7 @@ def plan_tensor(group: Group, name: str) -> PlannedTensor:
     out = group.recipe.output.dtype or _natural_out(group, ref.dtype, compute)
     resolved = _resolve(group, name, shape, compute)
     _check(group, resolved)
-    _check_tower(group, name, resolved)
+    _check_tower(group, name)
     method = BUILDERS[group.method.name](resolved)
     nbytes = math.prod(shape) * itemsize(out)
     action = COPY if copies(method, inputs, compute, out) else COMPUTE
@@ -292,14 +285,14 @@ def _compute(spec: MethodSpec, inputs: Sequence[Input]) -> str:
     return max(codes | {"F32"}, key=lambda c: _PROMOTE[c])
 
 
-def _check_tower(group: Group, name: str, resolved: Resolved) -> None:
+def _check_tower(group: Group, name: str) -> None:
     """A tower's tensor of an UNPLACED architecture whose parameters vary with t: its
     value here (t = 0) is not mergekit's (the tower's own t): one line."""
     towers = group.stack.towers
     if group.unplaced is None or not any(name.startswith(f"{p}.") for p in towers):
         return
-    at_end = _resolve(group, name, resolved.shape, resolved.compute, t=1.0)
-    if (at_end.shared, at_end.per_input) != (resolved.shared, resolved.per_input):
+    levels = [group.top, *(m.levels for m in group.models)]
+    if any(varies(p, lv, name) for p in group.method.params for lv in levels):
         raise RecipeError(
             f"{name}: a parameter varies over the layers, and mergekit gives "
             f"{group.unplaced}'s vision layers positions of their own (per module); "
@@ -308,10 +301,8 @@ def _check_tower(group: Group, name: str, resolved: Resolved) -> None:
         )
 
 
-def _resolve(
-    group: Group, name: str, shape: tuple[int, ...], compute: str, t: float | None = None
-) -> Resolved:
-    t = group.t(name) if t is None else t
+def _resolve(group: Group, name: str, shape: tuple[int, ...], compute: str) -> Resolved:
+    t = group.t(name)
     params = group.method.params
     shared = {p.name: _value(p, group.top, name, t, "") for p in params if p.scope == Scope.SHARED}
     per_input = []
