@@ -48,6 +48,15 @@ def overlapped_copy(reads: list[list[Any]], out_sizes: list[int], directory: Pat
     return time.monotonic() - start
 
 
+def read_fd(fds: dict[str, int], file: str) -> int:
+    """`file` opened read-only once, kept in `fds` (setdefault would open it again for
+    every range, and leak each descriptor)."""
+    fd = fds.get(file)
+    if fd is None:
+        fd = fds[file] = os.open(file, os.O_RDONLY)
+    return fd
+
+
 def _read_all(
     reads: list[list[Any]],
     free: queue.Queue[memoryview],
@@ -56,7 +65,7 @@ def _read_all(
     fds: dict[str, int] = {}
     try:
         for file, offset, length in reads:
-            fd = fds.setdefault(file, os.open(file, os.O_RDONLY))
+            fd = read_fd(fds, file)
             while length > 0:
                 buf = free.get()
                 n = os.preadv(fd, [buf[: min(length, len(buf))]], offset)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from benchmarks import mergekit
-from benchmarks.copies import overlapped_copy
+from benchmarks.copies import overlapped_copy, read_fd
 
 # The founding recipe: gradient 0.9 -> 0 over the first 25 of 40 layers, LoRA weight 0.25.
 RATIOS = (0.9, 0.0)
@@ -117,7 +117,7 @@ def copy_baseline(reads: list[list[Any]], out_sizes: list[int], directory: Path)
     fds: dict[str, int] = {}
     try:
         for file, offset, length in reads:
-            fd = fds.setdefault(file, os.open(file, os.O_RDONLY))
+            fd = read_fd(fds, file)
             while length > 0:
                 n = os.preadv(fd, [view[: min(length, BUFFER)]], offset)
                 if n <= 0:

@@ -130,7 +130,7 @@ def test_cache_chunks_do_not_change_the_bytes(
 def test_compute_threads_leave_a_core_to_the_writer(
     monkeypatch: pytest.MonkeyPatch, cores: int, torch_threads: int, jobs: int, expected: int
 ) -> None:
-    monkeypatch.setattr(process.os, "sched_getaffinity", lambda _: set(range(cores)))
+    monkeypatch.setattr(budget.os, "sched_getaffinity", lambda _: set(range(cores)))  # usable_cores
     monkeypatch.setattr(process.torch, "get_num_threads", lambda: torch_threads)
     assert process.compute_threads(jobs) == expected
 

@@ -16,7 +16,8 @@ from lazymerge.errors import InputError
 from lazymerge.read.tensorref import TensorRef, itemsize
 
 PAGE = mmap.PAGESIZE
-_WARNINGS = threading.Lock()  # around warnings.catch_warnings (see _frombuffer)
+_QUIET = threading.Lock()
+_quieted = False  # torch's one not-writable warning taken (see _quiet)
 # safetensors dtype code -> torch dtype (their sizes: tensorref.ITEMSIZE; a test checks both agree).
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -60,6 +61,7 @@ class MappedReader:
                 m = self._maps.get(path)
                 if m is None:
                     m = self._maps[path] = mmap.mmap(self._open(path), 0, access=mmap.ACCESS_READ)
+                    _quiet(m)
                 self._touched.add(path)
         return m
 
@@ -116,13 +118,8 @@ class MappedReader:
     def _frombuffer(self, ref: TensorRef, offset: int, count: int) -> torch.Tensor:
         if count == 0:
             return torch.empty(0, dtype=DTYPES[ref.dtype])
-        m = self._map(ref.file)
-        # torch warns that the buffer is not writable; that is the point of ACCESS_READ.
-        # catch_warnings swaps the process's filters: one thread at a time, or two lanes'
-        # restores would interleave and leave the filter in place for good.
-        with _WARNINGS, warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(m, dtype=DTYPES[ref.dtype], count=count, offset=offset)
+        m = self._map(ref.file)  # (torch's not-writable warning: taken by _quiet)
+        return torch.frombuffer(m, dtype=DTYPES[ref.dtype], count=count, offset=offset)
 
     def release(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> None:
         """Drop the resident pages of bytes [start, stop) of a tensor (data stays on disk)."""
@@ -162,3 +159,18 @@ class MappedReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _quiet(m: mmap.mmap) -> None:
+    """torch warns, once per process, that a read-only buffer is not writable: that is
+    the point of ACCESS_READ. The first view is taken with that warning ignored, so no
+    view after it needs catch_warnings — which swaps the process's filters, so would need
+    a lock around every view, serialising the lanes."""
+    global _quieted
+    with _QUIET:
+        if _quieted or len(m) == 0:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.frombuffer(m, dtype=torch.uint8, count=1)
+        _quieted = True

@@ -44,6 +44,12 @@ CACHE_CHUNK = 2**20
 MAX_LANES = 8
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system says)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def _per_row(t: PlannedTensor) -> int:
     """Working bytes per row of a computed tensor: fp32 rows (two for the founding blend;
     an N-model method's task vectors, stacked, masks: two per input, and two), the output
@@ -105,8 +111,7 @@ def merge_threads() -> int:
     """The torch threads a merge will compute with (run.process.compute_threads: a core
     left to the writer), as far as it is known without importing torch (whose own
     count, its ceiling, is about the cores): `lazymerge plan` estimates with it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    return max(1, usable_cores() - 1)
 
 
 def merge_lanes(most: int | None = None) -> int:
@@ -115,8 +120,7 @@ def merge_lanes(most: int | None = None) -> int:
     chosen = os.environ.get("LAZYMERGE_LANES", "").strip()
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(MAX_LANES, cores or 1, most or MAX_LANES))
+    return max(1, min(MAX_LANES, usable_cores(), most or MAX_LANES))
 
 
 def tensor_lanes(t: PlannedTensor, budget: int, lanes: int) -> int:

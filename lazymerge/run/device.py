@@ -178,7 +178,11 @@ class Lanes(Generic[S]):
         # set before: make that call, then set this lane's own.
         torch.get_num_threads()
         torch.set_num_threads(1)
-        state = make()
+        try:
+            state = make()
+        except BaseException:
+            ready.abort()  # the caller's wait raises BrokenBarrierError, not waits forever
+            raise
         ready.wait()
         while (job := self._items.get()) is not None:
             batch, item = job

@@ -40,12 +40,8 @@ def encode_rows(rows: torch.Tensor, e: Encoding, head_rows: int) -> np.ndarray:
     out = np.empty((n, row_bytes(columns, e.qtype)), np.uint8)
     for r0 in range(0, n, step):
         x = flat[r0 : r0 + step]
-        # Gemma's +1: in float16 for a float16 tensor, as llama.cpp's converter adds it
-        x = (
-            (x + e.shift if x.dtype == torch.float16 else x.to(torch.float32) + e.shift)
-            if e.shift
-            else x
-        )
+        if e.shift:  # Gemma's +1: in float16 for a float16 tensor, as llama.cpp's converter
+            x = (x if x.dtype == torch.float16 else x.to(torch.float32)) + e.shift
         x = x.to(torch.float32)
         if e.heads:
             x = permute_heads(x, head_rows)
@@ -94,11 +90,11 @@ class EncodeLane:
         rows: torch.Tensor,
         e: Encoding,
         head_rows: int,
-        after: Callable[[], object],
+        after: Callable[[], object] | None = None,
     ) -> None:
         """Encode `rows` in a lane and write the bytes in turn; `after` once they are
         written: the block's buffer comes back only then, so the scratch's output buffers
-        bound the encoded bytes in flight too."""
+        bound the encoded bytes in flight too (None: `rows` is a copy, freed with it)."""
         done = self._pool.submit(encode_rows, rows, e, head_rows)
         self._put(lambda: self._writer.write(offset, done.result().data, after))
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import os
 import resource
 from collections.abc import Iterator
 
 import torch
+
+from lazymerge.run.budget import usable_cores
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt numbers
 MMAP_THRESHOLD = 32 * 2**20  # buffers from this size up come from mmap, freed to the OS
@@ -47,8 +48,7 @@ def compute_threads(jobs: int = 1) -> int:
     The CPU computes in cache-sized chunks (see budget.chunk_rows), too small for a thread
     team to pay on two cores: one thread there measured faster, in wall and CPU time.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(torch.get_num_threads(), (cores or 1) // jobs - 1))
+    return max(1, min(torch.get_num_threads(), usable_cores() // jobs - 1))
 
 
 @contextlib.contextmanager

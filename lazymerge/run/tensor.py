@@ -95,14 +95,8 @@ def _encode_copy(ctx: ShardContext, t: PlannedTensor) -> None:
         # merge's time.) The copy is freed once encoded; the map's pages at once.
         rows_copy = ctx.reader.rows(src, r0, r1).clone()
         ctx.reader.release(src, r0 * src.row_nbytes, r1 * src.row_nbytes)
-        ctx.writer.write_encoded(
-            t.offset + r0 * row_bytes, rows_copy, t.encoding, t.row_align, _nothing
-        )
+        ctx.writer.write_encoded(t.offset + r0 * row_bytes, rows_copy, t.encoding, t.row_align)
         ctx.step((r1 - r0) * row_bytes)
-
-
-def _nothing() -> None:
-    """An encoded copy's `after`: its rows are a copy, freed with the encoding."""
 
 
 def _copy(ctx: ShardContext, t: PlannedTensor) -> None:
