@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from safetensors.numpy import load_file
 
-from lazymerge.meaning.gguf_types import MIXES, QUANTS, row_bytes, tensor_type
+from lazymerge.meaning.gguf_types import MIXES, QUANTS, ModelFacts, row_bytes, tensor_type
 from lazymerge.write import quants
 from lazymerge.write.quants import encode
 
@@ -203,32 +203,50 @@ def expected(quant: str, name: str) -> T:
 
 @pytest.mark.parametrize("quant", [*QUANTS, *MIXES])
 def test_llama_7b_types(quant: str) -> None:
-    got = {name: tensor_type(quant, name, shape, LAYERS) for name, shape in llama_7b()}
+    got = {name: tensor_type(quant, name, shape, ModelFacts(LAYERS)) for name, shape in llama_7b()}
     want = {name: expected(quant, name) for name, _ in llama_7b()}
     assert got == want
 
 
 def test_q4_k_m_longhand() -> None:
     """The Q4_K_M mix, spelled out: 16 of the 32 attn_v and ffn_down in Q6_K."""
-    v = [tensor_type("q4_k_m", f"blk.{i}.attn_v.weight", (4096, 4096), 32) for i in range(32)]
+    v = [
+        tensor_type("q4_k_m", f"blk.{i}.attn_v.weight", (4096, 4096), ModelFacts(32))
+        for i in range(32)
+    ]
     # layers 0-3 | 4-27 in threes, the third of each Q6_K | 28-31
     table = "6666" + "446" * 8 + "6666"
     assert v == [{"6": T.Q6_K, "4": T.Q4_K}[c] for c in table]
-    down = [tensor_type("q4_k_m", f"blk.{i}.ffn_down.weight", (4096, 11008), 32) for i in range(32)]
+    down = [
+        tensor_type("q4_k_m", f"blk.{i}.ffn_down.weight", (4096, 11008), ModelFacts(32))
+        for i in range(32)
+    ]
     assert down == v
-    assert tensor_type("q4_k_m", "token_embd.weight", (32000, 4096), 32) == T.Q4_K
-    assert tensor_type("q4_k_m", "output.weight", (32000, 4096), 32) == T.Q6_K
-    assert tensor_type("q5_k_m", "blk.4.attn_v.weight", (4096, 4096), 32) == T.Q5_K
+    assert tensor_type("q4_k_m", "token_embd.weight", (32000, 4096), ModelFacts(32)) == T.Q4_K
+    assert tensor_type("q4_k_m", "output.weight", (32000, 4096), ModelFacts(32)) == T.Q6_K
+    assert tensor_type("q5_k_m", "blk.4.attn_v.weight", (4096, 4096), ModelFacts(32)) == T.Q5_K
 
 
 def test_tied_embeddings_take_the_outputs_type() -> None:
     """has_tied_embeddings (no output.weight): token_embd gets the OUTPUT rule."""
     shape = (128256, 2048)  # Llama-3.2-1B
-    assert tensor_type("q4_k_m", "token_embd.weight", shape, 16, tied_embeddings=True) == T.Q6_K
-    assert tensor_type("q4_0", "token_embd.weight", shape, 16, tied_embeddings=True) == T.Q6_K
-    assert tensor_type("q8_0", "token_embd.weight", shape, 16, tied_embeddings=True) == T.Q8_0
-    assert tensor_type("q4_k", "token_embd.weight", shape, 16, tied_embeddings=True) == T.Q4_K
-    assert tensor_type("q4_k_m", "token_embd.weight", shape, 16) == T.Q4_K
+    assert (
+        tensor_type("q4_k_m", "token_embd.weight", shape, ModelFacts(16, tied_embeddings=True))
+        == T.Q6_K
+    )
+    assert (
+        tensor_type("q4_0", "token_embd.weight", shape, ModelFacts(16, tied_embeddings=True))
+        == T.Q6_K
+    )
+    assert (
+        tensor_type("q8_0", "token_embd.weight", shape, ModelFacts(16, tied_embeddings=True))
+        == T.Q8_0
+    )
+    assert (
+        tensor_type("q4_k", "token_embd.weight", shape, ModelFacts(16, tied_embeddings=True))
+        == T.Q4_K
+    )
+    assert tensor_type("q4_k_m", "token_embd.weight", shape, ModelFacts(16)) == T.Q4_K
 
 
 def test_70b_attn_v_gets_q5_k() -> None:
@@ -236,14 +254,17 @@ def test_70b_attn_v_gets_q5_k() -> None:
     i < 10, i >= 70, or (i - 10) % 3 == 2)."""
     shape = (1024, 8192)
     types = [
-        tensor_type("q4_k_m", f"blk.{i}.attn_v.weight", shape, 80, llm_70b=True)
+        tensor_type("q4_k_m", f"blk.{i}.attn_v.weight", shape, ModelFacts(80, llm_70b=True))
         for i in (9, 10, 12, 13, 70)
     ]
     assert types == [T.Q6_K, T.Q5_K, T.Q6_K, T.Q5_K, T.Q6_K]
     assert (
-        tensor_type("q4_k_m", "blk.10.ffn_down.weight", (8192, 28672), 80, llm_70b=True) == T.Q4_K
+        tensor_type("q4_k_m", "blk.10.ffn_down.weight", (8192, 28672), ModelFacts(80, llm_70b=True))
+        == T.Q4_K
     )
-    assert tensor_type("q5_k_m", "blk.10.attn_v.weight", shape, 80, llm_70b=True) == T.Q5_K
+    assert (
+        tensor_type("q5_k_m", "blk.10.attn_v.weight", shape, ModelFacts(80, llm_70b=True)) == T.Q5_K
+    )
 
 
 def test_rows_not_whole_blocks_fall_back() -> None:
@@ -251,32 +272,34 @@ def test_rows_not_whole_blocks_fall_back() -> None:
     is not whole 32-blocks either; an output row that is not whole blocks of the
     default type is Q8_0; the converter's q8_0 falls back to F16."""
     qwen = (896, 896)  # Qwen2.5-0.5B: 896 = 3.5 super-blocks
-    assert tensor_type("q4_k_m", "blk.0.attn_q.weight", qwen, 24) == T.Q5_0
-    assert tensor_type("q5_k_m", "blk.5.attn_q.weight", qwen, 24) == T.Q5_1
-    assert tensor_type("q4_k_m", "blk.0.attn_v.weight", (128, 896), 24) == T.Q8_0  # Q6_K's
-    assert tensor_type("q6_k", "blk.0.ffn_up.weight", (4864, 896), 24) == T.Q8_0
-    assert tensor_type("q4_k_m", "blk.0.ffn_down.weight", (896, 4864), 24) == T.Q6_K
-    assert tensor_type("q4_k_m", "output.weight", (151936, 896), 24) == T.Q8_0
-    assert tensor_type("q4_k", "output.weight", (151936, 896), 24) == T.Q5_0
-    assert tensor_type("q4_k_m", "blk.0.attn_q.weight", (100, 100), 24) == T.F16
-    assert tensor_type("q4_0", "blk.0.attn_q.weight", (100, 100), 24) == T.F16
-    assert tensor_type("q8_0", "blk.0.attn_q.weight", (100, 100), 24) == T.F16
-    assert tensor_type("f16", "blk.0.attn_q.weight", (100, 100), 24) == T.F16
+    assert tensor_type("q4_k_m", "blk.0.attn_q.weight", qwen, ModelFacts(24)) == T.Q5_0
+    assert tensor_type("q5_k_m", "blk.5.attn_q.weight", qwen, ModelFacts(24)) == T.Q5_1
+    assert (
+        tensor_type("q4_k_m", "blk.0.attn_v.weight", (128, 896), ModelFacts(24)) == T.Q8_0
+    )  # Q6_K's
+    assert tensor_type("q6_k", "blk.0.ffn_up.weight", (4864, 896), ModelFacts(24)) == T.Q8_0
+    assert tensor_type("q4_k_m", "blk.0.ffn_down.weight", (896, 4864), ModelFacts(24)) == T.Q6_K
+    assert tensor_type("q4_k_m", "output.weight", (151936, 896), ModelFacts(24)) == T.Q8_0
+    assert tensor_type("q4_k", "output.weight", (151936, 896), ModelFacts(24)) == T.Q5_0
+    assert tensor_type("q4_k_m", "blk.0.attn_q.weight", (100, 100), ModelFacts(24)) == T.F16
+    assert tensor_type("q4_0", "blk.0.attn_q.weight", (100, 100), ModelFacts(24)) == T.F16
+    assert tensor_type("q8_0", "blk.0.attn_q.weight", (100, 100), ModelFacts(24)) == T.F16
+    assert tensor_type("f16", "blk.0.attn_q.weight", (100, 100), ModelFacts(24)) == T.F16
 
 
 def test_what_stays_f32() -> None:
     """Biases and 1-D tensors, norms, and MoE routers stay F32 (the converter's list)."""
     for quant in ("f16", "q8_0", "q4_k_m", "q4_k"):
-        assert tensor_type(quant, "blk.0.attn_q.bias", (896,), 24) == T.F32
-        assert tensor_type(quant, "rope_freqs.weight", (64,), 24) == T.F32
-        assert tensor_type(quant, "blk.0.ffn_gate_inp.weight", (8, 4096), 32) == T.F32
-        assert tensor_type(quant, "blk.0.attn_q_norm.weight", (128,), 28) == T.F32
-        assert tensor_type(quant, "blk.0.scale.weight", (), 28) == T.F32
+        assert tensor_type(quant, "blk.0.attn_q.bias", (896,), ModelFacts(24)) == T.F32
+        assert tensor_type(quant, "rope_freqs.weight", (64,), ModelFacts(24)) == T.F32
+        assert tensor_type(quant, "blk.0.ffn_gate_inp.weight", (8, 4096), ModelFacts(32)) == T.F32
+        assert tensor_type(quant, "blk.0.attn_q_norm.weight", (128,), ModelFacts(28)) == T.F32
+        assert tensor_type(quant, "blk.0.scale.weight", (), ModelFacts(28)) == T.F32
 
 
 def test_a_mix_needs_the_layer_of_attn_v_and_ffn_down() -> None:
     with pytest.raises(ValueError) as caught:
-        tensor_type("q4_k_m", "attn_v.weight", (4096, 4096), 32)
+        tensor_type("q4_k_m", "attn_v.weight", (4096, 4096), ModelFacts(32))
     assert (
         str(caught.value) == "attn_v.weight: not a blk.N.* tensor; llama.cpp's rule needs its layer"
     )
@@ -284,7 +307,7 @@ def test_a_mix_needs_the_layer_of_attn_v_and_ffn_down() -> None:
 
 def test_unknown_quant_lists_the_valid_names() -> None:
     with pytest.raises(ValueError) as caught:
-        tensor_type("q4_k_s", "output.weight", (32000, 4096), 32)
+        tensor_type("q4_k_s", "output.weight", (32000, 4096), ModelFacts(32))
     assert str(caught.value) == (
         "unknown quant 'q4_k_s'; valid: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
         "q4_k, q5_k, q6_k, q4_k_m, q5_k_m"

@@ -4,6 +4,8 @@ write/quants.py encodes the bytes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lazymerge.recipe.spec import GGUF_MIXES, GGUF_QUANTS
@@ -48,24 +50,25 @@ def gguf_shape(quant: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def tensor_type(  # 7 parameters: the tensor, and the three model facts llama.cpp's rules read
-    quant: str,
-    name: str,
-    shape: tuple[int, ...],
-    n_layers: int,
-    *,
-    tied_embeddings: bool = False,
-    llm_70b: bool = False,
-    n_expert: int = 0,
+@dataclass(frozen=True)
+class ModelFacts:
+    """What llama.cpp's type rules read about the whole model."""
+
+    n_layers: int
+    tied_embeddings: bool = False  # no output.weight: token_embd.weight is typed as it
+    llm_70b: bool = False  # LLM_TYPE_70B (see _mix_type)
+    n_expert: int = 0  # a MoE's experts
+
+
+def tensor_type(
+    quant: str, name: str, shape: tuple[int, ...], model: ModelFacts
 ) -> GGMLQuantizationType:
     """The type llama.cpp gives GGUF tensor `name` of (HF-order) `shape` for `quant`.
 
     f32/f16/bf16/q8_0: convert_hf_to_gguf.py --outtype; q4_k, q5_k: llama-quantize
     --pure; the rest: llama-quantize with that ftype, no imatrix (output.weight Q6_K, and
     _mix_type's and _eight_experts' rules). 1-D tensors and norms stay F32; a row that is
-    not whole blocks falls back as llama.cpp's does. `tied_embeddings`: no output.weight,
-    so token_embd.weight is typed as the output; `llm_70b`: LLM_TYPE_70B (see _mix_type);
-    `n_expert`: a MoE's experts.
+    not whole blocks falls back as llama.cpp's does.
 
     Raises:
         ValueError: `quant` is not a name in QUANTS or MIXES (the message lists them).
@@ -81,13 +84,14 @@ def tensor_type(  # 7 parameters: the tensor, and the three model facts llama.cp
     default = QUANTS[quant[:4]]  # q4_k_m -> q4_k: llama_ftype_get_default_type
     if quant in _PURE:
         return _fallback(default, columns)
-    if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
+    if name == "output.weight" or (model.tied_embeddings and name == "token_embd.weight"):
         # Q8_0 if the row is not whole blocks of the default type, else Q6_K
         qtype = T.Q8_0 if columns % GGML_QUANT_SIZES[default][0] else T.Q6_K
-    elif (moe := _eight_experts(quant, name) if n_expert == 8 else None) is not None:
+    elif (moe := _eight_experts(quant, name) if model.n_expert == 8 else None) is not None:
         qtype = moe
     else:
-        qtype = _mix_type(name, default, n_layers, llm_70b) if quant in MIXES else default
+        mixed = quant in MIXES
+        qtype = _mix_type(name, default, model.n_layers, model.llm_70b) if mixed else default
     return _fallback(qtype, columns)
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import InputError
 from lazymerge.meaning.methods.linear import Linear
 from lazymerge.plan.model import COMPUTE, CONSTANT, Encoding, MergePlan, PlannedTensor, Shard
+
+if TYPE_CHECKING:  # gguf-py comes with it, imported when a GGUF is planned
+    from lazymerge.meaning.gguf_types import ModelFacts
 
 ALIGNMENT = 32  # GGUF's default data alignment (general.alignment unset)
 SPLIT_NAME = "{:s}-{:05d}-of-{:05d}.gguf"  # gguf-split's and gguf-py's split file names
@@ -26,6 +29,7 @@ SPLIT_NAME = "{:s}-{:05d}-of-{:05d}.gguf"  # gguf-split's and gguf-py's split fi
 def to_gguf(plan: MergePlan) -> MergePlan:
     """`plan` (its safetensors tensors) as one GGUF file, or its splits."""
     from lazymerge.meaning import gguf as llama_cpp
+    from lazymerge.meaning.gguf_types import ModelFacts
 
     out = plan.recipe.output
     assert out.quant is not None  # recipe/parse.py checks a GGUF has one
@@ -38,11 +42,12 @@ def to_gguf(plan: MergePlan) -> MergePlan:
     kept = tuple(t for t in plan.tensors if not llama_cpp.dropped(arch, t.name))
     plan = replace(plan, tensors=kept)
     targets = {t.name: llama_cpp.gguf_target(arch, t.name, plan.stack.count) for t in plan.tensors}
-    facts = {
-        "tied_embeddings": "output.weight" not in {name for name, _ in targets.values()},
-        "llm_70b": _llm_70b(arch, config, plan.stack.count),
-        "n_expert": llama_cpp.n_experts(config),
-    }
+    facts = ModelFacts(
+        plan.stack.count,
+        tied_embeddings="output.weight" not in {name for name, _ in targets.values()},
+        llm_70b=_llm_70b(arch, config, plan.stack.count),
+        n_expert=llama_cpp.n_experts(config),
+    )
     units = [
         _unit(plan, arch, name, members, facts)
         for name, members in _stacks(plan.tensors, targets).items()
@@ -88,7 +93,7 @@ def _stacks(
 
 
 def _unit(
-    plan: MergePlan, arch: Any, name: str, members: list[PlannedTensor], facts: dict[str, Any]
+    plan: MergePlan, arch: Any, name: str, members: list[PlannedTensor], facts: ModelFacts
 ) -> list[PlannedTensor]:  # 5 parameters: the GGUF tensor, and the plan facts its type reads
     """One GGUF tensor: its output tensors encoded, one after another (a MoE's experts)."""
     from gguf import GGMLQuantizationType
@@ -100,7 +105,7 @@ def _unit(
     assert out.quant is not None and plan.config is not None  # to_gguf checked both
     stack = len(members) if EXPERT.fullmatch(first.name) else 0
     shape = (stack, *first.shape) if stack else first.shape
-    qtype = tensor_type(out.quant, name, shape, plan.stack.count, **facts)
+    qtype = tensor_type(out.quant, name, shape, facts)
     heads = permuted_heads(arch, first.name, plan.config)
     columns = first.shape[-1] if len(first.shape) > 1 else 1
     nbytes = first.rows * row_bytes(columns, qtype)
