@@ -149,6 +149,8 @@ def test_every_tensor_is_the_converters_layout_quantized(family: Any, quant: str
             values = values.reshape(-1)
         elif t.name.endswith("ffn_gate_inp_shexp.weight"):
             assert [int(n) for n in t.shape] == [HIDDEN, 1]  # the converter's: 2-D
+        else:  # the declared shape too (GGUF lists dims innermost first): not only bytes
+            assert list(reversed([int(n) for n in t.shape])) == list(values.shape), t.name
         raw = encoded(values, qtype)
         assert np.asarray(t.data).tobytes() == np.ascontiguousarray(raw).tobytes(), t.name
 
@@ -288,6 +290,7 @@ def test_llama_cpp_runs_them(family: Any) -> None:
         ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ("starcoder2", {"use_bias": False}, "needs its biases"),
         ("cohere", {"tie_word_embeddings": False}, "an lm_head of its own"),
+        ("gemma2", {"tie_word_embeddings": False}, "llama.cpp's gemma2 reads the embedding"),
         ("olmo2", {"tie_word_embeddings": True}, "needs an output.weight"),
     ],
 )

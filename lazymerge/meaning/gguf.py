@@ -112,15 +112,17 @@ def arch_of(config: dict[str, Any], where: str) -> gguf.MODEL_ARCH:
 
 
 def _check_graph(arch: gguf.MODEL_ARCH, config: dict[str, Any], where: str) -> None:
-    """What llama.cpp's starcoder2, command-r and olmo2 graphs need that a config may
-    not have: biases; one embedding for input and output (command-r), or two (olmo2);
+    """What llama.cpp's starcoder2, command-r, gemma2 and olmo2 graphs need that a config
+    may not have: biases; one embedding for input and output (command-r, gemma2: a tied
+    config's saved lm_head is the embedding again, and dropped), or two (olmo2);
     Command R+'s q/k norms, which it reads only in a model of 64 layers or more."""
     tied = config.get("tie_word_embeddings", True)
     why = None
     if arch == gguf.MODEL_ARCH.STARCODER2 and config.get("use_bias") is False:
         why = "use_bias false, but llama.cpp's starcoder2 needs its biases"
-    elif arch == gguf.MODEL_ARCH.COMMAND_R and not tied:
-        why = "an lm_head of its own, but llama.cpp's command-r reads the embedding"
+    elif arch in (gguf.MODEL_ARCH.COMMAND_R, gguf.MODEL_ARCH.GEMMA2) and not tied:
+        name = gguf.MODEL_ARCH_NAMES[arch]
+        why = f"an lm_head of its own, but llama.cpp's {name} reads the embedding"
     elif (
         arch == gguf.MODEL_ARCH.COMMAND_R
         and config.get("use_qk_norm")
