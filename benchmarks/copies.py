@@ -11,10 +11,12 @@ older, slower one, reported beside it for one release.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +24,26 @@ BUFFER = 16 * 2**20
 RING = 4  # buffers in flight: the reader runs at most this far ahead of the writer
 
 
-def overlapped_copy(reads: list[list[Any]], out_sizes: list[int], directory: Path) -> float:
+def overlapped_copy(
+    reads: list[list[Any]],
+    out_sizes: list[int],
+    directory: Path,
+    make_writer: Callable[[Path, list[int], int], Writer] | None = None,
+    buffer: int = BUFFER,
+) -> float:
     """Seconds to read `reads` ([file, offset, length] each) while writing files of
-    `out_sizes` bytes into `directory`, overlapped and fsynced."""
+    `out_sizes` bytes into `directory`, overlapped and fsynced; `make_writer` writes
+    (benchmarks/odirect.py's ways of writing), through a ring of `buffer`-byte buffers,
+    page-aligned (mmap) as uncached writes need."""
     directory.mkdir(parents=True, exist_ok=True)
     free: queue.Queue[memoryview] = queue.Queue()
     for _ in range(RING):
-        free.put(memoryview(bytearray(BUFFER)))
+        free.put(memoryview(mmap.mmap(-1, buffer)))
     filled: queue.Queue[tuple[memoryview, int] | BaseException | None] = queue.Queue()
     start = time.monotonic()
     reader = threading.Thread(target=_read_all, args=(reads, free, filled), daemon=True)
     reader.start()
-    writer = _Writer(directory, out_sizes, sum(int(r[2]) for r in reads))
+    writer = (make_writer or Writer)(directory, out_sizes, sum(int(r[2]) for r in reads))
     try:
         while (item := filled.get()) is not None:
             if isinstance(item, BaseException):
@@ -41,7 +51,7 @@ def overlapped_copy(reads: list[list[Any]], out_sizes: list[int], directory: Pat
             buf, n = item
             writer.write_for(buf, n)
             free.put(buf)
-        writer.finish()
+        writer.finish(memoryview(mmap.mmap(-1, buffer)))
     finally:
         writer.close()
         reader.join()
@@ -81,8 +91,14 @@ def _read_all(
             os.close(fd)
 
 
-class _Writer:
-    """Output files of the given sizes, written in order, `ratio` bytes per byte read."""
+class Writer:
+    """Output files of the given sizes, written in order, `ratio` bytes per byte read.
+
+    A subclass writes another way (benchmarks/odirect.py): `_flags` to open a file,
+    `_opened` once it is, `_put` for each write, and ALIGN, the block every write but a
+    file's last is a whole number of."""
+
+    ALIGN = 1
 
     def __init__(self, directory: Path, sizes: list[int], total_in: int) -> None:
         self.directory, self.sizes = directory, list(sizes)
@@ -100,29 +116,44 @@ class _Writer:
             self.index += 1
             self.left = self.sizes[self.index]
             path = self.directory / f"copy-{self.index}.bin"
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = os.open(path, self._flags(), 0o644)
             if self.left == 0:
                 os.close(self.fd)
                 self.fd = -1
+            else:
+                self._opened()
+
+    def _flags(self) -> int:
+        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+    def _opened(self) -> None:
+        """A new file is open (self.fd)."""
 
     def write_for(self, buf: memoryview, n: int) -> None:
         """Write what `n` bytes just read owe the output, from `buf`."""
         self.owed += n * self.ratio
         self._write(buf, n, int(self.owed))
 
-    def finish(self) -> None:
-        """The rest of every file (rounding), then the last fsync."""
-        filler = memoryview(bytearray(BUFFER))
-        self._write(filler, BUFFER, sum(self.sizes))
+    def finish(self, filler: memoryview) -> None:
+        """The rest of every file (rounding), from `filler`, then the last fsync."""
+        self._write(filler, len(filler), sum(self.sizes))
         self._next_file()
 
     def _write(self, buf: memoryview, n: int, amount: int) -> None:
         while amount > 0 and self.fd >= 0:
             step = min(amount, self.left, n)
-            done = os.write(self.fd, buf[:step])
+            if step < self.left:
+                step -= step % self.ALIGN  # whole blocks, except a file's last bytes
+            if step == 0:
+                return
+            done = self._put(buf[:step])
             amount, self.left, self.owed = amount - done, self.left - done, self.owed - done
             if self.left == 0:
                 self._next_file()
+
+    def _put(self, data: memoryview) -> int:
+        """Write `data` at the file's position; bytes written."""
+        return os.write(self.fd, data)
 
     def close(self) -> None:
         if self.fd >= 0:

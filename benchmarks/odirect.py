@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import json
 import mmap
 import os
-import queue
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.copies import RING, _read_all
+from benchmarks.copies import Writer, overlapped_copy
 from benchmarks.lanes import timed
 from benchmarks.runner import drop_caches
 from lazymerge.write.safetensors import RWF_DONTCACHE, _sync_file_range
@@ -46,54 +45,26 @@ from lazymerge.write.safetensors import RWF_DONTCACHE, _sync_file_range
 MODES = ("buffered", "writeback", "dontneed", "dontcache", "direct", "staged")
 ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffer addresses in whole blocks
 WINDOW = 64 * 2**20  # the writer's writeback granule (write/safetensors.py's WRITEBACK)
-SFR_WAIT_WRITE = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE
+SFR_WAIT_WRITE = 1 | SFR_WRITE | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
-class ModeWriter:
-    """Output files of `sizes`, written in order, `ratio` bytes per byte read, by `mode`."""
+class ModeWriter(Writer):
+    """benchmarks/copies.py's writer, its writes done by `mode`."""
+
+    ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffer addresses in whole blocks
 
     def __init__(self, directory: Path, sizes: list[int], total_in: int, mode: str) -> None:
-        self.directory, self.sizes, self.mode = directory, list(sizes), mode
-        self.ratio = sum(sizes) / total_in if total_in else 0.0
-        self.owed = 0.0
-        self.index, self.left, self.fd, self.at, self.flushed = -1, 0, -1, 0, 0
+        self.mode, self.at, self.flushed = mode, 0, 0
         self.stage = memoryview(mmap.mmap(-1, 64 * 2**20)) if mode == "staged" else None
-        self._next_file()
+        super().__init__(directory, sizes, total_in)
 
-    def _next_file(self) -> None:
-        if self.fd >= 0:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-        while self.left == 0 and self.index + 1 < len(self.sizes):
-            self.index += 1
-            self.left, self.at, self.flushed = self.sizes[self.index], 0, 0
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            if self.mode in ("direct", "staged"):
-                flags |= os.O_DIRECT
-            self.fd = os.open(self.directory / f"copy-{self.index}.bin", flags, 0o644)
+    def _flags(self) -> int:
+        direct = os.O_DIRECT if self.mode in ("direct", "staged") else 0
+        return super()._flags() | direct
 
-    def write_for(self, buf: memoryview, n: int) -> None:
-        """Write what `n` bytes just read owe the output, from `buf`."""
-        self.owed += n * self.ratio
-        self._write(buf, n, int(self.owed))
-
-    def finish(self, filler: memoryview) -> None:
-        """The rest of every file (rounding), then the last fsync."""
-        self._write(filler, len(filler), sum(self.sizes))
-        self._next_file()
-
-    def _write(self, buf: memoryview, n: int, amount: int) -> None:
-        while amount > 0 and self.fd >= 0:
-            step = min(amount, self.left, n)
-            if step < self.left:
-                step -= step % ALIGN  # whole blocks, except a file's last bytes
-            if step == 0:
-                return
-            done = self._put(buf[:step])
-            amount, self.left, self.owed = amount - done, self.left - done, self.owed - done
-            if self.left == 0:
-                self._next_file()
+    def _opened(self) -> None:
+        self.at, self.flushed = 0, 0
 
     def _put(self, data: memoryview) -> int:
         """Write `data` at the file's position by this writer's mode; bytes written."""
@@ -122,44 +93,20 @@ class ModeWriter:
             return
         if _sync_file_range is None:
             return
-        _sync_file_range(self.fd, self.flushed, self.at - self.flushed, 2)
+        _sync_file_range(self.fd, self.flushed, self.at - self.flushed, SFR_WRITE)
         if self.mode == "dontneed" and self.flushed:
             # the window before this one: wait for it on disk, then let its pages go
             _sync_file_range(self.fd, 0, self.flushed, SFR_WAIT_WRITE)
             os.posix_fadvise(self.fd, 0, self.flushed, os.POSIX_FADV_DONTNEED)
         self.flushed = self.at
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
 
 def copy(
     reads: list[list[Any]], sizes: list[int], directory: Path, mode: str, buffer: int
 ) -> float:
     """Seconds for the overlapped copy with `mode` writes through a ring of `buffer`s."""
-    directory.mkdir(parents=True, exist_ok=True)
-    free: queue.Queue[memoryview] = queue.Queue()
-    for _ in range(RING):
-        free.put(memoryview(mmap.mmap(-1, buffer)))  # page-aligned, as O_DIRECT needs
-    filled: queue.Queue[tuple[memoryview, int] | BaseException | None] = queue.Queue()
-    start = time.monotonic()
-    reader = threading.Thread(target=_read_all, args=(reads, free, filled), daemon=True)
-    reader.start()
-    writer = ModeWriter(directory, sizes, sum(int(r[2]) for r in reads), mode)
-    try:
-        while (item := filled.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            buf, n = item
-            writer.write_for(buf, n)
-            free.put(buf)
-        writer.finish(memoryview(mmap.mmap(-1, buffer)))
-    finally:
-        writer.close()
-        reader.join()
-    return time.monotonic() - start
+    make = functools.partial(ModeWriter, mode=mode)
+    return overlapped_copy(reads, sizes, directory, make, buffer)
 
 
 def child(mode: str, buffer: int, plan_file: Path, directory: Path) -> dict[str, Any]:
