@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import copies
 from benchmarks.copies import BUFFER, overlapped_copy
 
 
@@ -22,13 +23,38 @@ from benchmarks.copies import BUFFER, overlapped_copy
     ],
 )
 def test_overlapped_copy_reads_the_ranges_and_writes_the_sizes(
-    tmp_path: Path, ranges: list[tuple[int, int]], sizes: list[int]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ranges: list[tuple[int, int]],
+    sizes: list[int],
 ) -> None:
     src = tmp_path / "in.bin"
     src.write_bytes(os.urandom(5 * BUFFER))
     reads = [[str(src), offset, length] for offset, length in ranges]
+    opened, read = [], []
+    real_open, real_preadv = os.open, os.preadv
+
+    def spy_open(path: str, *args: int) -> int:
+        opened.append(str(path))
+        return real_open(path, *args)
+
+    def spy_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = real_preadv(fd, buffers, offset)
+        read.append((offset, n))
+        return n
+
+    monkeypatch.setattr(copies.os, "open", spy_open)
+    monkeypatch.setattr(copies.os, "preadv", spy_preadv)
     seconds = overlapped_copy(reads, sizes, tmp_path / "out")
     assert seconds > 0
+    assert opened.count(str(src)) == (1 if ranges else 0)  # once, however many ranges
+    spans: list[tuple[int, int]] = []  # the reads, adjacent ones joined: the ranges given
+    for offset, n in read:
+        if spans and spans[-1][0] + spans[-1][1] == offset:
+            spans[-1] = (spans[-1][0], spans[-1][1] + n)
+        else:
+            spans.append((offset, n))
+    assert spans == ranges
     written = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()}
     assert written == {f"copy-{i}.bin": n for i, n in enumerate(sizes)}
 
