@@ -1,14 +1,19 @@
-"""python -m benchmarks.firstbyte RECIPE [--repeat N]: when a merge's start-up ends (issue
-19, "start-up hidden behind I/O"): seconds from the process's start to torch imported, to
-the first byte handed to the shard writer, and to the end. Rounds alternate a cold run
-(the page cache dropped: torch's own files too, as after a reboot) and a warm one (every
-page kept: torch's and the inputs').
+"""python -m benchmarks.firstbyte RECIPE [--repeat N] [--head-start 0,1073741824]: when a
+merge's start-up ends (issue 19, "start-up hidden behind I/O"): seconds from the
+process's start to torch imported (on its own thread: run/load.py), to the first byte
+handed to the shard writer, and to the end. Rounds alternate a cold run (the page cache
+dropped: torch's own files too, as after a reboot), a warm one (every page kept: torch's
+and the inputs') and `inputs` (the cache dropped, then torch imported once by another
+process: the usual case, a merge after others), and within each, the head starts given
+(LAZYMERGE_HEAD_START:
+bytes copied ahead while torch is imported; 0: none, the merge waits for torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import builtins
+import os
 import shutil
 import statistics
 import subprocess
@@ -19,7 +24,7 @@ from typing import Any
 
 from benchmarks.runner import drop_caches
 
-MODES = ("cold", "warm")
+MODES = ("cold", "warm", "inputs")  # inputs: only the inputs cold, torch's files cached
 
 
 def child(recipe: str, out: str) -> None:
@@ -30,7 +35,7 @@ def child(recipe: str, out: str) -> None:
 
     def spy(name: str, *args: Any, **kwargs: Any) -> Any:
         module = real_import(name, *args, **kwargs)
-        if name == "lazymerge.run.merge":
+        if name == "lazymerge.read.mapped":  # imports torch at its top
             marks.setdefault("torch", time.monotonic() - t0)
         return module
 
@@ -38,7 +43,7 @@ def child(recipe: str, out: str) -> None:
     from lazymerge.cli import main
     from lazymerge.write import safetensors
 
-    for name in ("write", "copy"):
+    for name in ("write", "copy", "copy_ahead"):
         real = getattr(safetensors.ShardWriter, name)
 
         def first(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
@@ -54,27 +59,37 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipe")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--modes", default="cold,warm", help=", ".join(MODES) + ": some of them")
+    p.add_argument("--head-start", default="1073741824", help="bytes, comma-separated")
     p.add_argument("--out", type=Path, default=Path("/tmp/lazymerge-bench-firstbyte"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.recipe, str(args.out))
         return
-    runs: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    cases = [(m, h) for m in args.modes.split(",") for h in args.head_start.split(",")]
+    runs: dict[tuple[str, str], list[list[float]]] = {c: [] for c in cases}
     for _ in range(args.repeat):
-        for mode in MODES:
-            shutil.rmtree(args.out, ignore_errors=True)
-            drop_caches(mode == "cold")
-            cmd = [sys.executable, "-m", "benchmarks.firstbyte", args.recipe, "--child"]
-            done = subprocess.run([*cmd, "--out", str(args.out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(done.stderr[-1500:])
-            runs[mode].append([float(x) for x in done.stdout.split()[-3:]])
-    for mode, rs in runs.items():
+        for mode, head in cases:
+            runs[mode, head].append(_round(args, mode, head))
+    for (mode, head), rs in runs.items():
         each = "; ".join(" / ".join(f"{x:.2f}" for x in r) for r in rs)
         med = [statistics.median(r[i] for r in rs) for i in range(3)]
-        print(f"{mode:7s} torch / first byte / end: {each}  (medians {med[0]:.2f} / "
-              f"{med[1]:.2f} / {med[2]:.2f} s)")  # fmt: skip
+        print(f"{mode:5s} head start {head:>10s}  torch / first byte / end: {each}  "
+              f"(medians {med[0]:.2f} / {med[1]:.2f} / {med[2]:.2f} s)")  # fmt: skip
+
+
+def _round(args: argparse.Namespace, mode: str, head: str) -> list[float]:
+    shutil.rmtree(args.out, ignore_errors=True)
+    drop_caches(mode != "warm")
+    if mode == "inputs":
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    cmd = [sys.executable, "-m", "benchmarks.firstbyte", args.recipe, "--child"]
+    env = {**os.environ, "LAZYMERGE_HEAD_START": head}
+    done = subprocess.run([*cmd, "--out", str(args.out)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-1500:])
+    return [float(x) for x in done.stdout.split()[-3:]]
 
 
 if __name__ == "__main__":

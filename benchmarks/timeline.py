@@ -102,26 +102,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from lazymerge.plan import build_plan
     from lazymerge.recipe import load_recipe
-    from lazymerge.run import merge, shard
+    from lazymerge.run import merge, tensor
     from lazymerge.run.options import MergeOptions
 
     plan = build_plan(load_recipe(args.recipe))
     args.out.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(args.out, args.interval)
-    write_tensor = shard.write_tensor
+    write_tensor = tensor.write_tensor
 
     def traced(ctx: Any, t: Any) -> None:  # the executor has no per-tensor hook
         sampler.current = f"{t.name} {t.action}"
         write_tensor(ctx, t)
 
-    shard.write_tensor = traced
+    tensor.write_tensor = traced
     try:
         with sampler:
             opts = MergeOptions(overwrite=True, progress=False, lanes=args.lanes)
             result = merge.run_merge(plan, args.out, opts)
             sampler.current = "finish"
     finally:
-        shard.write_tensor = write_tensor
+        tensor.write_tensor = write_tensor
     print(f"merge {result.seconds:.1f} s; samples every {args.interval} s")
     summary = phases(sampler.rows, args.interval)
     show(sampler.rows, summary)

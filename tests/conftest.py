@@ -241,9 +241,9 @@ def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, t
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Make the n-th tensor's write raise KeyboardInterrupt, as a Ctrl-C would."""
-    from lazymerge.run import shard
+    from lazymerge.run import tensor
 
-    real, calls = shard.write_tensor, {"n": 0}
+    real, calls = tensor.write_tensor, {"n": 0}
 
     def write_tensor(*args: object, **kwargs: object) -> None:
         calls["n"] += 1
@@ -251,7 +251,7 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(shard, "write_tensor", write_tensor)
+    monkeypatch.setattr(tensor, "write_tensor", write_tensor)
 
 
 def synthetic_job(

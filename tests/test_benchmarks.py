@@ -248,6 +248,9 @@ def test_methods_benchmark_smoke_run(tmp_path: Path) -> None:
     for c in (ties, slerp, stack):
         assert c["bytes_read"] > 0 and c["bytes_written"] > 0 and "mergekit" not in c
         assert c["lazymerge_over_copy"] == pytest.approx(c["lazymerge_seconds"] / c["copy_seconds"])
+        assert len(c["overlapped_runs"]) == 1 and c["overlapped_seconds"] > 0
+        ratio = c["lazymerge_seconds"] / c["overlapped_seconds"]
+        assert c["lazymerge_over_overlapped"] == pytest.approx(ratio)
     assert stack["bytes_written"] > slerp["bytes_written"]  # twice the layers
     assert len(stack["config"]["slices"]) == 2 and record["mergekit"] == "not run: --no-mergekit"
     assert "passthrough: within 1.1x of the copy" in done.stdout

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lazymerge.errors import MachineError, RecipeError
 from lazymerge.plan import PlannedTensor
-from lazymerge.run import budget, process, shard
+from lazymerge.run import budget, device, process
 from lazymerge.run.device import parse_device, resolve_device
 from lazymerge.testing import LlamaShape
 
@@ -88,14 +88,14 @@ def test_the_staged_path_writes_the_cpu_bytes(
 ) -> None:
     """A GPU's host side (rows through a staging buffer, the cast before the copy down),
     run on the CPU: same bytes."""
-    real = shard.Scratch
-    made: list[shard.Scratch] = []
+    real = device.Scratch
+    made: list[device.Scratch] = []
 
-    def staged(device: torch.device | None = None) -> shard.Scratch:
-        made.append(real(device, staged=True))
+    def staged(where: torch.device | None = None) -> device.Scratch:
+        made.append(real(where, staged=True))
         return made[-1]
 
-    monkeypatch.setattr(shard, "Scratch", staged)
+    monkeypatch.setattr(device, "Scratch", staged)
     assert run_cli("merge", job / "recipe.yaml", "-o", tmp_path / "staged", "-q") == 0
     assert made and all(s._gpu for s in made)
     assert shards(tmp_path / "staged") == shards(job / "cpu")
@@ -131,8 +131,7 @@ def test_compute_threads_leave_a_core_to_the_writer(
     monkeypatch: pytest.MonkeyPatch, cores: int, torch_threads: int, jobs: int, expected: int
 ) -> None:
     monkeypatch.setattr(budget.os, "sched_getaffinity", lambda _: set(range(cores)))  # usable_cores
-    monkeypatch.setattr(process.torch, "get_num_threads", lambda: torch_threads)
-    assert process.compute_threads(jobs) == expected
+    assert process.compute_threads(torch_threads, jobs) == expected
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:

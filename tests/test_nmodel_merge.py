@@ -61,7 +61,7 @@ def test_dare_bytes_depend_on_the_seed_only(
     assert (
         shard_hashes(merge(dare(family), tmp_path, "tiny-blocks", "--max-memory", "1KiB")) == first
     )
-    monkeypatch.setattr("lazymerge.run.merge.compute_threads", lambda: 2)
+    monkeypatch.setattr("lazymerge.run.process.compute_threads", lambda *_: 2)
     assert shard_hashes(merge(dare(family), tmp_path, "threads")) == first
     sharded = load_merged(merge(dare(family), tmp_path, "sharded", "--shard-size", "20KB"))
     assert {k: v.tolist() for k, v in sharded.items()} == {

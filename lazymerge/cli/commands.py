@@ -180,7 +180,8 @@ def inspect(path: Path, show_all: bool) -> None:
 
 def _run(recipe: Recipe, title: str, **opts: Any) -> None:
     """Plan, merge (drawing the card's picture meanwhile), report."""
-    # Imported here: torch comes with them, and plan, inspect, verify, --help need none.
+    # Imported here: plan, inspect, verify, --help need none of them. (No torch: run_merge
+    # imports it on a thread of its own while its first bytes are copied, run/load.py.)
     from lazymerge.run.merge import run_merge
     from lazymerge.run.options import MergeOptions
     from lazymerge.views.card import ModelCard, start_picture

@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lazymerge.plan.model import MergePlan
-from lazymerge.read.mapped import MappedReader
-from lazymerge.run.device import resolve_device
+from lazymerge.read.maps import MappedFiles
+from lazymerge.run.load import TorchLoad
 from lazymerge.run.options import MergeOptions
-from lazymerge.run.process import compute_threads, peak_rss, torch_threads, tune_process_memory
+from lazymerge.run.process import peak_rss, tune_process_memory
 from lazymerge.run.shard import write_shard
 from lazymerge.write.manifest import Record
 from lazymerge.write.output import (
@@ -64,10 +64,25 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
     as it is (`already_complete`); an interrupted one keeps its intact shards.
     """
     opts = options or MergeOptions()
-    resolve_device(opts.device)  # refuse a missing GPU before the output is touched
-    plan = with_header(plan, out.expanduser().resolve().name)
     start = time.monotonic()
     tune_process_memory()
+    with TorchLoad() as loading:
+        if opts.device not in ("cpu", "auto"):  # refuse a missing GPU before the output is touched
+            _check_device(loading, opts.device)
+        return _run(plan, out, opts, loading, start)
+
+
+def _check_device(loading: TorchLoad, name: str) -> None:
+    loading.wait()
+    from lazymerge.run.device import resolve_device  # torch is in now
+
+    resolve_device(name)
+
+
+def _run(
+    plan: MergePlan, out: Path, opts: MergeOptions, loading: TorchLoad, start: float
+) -> MergeResult:
+    plan = with_header(plan, out.expanduser().resolve().name)
     path = check_dir(out, plan.recipe.inputs())
     record = Record(plan)
     done = complete_merge(path, plan, record) if opts.resume else None
@@ -78,10 +93,10 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
             bytes_kept=sum(s.size for s in done), already_complete=True,
         )  # fmt: skip
     path = prepare_dir(path, plan.recipe.inputs(), opts.overwrite, opts.resume)
-    with output_errors(path), torch_threads(compute_threads()):
+    with output_errors(path):
         output = Output(path, plan, record)
         kept = output.start(opts.resume)
-        results, nonfinite = _write_shards(output, opts, kept)
+        results, nonfinite = _write_shards(output, opts, kept, loading)
         output.finish(results, opts.card, nonfinite)
     todo = [s for s in plan.shards if s.name not in kept]
     return MergeResult(
@@ -98,13 +113,13 @@ def run_merge(plan: MergePlan, out: Path, options: MergeOptions | None = None) -
 
 
 def _write_shards(
-    output: Output, opts: MergeOptions, kept: dict[str, ShardResult]
+    output: Output, opts: MergeOptions, kept: dict[str, ShardResult], loading: TorchLoad
 ) -> tuple[list[ShardResult], list[str]]:
     plan = output.plan
     results: list[ShardResult] = []
     nonfinite: list[str] = []
     with (
-        MappedReader() as reader,
+        MappedFiles() as files,
         tqdm(
             total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
             desc="merging", disable=not opts.progress, file=sys.stderr,
@@ -115,7 +130,7 @@ def _write_shards(
                 results.append(kept[shard.name])
                 bar.update(shard.data_size)
                 continue
-            result, bad = write_shard(shard, output.path, reader, opts, bar.update)
+            result, bad = write_shard(shard, output.path, files, opts, bar.update, loading)
             results.append(result)
             nonfinite += bad
             output.progress(results)

@@ -1,5 +1,6 @@
-"""The merging process itself: allocator and garbage-collector settings, torch's thread
-count, and the peak memory it reached."""
+"""The merging process itself: allocator and garbage-collector settings, how many torch
+threads it computes with, and the peak memory it reached. No torch here (run/load.py
+imports it while a merge's first bytes are copied)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import contextlib
 import ctypes
 import gc
 import resource
-from collections.abc import Iterator
-
-import torch
 
 from lazymerge.run.budget import usable_cores
 
@@ -31,6 +29,7 @@ def tune_process_memory() -> None:
     Also moves every object alive now (torch's module graph, the plan) out of the
     garbage collector's sight: its full collections, triggered by the loop's small
     allocations, traversed them again and again (~4 % of a merge's time in a profile).
+    Call it again once torch is in, if it was not (run/load.py does).
     """
     gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
@@ -40,26 +39,15 @@ def tune_process_memory() -> None:
         libc.mallopt(M_ARENA_MAX, ARENA_MAX)
 
 
-def compute_threads(jobs: int = 1) -> int:
+def compute_threads(most: int, jobs: int = 1) -> int:
     """torch threads for each of `jobs` merging processes: the cores this process may
     use, less one left to the writer's threads (sha256, pwrite) and the kernel's page
-    cache work, never more than torch would take on its own.
+    cache work, never more than torch would take on its own (`most`).
 
     The CPU computes in cache-sized chunks (see budget.chunk_rows), too small for a thread
     team to pay on two cores: one thread there measured faster, in wall and CPU time.
     """
-    return max(1, min(torch.get_num_threads(), usable_cores() // jobs - 1))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to `n` for the block, then back to what they were."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return max(1, min(most, usable_cores() // jobs - 1))
 
 
 def peak_rss() -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from lazymerge import __version__
 from lazymerge.errors import InputError, LazyMergeError, MachineError, OutputError
 from lazymerge.plan.build import build_plan
@@ -133,8 +135,6 @@ def _worker_plan(task: ShardTask, host: str) -> MergePlan:
 
 
 def _start_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
     tune_process_memory()
 
@@ -171,7 +171,7 @@ class LocalExecutor:
         self.retries = retries
 
     def _pool(self) -> cf.ProcessPoolExecutor:
-        threads = compute_threads(self.jobs)
+        threads = compute_threads(torch.get_num_threads(), self.jobs)
         return cf.ProcessPoolExecutor(
             self.jobs,
             mp_context=multiprocessing.get_context("spawn"),

@@ -57,7 +57,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _libc_sync_file_range()
-HASH, WRITE = 0, 1  # the writer's two threads ("lanes"), each taking every item in order
+HASH, WRITE = 0, 1  # the writer's two threads ("lanes"), each taking every item
 
 
 @dataclass(eq=False)
@@ -69,6 +69,7 @@ class Item:
     view: memoryview
     after: Callable[[], object] | None
     source: tuple[int, int] | None
+    ahead: bool = False  # a copy queued before the bytes in front of it (copy_ahead)
     lanes: int = 2  # threads yet to be done with it
 
 
@@ -113,13 +114,17 @@ def build_header(tensors: Sequence[HeaderEntry]) -> bytes:
 class ShardWriter:
     """Writes one shard: header first, then each tensor's bytes in plan order.
 
-    Hashing and `pwrite` run on two threads of their own, each taking every queued item
-    in order, so they overlap each other and the computation of the next block (plain
-    copies are bound by them: an 8-layer 13B-shaped merge took 29.3 s with one thread
-    doing both, 21.2 s with two); the bytes queued at once are bounded by `inflight`. A queued buffer must stay
-    untouched until written (the executor hands over fresh tensors and read-only maps);
-    `after` callbacks run once their bytes are hashed and on their way to disk (or
-    dropped after an error).
+    Hashing and `pwrite` run on two threads of their own, each taking every queued item,
+    so they overlap each other and the computation of the next block (plain copies are
+    bound by them: an 8-layer 13B-shaped merge took 29.3 s with one thread doing both,
+    21.2 s with two); the bytes queued at once are bounded by `inflight`. A queued
+    buffer must stay untouched until written (the executor hands over fresh tensors and
+    read-only maps); `after` callbacks run once their bytes are hashed and on their way
+    to disk (or dropped after an error).
+
+    Copies may also be written ahead of the bytes before them (`copy_ahead`): the write
+    thread takes items as they come, the hash thread in file order, so a copy written
+    early is hashed when its turn comes, read from its map again.
     """
 
     def __init__(
@@ -141,9 +146,11 @@ class ShardWriter:
         self._limit = max(inflight, 1)
         self._queued = 0
         self._cond = threading.Condition()
-        self._lanes: tuple[collections.deque[Item | None], ...] = (
-            collections.deque(), collections.deque()
-        )  # fmt: skip
+        self._writes: collections.deque[Item | None] = collections.deque()  # as queued
+        self._hashes: dict[int, Item] = {}  # by file position, taken in file order
+        self._hash_at = self._data_start  # the next position to hash
+        self._ahead: dict[int, int] = {}  # data offset -> length, written ahead
+        self._stopping = False
         self._copy_range = kernel_copy_pays(final.parent)
         self._error: BaseException | None = None
         self._threads = [
@@ -172,6 +179,26 @@ class ShardWriter:
         no data moved at all); `data` is still read once, for the sha256."""
         self._queue(offset, memoryview(data).cast("B"), after, source)
 
+    def copy_ahead(
+        self,
+        offset: int,
+        source: tuple[int, int],
+        data: memoryview,
+        after: Callable[[], object] | None = None,
+    ) -> None:
+        """`copy`, for bytes further on than the next in order: written now, hashed when
+        the bytes before them are, and skipped over by the writes in order. `after` runs
+        once written and again once hashed (so it must bear being called twice: releasing
+        map pages does), and the bytes count against `inflight` until written only."""
+        if offset == self._pos:
+            self.copy(offset, source, data, after)
+            return
+        view = memoryview(data).cast("B")
+        if offset < self._pos or self._overlaps(offset, len(view)):
+            raise RuntimeError(f"{self.partial}: copy ahead to {offset}, already written")
+        self._put(Item(self._data_start + offset, view, after, source, ahead=True))
+        self._ahead[offset] = len(view)
+
     def _queue(
         self,
         offset: int,
@@ -179,40 +206,64 @@ class ShardWriter:
         after: Callable[[], object] | None,
         source: tuple[int, int] | None,
     ) -> None:
-        if offset != self._pos:
+        if offset != self._pos or self._overlaps(offset, len(view)):
             raise RuntimeError(f"{self.partial}: write at {offset}, expected {self._pos}")
+        if view:
+            self._put(Item(self._data_start + offset, view, after, source))
+        elif after is not None:
+            after()  # nothing to write
+        self._pos += len(view)
+        while self._pos in self._ahead:  # bytes already written ahead follow
+            self._pos += self._ahead.pop(self._pos)
+
+    def _overlaps(self, offset: int, size: int) -> bool:
+        """Whether bytes [offset, offset + size) meet bytes written ahead."""
+        return any(o < offset + size and offset < o + n for o, n in self._ahead.items())
+
+    def _put(self, item: Item) -> None:
         with self._cond:
             # Wait for room, but never forever: one item larger than the limit goes alone.
+            size = len(item.view)
             self._cond.wait_for(
                 lambda: (
                     self._error is not None
                     or self._queued == 0
-                    or self._queued + len(view) <= self._limit
+                    or self._queued + size <= self._limit
                 )
             )
             if self._error is not None:
                 raise self._error
-            self._queued += len(view)
-            item = Item(self._data_start + offset, view, after, source)
-            for lane in self._lanes:
-                lane.append(item)
+            self._queued += size
+            self._writes.append(item)
+            self._hashes[item.at] = item
             self._cond.notify_all()
-        self._pos += len(view)
+
+    def _next(self, lane: int) -> Item | None:
+        """The next item for a lane: the write lane's in queue order (None: stop), the
+        hash lane's the one at the next file position (None: stopped, none left there)."""
+        with self._cond:
+            if lane == WRITE:
+                self._cond.wait_for(lambda: bool(self._writes))
+                return self._writes.popleft()
+            self._cond.wait_for(lambda: self._hash_at in self._hashes or self._stopping)
+            item = self._hashes.pop(self._hash_at, None)
+            if item is not None:
+                self._hash_at += len(item.view)
+            return item
 
     def _run(self, lane: int) -> None:
-        items = self._lanes[lane]
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(items))
-                item = items.popleft()
-            if item is None:
-                return
+        while (item := self._next(lane)) is not None:
             try:
                 if self._error is None:  # after one, items are only let go
                     self._handle(lane, item)
             except BaseException as e:  # handed to the executor's thread at its next call
                 self._error = self._error or e
-            self._done(item)
+            self._done(item, lane)
+        if lane == HASH:  # after an error: what could not be hashed in order is let go
+            with self._cond:
+                left, self._hashes = list(self._hashes.values()), {}
+            for item in left:
+                self._done(item, lane)
 
     def _handle(self, lane: int, item: Item) -> None:
         if lane == HASH:
@@ -222,20 +273,24 @@ class ShardWriter:
         else:
             self._pwrite(item.view, item.at)
 
-    def _done(self, item: Item) -> None:
-        """One lane is done with `item`; the last one frees it."""
+    def _done(self, item: Item, lane: int) -> None:
+        """One lane is done with `item`; the last one frees it. A copy written ahead is
+        let go (its pages) once written too, as its hash may wait long."""
         with self._cond:
             item.lanes -= 1
-            if item.lanes:
-                return
+            last = not item.lanes
+        written_ahead = item.ahead and lane == WRITE
+        if not (last or written_ahead):
+            return
         try:
             if item.after is not None:
                 item.after()  # written, or dropped after an error: its buffer is free either way
         except BaseException as e:
             self._error = self._error or e
-        with self._cond:
-            self._queued -= len(item.view)
-            self._cond.notify_all()
+        if written_ahead or (last and not item.ahead):
+            with self._cond:
+                self._queued -= len(item.view)
+                self._cond.notify_all()
 
     def _pwrite(self, data: memoryview | bytes, at: int) -> None:
         view = memoryview(data).cast("B")
@@ -283,8 +338,8 @@ class ShardWriter:
 
     def _stop(self) -> None:
         with self._cond:
-            for lane in self._lanes:
-                lane.append(None)
+            self._writes.append(None)
+            self._stopping = True
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
