@@ -1,6 +1,7 @@
 """Compute lanes (run/device.py `Lanes`): a block's chunks blended by several threads at
-once give the bytes one lane gives, byte for byte, for every kind of merge; methods that
-carry state from block to block stay on one lane; a failure in a lane stops the merge.
+once give the bytes one lane gives, byte for byte, for every kind of merge, statistics
+passes shared among the lanes too; a method that carries state from block to block stays
+on one lane; a failure in a lane stops the merge, even while other lanes wait on it.
 
 Chunks are cut to LORA_ROWS rows here (CACHE_CHUNK tiny) so that the small test tensors
 have several per block, as a 13B layer's have hundreds.
@@ -92,52 +93,39 @@ def test_founding_recipe_bytes_do_not_depend_on_lanes(
     assert {"lane 0", "lane 1", "lane 2"} <= lane_threads
 
 
-def nmodel(job: Path, method: str, shared: dict[str, Any]) -> dict[str, Any]:
+def nmodel(
+    job: Path, method: str, shared: dict[str, Any], keys: tuple[str, ...] = ("weight", "density")
+) -> dict[str, Any]:
+    """A native recipe of the base and two models, each with the parameters `keys` names."""
     root = job.parent
-    models = [("other", 0.6), ("third", 0.4)]
+    models = []
+    for name, weight in (("other", 0.6), ("third", 0.4)):
+        parameters = {"weight": weight, "density": 0.5}
+        models.append({"model": str(root / name), "parameters": {k: parameters[k] for k in keys}})
     return {
         "method": method,
         "base": str(root / "base"),
-        "models": [
-            {"model": str(root / m), "parameters": {"weight": w, "density": 0.5}} for m, w in models
-        ],
+        "models": models,
         "parameters": shared,
         "seed": 7,
     }
 
 
-@pytest.mark.parametrize(
-    "case",  # method, its method-wide parameters, whether lanes share its chunks
-    [
-        ("dare_ties", {"rescale": False}, True),
-        ("dare_ties", {}, False),
-        ("ties", {}, False),
-        ("task_arithmetic", {}, True),
-    ],
-)
-def test_nmodel_bytes_do_not_depend_on_lanes(
-    job: Path, tmp_path: Path, lane_threads: set[str], case: tuple[str, dict[str, Any], bool]
+@pytest.mark.parametrize("shared", [{"rescale": False}, {}], ids=["dare_ties", "dare_ties-rescale"])
+def test_dare_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str], shared: dict[str, Any]
 ) -> None:
     """DARE's random masks are keyed by element, not by who draws them: lanes share its
-    chunks. A method with a statistics pass (TIES's top-k masks keep ties by flat index,
-    counted block after block; DARE's rescaling by L1 norms) stays on one lane."""
-    method, shared, in_lanes = case
-    recipe = write(tmp_path / "recipe.yaml", nmodel(job, method, shared))
+    chunks, with or without the rescale's statistics pass."""
+    recipe = write(tmp_path / "recipe.yaml", nmodel(job, "dare_ties", shared))
     one = merged(recipe, tmp_path / "one", 1, NMODEL_BLOCKS)
     lane_threads.clear()
     assert merged(recipe, tmp_path / "two", 2, NMODEL_BLOCKS) == one
-    assert ("lane 1" in lane_threads) == in_lanes, lane_threads
+    assert "lane 1" in lane_threads, lane_threads
 
 
-@pytest.mark.parametrize(
-    "case",  # method, its parameters, whether lanes share its chunks
-    [("slerp", {"t": [0.2, 0.8]}, False), ("nuslerp", {"nuslerp_flatten": False}, True)],
-)
-def test_slerp_bytes_do_not_depend_on_lanes(
-    job: Path, tmp_path: Path, lane_threads: set[str], case: tuple[str, dict[str, Any], bool]
-) -> None:
-    """slerp takes a whole-tensor pass (one lane); nuslerp row by row needs none (lanes)."""
-    method, parameters, in_lanes = case
+def mergekit_pair(job: Path, method: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """A mergekit config of the base and the other model, in float16."""
     root = job.parent
     weights = {"weight": 0.5} if method == "nuslerp" else {}
     sources = [
@@ -153,11 +141,90 @@ def test_slerp_bytes_do_not_depend_on_lanes(
     }
     if method == "nuslerp":
         del config["base_model"]
+    return config
+
+
+def test_nuslerp_row_wise_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str]
+) -> None:
+    """nuslerp row by row needs no statistics pass: lanes."""
+    config = mergekit_pair(job, "nuslerp", {"nuslerp_flatten": False})
     recipe = write(tmp_path / "config.yml", config)
     one = merged(recipe, tmp_path / "one", 1, NMODEL_BLOCKS)
     lane_threads.clear()
     assert merged(recipe, tmp_path / "two", 2, NMODEL_BLOCKS) == one
-    assert ("lane 1" in lane_threads) == in_lanes, lane_threads
+    assert "lane 1" in lane_threads, lane_threads
+
+
+WITH_STATISTICS = {  # id: a recipe of a method with statistics passes
+    "ties": lambda job: nmodel(job, "ties", {}),
+    "ties-f16": lambda job: nmodel(job, "ties", {}) | {"compute": "float16"},
+    "breadcrumbs_ties-rescale": lambda job: nmodel(job, "breadcrumbs_ties", {"rescale": True}),
+    "della": lambda job: nmodel(job, "della", {}),
+    "sce": lambda job: nmodel(job, "sce", {"select_topk": 0.5}, ()) | {"compute": "float16"},
+    "karcher": lambda job: nmodel(job, "karcher", {}, ()),
+    "multislerp": lambda job: nmodel(job, "multislerp", {}, ("weight",)),
+    "model_stock": lambda job: nmodel(job, "model_stock", {}, ()),
+    "slerp": lambda job: mergekit_pair(job, "slerp", {"t": [0.2, 0.8]}),
+    "nuslerp": lambda job: mergekit_pair(job, "nuslerp", {}),
+    "arcee_fusion": lambda job: mergekit_pair(job, "arcee_fusion", {}),
+}
+
+
+@pytest.fixture
+def stat_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
+    """The names of the threads that fed a statistics pass's chunks into their parts."""
+    names: set[str] = set()
+    feed = tensor._Feed.__call__
+
+    def spy(self: tensor._Feed, source: Any, span: tuple[int, int]) -> None:
+        names.add(threading.current_thread().name)
+        feed(self, source, span)
+
+    monkeypatch.setattr(tensor._Feed, "__call__", spy)
+    yield names
+
+
+@pytest.mark.parametrize("case", WITH_STATISTICS)
+def test_statistics_methods_bytes_do_not_depend_on_lanes(
+    job: Path, tmp_path: Path, lane_threads: set[str], stat_threads: set[str], case: str
+) -> None:
+    """Statistics passes shared among lanes (each lane's histograms, counts and exact sums
+    merged) and writing passes in lanes (top-k masks ordering their tie counts): 2 and 3
+    lanes write one lane's bytes, and the lanes did both passes' work."""
+    recipe = write(tmp_path / "recipe.yml", WITH_STATISTICS[case](job))
+    plan = build_plan(load_recipe(recipe))
+    assert any(t.method and t.method.stat_passes() for t in plan.tensors)
+    one = merged(recipe, tmp_path / "one", 1, NMODEL_BLOCKS)
+    assert lane_threads == {"MainThread"} and not stat_threads
+    for lanes in (2, 3):
+        lane_threads.clear()
+        stat_threads.clear()
+        assert merged(recipe, tmp_path / str(lanes), lanes, NMODEL_BLOCKS) == one, lanes
+        assert {"lane 0", "lane 1"} <= lane_threads, lane_threads
+        assert {"lane 0", "lane 1"} <= stat_threads, stat_threads
+
+
+def test_top_k_masks_count_their_ties_in_lanes(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIES's masks keep the ties at a threshold by flat index: in lanes, each chunk's
+    count waits for the chunk before it, and the cuts here do split a class of ties."""
+    from lazymerge.meaning.methods import select
+
+    counted: list[tuple[str, int]] = []  # (thread, ties ranked below the cut)
+    count = select._AtLeast._count
+
+    def spy(self: select._AtLeast, start: int | None, numel: int, ties: int) -> int:
+        counted.append((threading.current_thread().name, self.ties_before))
+        return count(self, start, numel, ties)
+
+    monkeypatch.setattr(select._AtLeast, "_count", spy)
+    monkeypatch.setattr(budget, "CACHE_CHUNK", 1)
+    recipe = write(tmp_path / "recipe.yml", WITH_STATISTICS["ties-f16"](job))
+    one = merged(recipe, tmp_path / "one", 1, NMODEL_BLOCKS)
+    assert merged(recipe, tmp_path / "two", 2, NMODEL_BLOCKS) == one
+    assert {name for name, before in counted if before > 0} >= {"lane 0", "lane 1"}
 
 
 def test_gguf_bytes_do_not_depend_on_lanes(
@@ -196,6 +263,47 @@ def test_a_failure_in_a_lane_stops_the_merge(
     assert list((tmp_path / "out").glob("*.partial"))
 
 
+def test_a_failure_lets_the_lanes_waiting_on_it_go(
+    job: Path, tmp_path: Path, lane_threads: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top-k mask's chunk waits for the tie counts of the chunk before it: when that
+    chunk fails in its lane, the lanes waiting on it are let go (Method.abandon) and the
+    merge stops with the failure, rather than waiting for ever."""
+    from lazymerge.meaning.methods import select
+    from lazymerge.meaning.methods.base import Block
+    from lazymerge.meaning.methods.task import TaskMerge
+
+    combine, abandon = TaskMerge.combine, select.RankMask.abandon
+    abandoned: list[str] = []
+
+    def broken(self: TaskMerge, block: Block, stats: object = None) -> torch.Tensor:
+        if threading.current_thread().name == "lane 1":
+            raise ValueError("lane 1 failed")
+        return combine(self, block, stats)
+
+    def spy(self: select.RankMask) -> None:
+        abandoned.append(threading.current_thread().name)
+        abandon(self)
+
+    monkeypatch.setattr(TaskMerge, "combine", broken)
+    monkeypatch.setattr(select.RankMask, "abandon", spy)
+    recipe = write(tmp_path / "recipe.yml", WITH_STATISTICS["ties"](job))
+    failures: list[BaseException] = []
+
+    def merge() -> None:
+        try:
+            merged(recipe, tmp_path / "out", 2, NMODEL_BLOCKS)
+        except BaseException as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=merge, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the merge waits for a chunk that failed"
+    assert [str(e) for e in failures] == ["lane 1 failed"]
+    assert "lane 1" in abandoned
+
+
 def test_each_lane_computes_with_one_torch_thread() -> None:
     """torch's thread count is per thread: the lanes' is 1, the caller's is as it was."""
     before = torch.get_num_threads()
@@ -222,3 +330,19 @@ def test_the_estimate_counts_each_lanes_chunk(job: Path, lane_threads: set[str])
     assert budget.tensor_lanes(t, BLOCKS, 2) == 2
     assert 0 < two - one <= chunk * (budget._per_row(t) + 2 * 4 * 8)
     assert budget.estimate_peak(plan, BLOCKS, 1, 2) >= budget.estimate_peak(plan, BLOCKS, 1, 1)
+
+
+def test_the_estimate_counts_the_lanes_of_a_statistics_method(
+    job: Path, tmp_path: Path, lane_threads: set[str]
+) -> None:
+    """A method with statistics passes computes in lanes too: each lane's chunk, and its
+    part of a pass's histograms, are in the estimate."""
+    plan = build_plan(load_recipe(write(tmp_path / "r.yml", WITH_STATISTICS["ties"](job))))
+    t = max(plan.tensors, key=lambda t: t.nbytes if t.action == "compute" else 0)
+    assert t.method is not None and t.method.stat_passes()
+    assert budget.tensor_lanes(t, NMODEL_BLOCKS, 2) == 2
+    one = budget.working_memory(t, NMODEL_BLOCKS, 1, 1)
+    two = budget.working_memory(t, NMODEL_BLOCKS, 1, 2)
+    chunk = budget.chunk_rows(t, budget.block_rows(t, NMODEL_BLOCKS), 1)
+    parts = 2 * len(t.inputs) * budget.STAT_PART
+    assert two - one == chunk * budget._per_row(t) + parts

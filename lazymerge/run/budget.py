@@ -42,6 +42,9 @@ CACHE_CHUNK = 2**20
 # one torch thread each). Each holds one chunk's buffers (a few MiB); past the disk's
 # read rate more would only wait. LAZYMERGE_LANES=N overrides the default.
 MAX_LANES = 8
+# A lane's part of a statistics pass, per input at most: select.OrderStats' histograms of
+# bit patterns (2^15 int64, then 2^16 per cut, two cuts) and bincount's own copy of one.
+STAT_PART = 2 * 2**20
 
 
 def usable_cores() -> int:
@@ -124,11 +127,14 @@ def merge_lanes(most: int | None = None) -> int:
 
 
 def tensor_lanes(t: PlannedTensor, budget: int, lanes: int) -> int:
-    """Lanes that compute `t`'s blocks on the CPU: all `lanes` when its method takes no
-    statistics pass (so combine keeps nothing from block to block) and a block holds
-    more than one chunk; else 1, the main thread's (a method with statistics sees every
-    block in row order, and may carry counters from one to the next)."""
-    if lanes < 2 or t.action != COMPUTE or t.method is None or t.method.stat_passes():
+    """Lanes that compute `t`'s chunks on the CPU, in its statistics passes (those whose
+    accumulator splits) and its writing pass: all `lanes` when a block holds more than one
+    chunk and its method allows it (no statistics pass, or `blocks_at_once`: every method
+    here); else 1, the main thread's (a method that says nothing sees every block in row
+    order, and may carry counters from one to the next)."""
+    if lanes < 2 or t.action != COMPUTE or t.method is None:
+        return 1
+    if t.method.stat_passes() and not t.method.blocks_at_once:
         return 1
     rows = block_rows(t, budget)
     return lanes if chunk_rows(t, rows, 1) < rows else 1
@@ -168,6 +174,8 @@ def _computed(t: PlannedTensor, budget: int, threads: int, lanes: int) -> int:
     row_out = t.row_numel * itemsize(t.dtype)  # the values, and a GGUF's encoded row too
     row_out += t.nbytes // max(t.rows, 1) if t.encoding is not None else 0
     total = 2 * rows * row_out + lanes * chunk * _per_row(t)
+    if lanes > 1 and t.method is not None and t.method.stat_passes():
+        total += lanes * len(t.inputs) * STAT_PART  # each lane's part of a statistics pass
     for term in (term for i in t.inputs for term in i.terms):
         if term.kind == REPLACE:  # mapped rows, and an fp32 copy at most
             total += lanes * chunk * term.a.row_nbytes * 2

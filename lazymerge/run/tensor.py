@@ -5,30 +5,31 @@ Memory is bounded by the working budget, not by the tensor: blocks of rows
 (budget.block_rows) are computed chunk by chunk in cache on the CPU (budget.chunk_rows),
 cast once to the output dtype, queued for the writer, and their input pages released.
 On the CPU a block's chunks are shared among compute lanes (device.Lanes) when the
-method keeps nothing from one block to the next (budget.tensor_lanes): every chunk is
-the one a single lane computes, into its own rows of the block, so the bytes are too.
+method allows it (budget.tensor_lanes): every chunk is the one a single lane computes,
+into its own rows of the block, so the bytes are too. A statistics pass is shared the
+same way where its accumulator splits into parts that merge exactly.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lazymerge.errors import NumericsError
+from lazymerge.meaning.methods.base import Splittable
 from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
+from lazymerge.run.copies import Copier, Step
 from lazymerge.run.device import Lanes, Scratch
 from lazymerge.run.encode import EncodeLane
 from lazymerge.run.rows import Factor, Source, TensorBlock
 from lazymerge.write.safetensors import ShardWriter
-
-Step = Callable[[int], object]  # progress: called with the bytes just written
 
 
 @dataclass
@@ -129,17 +130,7 @@ def _decode_copy(ctx: ShardContext, t: PlannedTensor) -> None:
 
 
 def _byte_copy(ctx: ShardContext, t: PlannedTensor) -> None:
-    src = t.inputs[0].ref
-    chunk = max(min(ctx.budget, memory.COPY_CHUNK), 1)
-    for start in range(0, src.nbytes, chunk):
-        stop = min(start + chunk, src.nbytes)
-        # The kernel copies file to file; the writer's hash thread reads the mapped bytes,
-        # then drops their pages.
-        release = functools.partial(ctx.reader.release, src, start, stop)
-        source = (ctx.reader.fd(src.file), src.offset + start)
-        raw = ctx.reader.raw(src, start, stop)
-        ctx.writer.copy(t.offset + start, source, raw, after=release)
-        ctx.step(stop - start)
+    Copier(ctx.reader, ctx.writer, ctx.budget, ctx.step).copy(t)
 
 
 @dataclass(frozen=True)
@@ -162,7 +153,7 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
     step = rows if ctx.scratch.whole_blocks else memory.chunk_rows(t, rows, threads)
     cut = _Blocks(rows, step)
     factors = [ctx.source.factors(i) for i in t.inputs]
-    stats = _stat_passes(ctx, t, factors, cut)
+    stats = _stat_passes(ctx, t, factors, cut, lanes)
     row_bytes = t.nbytes // t.rows if t.rows else 0
     for r0 in range(0, t.rows, rows):
         r1 = min(r0 + rows, t.rows)
@@ -194,7 +185,13 @@ class _Fill:
     def __call__(self, source: Source, span: tuple[int, int]) -> None:
         assert self.t.method is not None
         c0, c1 = span
-        acc = self.t.method.combine(TensorBlock(source, self.t, self.factors, c0, c1), self.stats)
+        try:
+            acc = self.t.method.combine(
+                TensorBlock(source, self.t, self.factors, c0, c1), self.stats
+            )
+        except BaseException:  # no other lane waits on this chunk (select.RankMask)
+            self.t.method.abandon(self.stats)
+            raise
         source.scratch.cast(self.out[c0 - self.r0 : c1 - self.r0], acc)
 
 
@@ -210,18 +207,59 @@ def _queue(ctx: ShardContext, t: PlannedTensor, out: torch.Tensor, at: int) -> N
 
 
 def _stat_passes(
-    ctx: ShardContext, t: PlannedTensor, factors: list[list[Factor]], cut: _Blocks
+    ctx: ShardContext, t: PlannedTensor, factors: list[list[Factor]], cut: _Blocks, lanes: int
 ) -> Any:
-    """The method's whole-tensor statistics, from its passes over every block in order
-    (None if it takes none); the same blocks and chunks the writing pass uses."""
+    """The method's whole-tensor statistics, from its passes over every chunk (None if it
+    takes none); the same chunks the writing pass uses. With `lanes` (budget.tensor_lanes),
+    a pass whose accumulator splits (meaning.methods.Splittable) is shared among them: each
+    lane feeds its own part, merged back in lane order (integer counts, exact sums: the
+    statistics of one lane); any other pass streams the chunks in row order here."""
     assert t.method is not None
+    spans = [(c0, min(c0 + cut.step, t.rows)) for c0 in cut.chunks(0, t.rows)]
     stats = None
     for k in range(t.method.stat_passes()):
         acc = t.method.stats_pass(k, stats)
-        for c0 in cut.chunks(0, t.rows):
-            acc.update(TensorBlock(ctx.source, t, factors, c0, min(c0 + cut.step, t.rows)))
+        if isinstance(acc, Splittable) and (parts := _parts(acc, lanes, len(spans))):
+            ctx.pool().run(_Feed(t, factors, acc, [*parts]), spans)
+            for part in parts:
+                acc.merge(part)
+        else:
+            for span in spans:
+                acc.update(TensorBlock(ctx.source, t, factors, *span))
         stats = acc.result()
     return stats
+
+
+def _parts(acc: Splittable, lanes: int, chunks: int) -> list[Any]:
+    """One empty part of `acc` per lane, or none where its pass is not shared."""
+    if lanes < 2 or chunks < 2 or (first := acc.part()) is None:
+        return []
+    return [first, *(acc.part() for _ in range(lanes - 1))]
+
+
+@dataclass
+class _Feed:
+    """A statistics pass's chunks, each fed by the lane that takes it into that lane's
+    own part of the accumulator `acc` (merged back afterwards)."""
+
+    t: PlannedTensor
+    factors: list[list[Factor]]
+    acc: Any
+    free: list[Any]  # parts no lane has taken yet
+    taken: dict[int, Any] = field(default_factory=dict)  # id of a lane's Source -> its part
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, source: Source, span: tuple[int, int]) -> None:
+        assert self.t.method is not None
+        with self.lock:
+            if id(source) not in self.taken:
+                self.taken[id(source)] = self.free.pop()
+            part = self.taken[id(source)]
+        try:
+            part.update(TensorBlock(source, self.t, self.factors, *span))
+        except BaseException:  # no other lane waits on this chunk (select.RankMask)
+            self.t.method.abandon(self.acc)
+            raise
 
 
 def _check_finite(

@@ -7,12 +7,19 @@ carries one tensor's parameters, and is frozen, so a plan holding it stays a val
 
 A method that needs whole-tensor statistics (norms, dot products, top-k thresholds)
 says how many statistics passes it takes (`stat_passes`); for each, the executor streams
-every block, in row order, through the accumulator `stats_pass` gives, and hands its
-`result()` to the next pass, and the last one to `combine` for every block of the writing
-pass. `combine` of such a method too sees the blocks exactly once each, in row order,
-so a result may carry counters (ties at a top-k threshold are kept by flat index). A
-method without statistics passes must keep no state between blocks: its blocks are
-computed by several lanes at once (run/device.py `Lanes`), in any order.
+every block through the accumulator `stats_pass` gives, and hands its `result()` to the
+next pass, and the last one to `combine` for every block of the writing pass. Each block
+is seen once per pass. By default they come one at a time, in row order, so an
+accumulator or a result may carry counters.
+
+Lanes (run/device.py `Lanes`: several threads at once) take what says it can:
+- a method without statistics passes keeps no state between blocks: its blocks are
+  computed by several lanes at once, in any order;
+- one with them, whose `blocks_at_once` is True: its `combine` reads the statistics only,
+  or orders what it carries itself (select.RankMask: a block waits for the tie counts of
+  the blocks before it), so lanes compute its blocks, handed out in row order;
+- a pass whose accumulator is `Splittable`: each lane feeds its own `part()`, merged back
+  exactly (integer counts, exact sums), so the result is one stream's.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # methods only touch tensors they are given: no torch at import
     import torch
@@ -53,10 +60,30 @@ class Accumulator(Protocol):
     def result(self) -> Any: ...
 
 
+@runtime_checkable
+class Splittable(Protocol):
+    """An accumulator whose pass several lanes may share, each feeding its own part."""
+
+    def part(self) -> Accumulator | None:
+        """An empty accumulator of this pass for a share of its blocks (in row order
+        within the share), or None where this pass must see every block itself."""
+        ...
+
+    def merge(self, part: Any) -> None:
+        """Adds what a `part()` gathered: exactly, so that the result is the same for any
+        split of the blocks among parts and any order of merging them."""
+        ...
+
+
 class Method(ABC):
     """How one output tensor's rows are made from its inputs' rows."""
 
     name: ClassVar[str]
+    # Whether, given the statistics, `combine` may run on several blocks at once, from
+    # several threads (blocks handed out in row order, each once). A method without
+    # statistics passes always may; one whose combine counts across blocks in row order
+    # says False and runs on one lane.
+    blocks_at_once: ClassVar[bool] = False
 
     def stat_passes(self) -> int:
         """Streaming passes over the tensor before the one that writes it (0: every block
@@ -72,6 +99,15 @@ class Method(ABC):
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         """The block's output rows in float32 (a buffer from `block.rows` may be returned);
         `stats` is the first pass's result, if it had one."""
+
+    def abandon(self, stats: Any) -> None:
+        """A pass over the blocks stopped short (a failure in one lane): let nothing that
+        `stats` (a pass's accumulator or the last result) orders wait for blocks that will
+        not come; what is computed after is thrown away. By default, `stats.abandon()`
+        where it has one (task.py's and sce.py's rank masks)."""
+        let_go = getattr(stats, "abandon", None)
+        if callable(let_go):
+            let_go()
 
     def describe(self) -> str:
         """The method and its parameters, for people (plan, card)."""

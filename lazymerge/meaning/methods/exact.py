@@ -8,7 +8,8 @@ is what one thread sums), and the segment sums are accumulated *exactly* (Shewch
 partials, as `math.fsum` keeps them internally), so the total is the correctly rounded
 sum of every segment sum, whatever the blocks. The partials are a handful of Python
 floats: nothing per block is kept (thousands of small tensors kept per tensor pinned
-freed block buffers in the heap and grew RSS by gigabytes on a 13B embedding).
+freed block buffers in the heap and grew RSS by gigabytes on a 13B embedding). Being exact,
+sums of any shares of the rows merge into the same total: lanes each keep their own.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class Sum:
             x = hi
         del self.partials[kept:]
         self.partials.append(x)
+
+    def part(self) -> Sum:
+        """An empty Sum for a share of the same tensor's blocks (`merge`)."""
+        return Sum()
+
+    def merge(self, part: Sum) -> None:
+        """Adds a part's sum exactly: the total is the same whatever rows each part
+        summed, and in whatever order the parts come back."""
+        for value in part.partials:
+            self._grow(value)
 
     def total(self) -> float:
         """The exact sum, rounded once to float64."""

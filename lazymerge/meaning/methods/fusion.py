@@ -15,6 +15,7 @@ larger tensor; lazymerge ranks them all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,18 @@ class Quantiles:
         self.high.update(torch.where(negative, zero, high))
         self.low.update(torch.where(negative, -values, zero))
 
+    def part(self) -> Quantiles:
+        """Empty, in this pass, for a share of its blocks (`merge`: counts add exactly)."""
+        part = Quantiles(self.high.dtype, self.ranks)
+        part.high, part.low, part._done = self.high.part(), self.low.part(), self._done
+        return part
+
+    def merge(self, part: Quantiles) -> None:
+        self.negatives += part.negatives
+        self.nans += part.nans
+        self.high.merge(part.high)
+        self.low.merge(part.low)
+
     def next_pass(self) -> None:
         if self._done == 0:
             n, m = self.high.count, self.negatives
@@ -92,6 +105,7 @@ def quartile_ranks(n: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class ArceeFusion(Method):
     name = "arcee_fusion"
+    blocks_at_once = True  # combine: each element's importance against the threshold
     tensor: str
     shape: tuple[int, ...]
     compute: str
@@ -108,12 +122,12 @@ class ArceeFusion(Method):
             state["quantiles"] = Quantiles(dtype_of(self.compute), ranks)
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Sequence[Quantiles]) -> None:
             b, x = self._inputs(block)
             if len(self.shape) == 1:  # one row: gathered whole
                 parts.append((b, x))
             else:
-                state["quantiles"].update(self._importance(b, x))
+                into[0].update(self._importance(b, x))
 
         def finish() -> None:
             if len(self.shape) == 1:
@@ -124,7 +138,9 @@ class ArceeFusion(Method):
             if k == self.stat_passes() - 1:
                 state["threshold"] = self._threshold(quantiles.values())
 
-        return Pass(state, feed, finish)
+        if len(self.shape) == 1:  # gathered in row order: one lane (a 1-D tensor is small)
+            return Pass(state, feed, finish)
+        return Pass(state, feed, finish, [state["quantiles"]], split=True)
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         b, x = self._inputs(block)

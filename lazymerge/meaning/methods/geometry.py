@@ -12,7 +12,7 @@ the compute dtype: the correctly rounded value mergekit's approximates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,14 +80,25 @@ class ColumnSum:
 
 class VectorSums:
     """Float64 sums of an elementwise quantity over each vector of a tensor streamed in
-    blocks: the whole tensor (a 0-dim result) or its columns (one row of results)."""
+    blocks: the whole tensor (a 0-dim result) or its columns (one row of results). The
+    whole tensor's sum is exact, and merges (`part`, `merge`); the columns' are folded in
+    row order, and do not."""
 
     def __init__(self, mode: str) -> None:
         assert mode in (WHOLE, COLUMNS), mode
+        self.mode = mode
         self.parts: Sum | ColumnSum = Sum() if mode == WHOLE else ColumnSum()
 
     def add(self, x: torch.Tensor) -> None:
         self.parts.add(x)
+
+    def part(self) -> VectorSums:
+        assert self.mode == WHOLE, "columns are folded in row order: no parts"
+        return VectorSums(WHOLE)
+
+    def merge(self, part: VectorSums) -> None:
+        assert isinstance(self.parts, Sum) and isinstance(part.parts, Sum)
+        self.parts.merge(part.parts)
 
     def exact(self) -> torch.Tensor:
         import torch
@@ -107,16 +118,33 @@ def vectors(shape: tuple[int, ...], flatten: bool, along_rows: bool) -> str:
 
 @dataclass
 class Pass:
-    """One statistics pass (base.Accumulator): `feed` sees each block in row order, `finish`
-    runs once after the last; `state` carries from pass to pass, and on to `combine`."""
+    """One statistics pass (base.Accumulator): `feed(block, sums)` adds each block's terms
+    to `sums`, `finish` runs once after the last (on this pass's `sums`); `state` carries
+    from pass to pass, and on to `combine`.
+
+    With `split` (feed reads `state` and adds to `sums` only, each sum exact: exact.Sum,
+    select.OrderStats...), lanes share the pass (base.Splittable): each feeds a `part()`
+    with sums of its own, merged back into these before `finish`.
+    """
 
     state: dict[str, Any]
-    feed: Callable[[Block], None] = field(default=lambda block: None)
+    feed: Callable[[Block, Sequence[Any]], None] = field(default=lambda block, sums: None)
     finish: Callable[[], None] = field(default=lambda: None)
+    sums: Sequence[Any] = ()
+    split: bool = False
 
     def update(self, block: Block) -> None:
-        self.feed(block)
+        self.feed(block, self.sums)
 
     def result(self) -> dict[str, Any]:
         self.finish()
         return self.state
+
+    def part(self) -> Pass | None:
+        if not self.split:
+            return None
+        return Pass(self.state, self.feed, sums=[s.part() for s in self.sums], split=True)
+
+    def merge(self, part: Pass) -> None:
+        for mine, theirs in zip(self.sums, part.sums, strict=True):
+            mine.merge(theirs)

@@ -14,7 +14,7 @@ Norms and the tangent work in float32 (float64), the rest in the compute dtype d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ DOTS, TANGENT, NEW_MEAN = 0, 1, 2  # an iteration's passes
 @dataclass(frozen=True)
 class Karcher(Method):
     name = "karcher"
+    blocks_at_once = True  # combine: the mean replayed from the passes' scalars, per element
     tensor: str
     compute: str
     inputs: tuple[int, ...]  # plan indices of every input, in the recipe's order
@@ -45,10 +46,10 @@ class Karcher(Method):
         terms = len(self.inputs) if k == 0 else len(state["valid"]) if dots else 1
         sums = [Sum() for _ in range(terms)]
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Sequence[Sum]) -> None:
             if state["done"]:  # converged, or nothing to average: read nothing
                 return
-            for s, v in zip(sums, self._measured(k, block, state), strict=True):
+            for s, v in zip(into, self._measured(k, block, state), strict=True):
                 s.add(v.double().reshape(block.stop - block.start, -1))
 
         def finish() -> None:
@@ -58,7 +59,7 @@ class Karcher(Method):
                 exact = [s.rounded(torch.float64) for s in sums]
                 self._finish(k, [float(e) for e in exact], state)
 
-        return Pass(state, feed, finish)
+        return Pass(state, feed, finish, sums, split=True)
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         d = dtype_of(self.compute)

@@ -12,6 +12,7 @@ mean's norm. One model is returned as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ NORMS, MEAN, DOTS, TANGENT = "norms", "mean", "dots", "tangent"
 @dataclass(frozen=True)
 class Multislerp(Method):
     name = "multislerp"
+    blocks_at_once = True  # combine: the passes' scalars, element by element
     tensor: str
     shape: tuple[int, ...]
     compute: str
@@ -46,7 +48,7 @@ class Multislerp(Method):
         state: dict[str, Any] = prior if k else {}
         sums = [Sum() for _ in self.models] if stage in (NORMS, DOTS) else [Sum()]
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Sequence[Sum]) -> None:
             if state.get("fallback"):  # the mean's norm vanished: no projection to measure
                 return
             _, flat = self._flat(block)
@@ -57,13 +59,13 @@ class Multislerp(Method):
                 parts = list(steps["unit"] * steps["mean"])
             else:  # the mean, the tangent mean
                 parts = [self._steps(flat, state, stage)[stage].double().square()]
-            for s, p in zip(sums, parts, strict=True):
+            for s, p in zip(into, parts, strict=True):
                 s.add(p.reshape(block.stop - block.start, -1))
 
         def finish() -> None:
             self._finish(stage, state, sums)
 
-        return Pass(state, feed, finish)
+        return Pass(state, feed, finish, sums, split=True)
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         if len(self.models) == 1:  # mergekit returns the one model as it is

@@ -21,12 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
-from lazymerge.meaning.methods.task import (
-    SELECT_PASSES,
-    Stats,
-    dtype_of,
-    sign_agreement,
-)
+from lazymerge.meaning.methods.stats import Stats
+from lazymerge.meaning.methods.task import SELECT_PASSES, dtype_of, sign_agreement
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +40,7 @@ def check(name: str, shared: Mapping[str, Scalar], per_input: Mapping[str, Scala
 @dataclass(frozen=True)
 class Sce(Method):
     name = "sce"
+    blocks_at_once = True  # the top-k mask orders its tie counts itself (select.RankMask)
     tensor: str
     shape: tuple[int, ...]
     compute: str
@@ -67,17 +64,17 @@ class Sce(Method):
             self._fresh_mask(stats)
             stats.sums = {i: (Sum(),) for i in range(self.inputs)}
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Stats) -> None:
             _, tvs = self._vectors(block)
             if stage == "select":
                 var = self._variance(tvs)
                 if k == 0:
-                    stats.extra["nonzero"] += int(var.count_nonzero())
-                stats.order[0].update(var)
+                    into.counts["nonzero"] += int(var.count_nonzero())
+                into.order[0].update(var)
                 return
-            tvs = self._select(tvs, stats.masks.get(0))
+            tvs = self._select(tvs, into.masks.get(0), block)
             for i in range(self.inputs):
-                stats.sums[i][0].add(tvs[i].square())
+                into.sums[i][0].add(tvs[i].square())
 
         def finish() -> None:
             if stage == "select":
@@ -86,7 +83,7 @@ class Sce(Method):
                 stats.extra["weights"] = self._weights([s for (s,) in stats.sums.values()])
                 self._fresh_mask(stats)
 
-        stats.feed, stats.finish = feed, finish
+        stats.feed, stats.finish, stats.split = feed, finish, True
         return stats
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
@@ -96,7 +93,7 @@ class Sce(Method):
         if not self.inputs:
             return b
         assert isinstance(stats, Stats)
-        tvs = self._select(tvs, stats.masks.get(0))
+        tvs = self._select(tvs, stats.masks.get(0), block)
         erase = sign_agreement(tvs, self._mask_dtype())
         weights = stats.extra["weights"].to(b.device)
         while weights.dim() < tvs.dim():
@@ -131,10 +128,10 @@ class Sce(Method):
         v = torch.var(tvs, dim=0, unbiased=False).abs()
         return v.float() if v.dtype == torch.float64 else v
 
-    def _select(self, tvs: torch.Tensor, mask: RankMask | None) -> torch.Tensor:
+    def _select(self, tvs: torch.Tensor, mask: RankMask | None, block: Block) -> torch.Tensor:
         if mask is None:  # select_topk >= 1
             return tvs
-        keep = mask(self._variance(tvs))
+        keep = mask(self._variance(tvs), block.start * math.prod(self.shape[1:]))
         return tvs * keep.to(self._mask_dtype()).unsqueeze(0)
 
     def _ranks(self, stats: Stats) -> tuple[int, ...]:
@@ -145,7 +142,7 @@ class Sce(Method):
         from lazymerge.meaning.methods.select import range_ranks
 
         n = math.prod(self.shape)
-        k = int(torch.tensor(stats.extra["nonzero"]) * self.select_topk)
+        k = int(torch.tensor(stats.counts["nonzero"]) * self.select_topk)
         stats.extra["keep"] = k
         return range_ranks(n - k, n, n) if k else ()
 
@@ -179,7 +176,7 @@ class Sce(Method):
         stats = Stats()
         if 0 < self.select_topk < 1:
             stats.order[0] = OrderStats(dtype_of("F32" if self.compute == "F64" else self.compute))
-            stats.extra["nonzero"] = 0
+            stats.counts["nonzero"] = 0
         return stats
 
 

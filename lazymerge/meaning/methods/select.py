@@ -16,8 +16,13 @@ the low 16 bits of only the elements whose high half holds a wanted rank. Memory
 Ties are ranked by flat (row-major) index, lower index first. mergekit's unstable argsort
 orders them arbitrarily (docs/methods.md, hazard 1); a rule that depends on nothing but
 the tensor keeps masks independent of block size, device and thread count. A `RankMask`
-counts the ties at its bounds as blocks pass, so blocks must reach it in flat order, each
-once.
+counts the ties at its bounds as blocks pass, each block once: in flat order, or from
+several threads at once given each block's flat start, each block waiting for the tie
+counts of those before it (started earlier) until the cut's first kept tie is behind.
+
+The histograms are integer counts, so a pass may be shared: each thread streams some of
+the blocks into its own `part()`, and `merge` adds the parts back, giving the counts (and
+the cuts) of one stream of every block, whatever the split and the order.
 
 Values must be non-negative: a negative one raises ValueError, a NaN NumericsError (it has
 no rank). Each block is read as `values + 0.0`, which turns -0.0 into 0.0 (so it ties with
@@ -36,6 +41,7 @@ Example (TIES: the k largest of n magnitudes):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,6 +116,28 @@ class OrderStats:
         for bucket, hist in self._low.items():
             hist += torch.bincount(bits[high == bucket] & 0xFFFF, minlength=_LOW_BINS)
 
+    def part(self) -> OrderStats:
+        """An empty OrderStats in this one's pass, for a share of its blocks (`merge`)."""
+        part = OrderStats(self.dtype, self._ranks)
+        part._done, part._device = self._done, self._device
+        part._low = {bucket: torch.zeros_like(hist) for bucket, hist in self._low.items()}
+        return part
+
+    def merge(self, part: OrderStats) -> None:
+        """Adds the counts of a `part()` fed some of this pass's blocks: integers, so the
+        same as had this one seen them, in any order."""
+        if part._done != self._done:
+            raise ValueError("OrderStats: a part of another pass")
+        if self._done == 0:
+            self.count += part.count
+            if part._high is not None:
+                self._device = part._device
+                self._high = part._high if self._high is None else self._high.add_(part._high)
+        else:
+            self._seen += part._seen
+        for bucket, hist in part._low.items():
+            self._low[bucket] += hist
+
     def next_pass(self, ranks: Sequence[int] | None = None) -> None:
         """The current pass is complete; `ranks`, after the first pass only, replace the
         constructor's."""
@@ -143,6 +171,11 @@ class OrderStats:
         if missing:
             raise ValueError(f"OrderStats: rank(s) {sorted(missing)} were not asked for")
         return RankMask(cuts.get(lo), cuts.get(hi))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every pass is done (the cuts and masks are known)."""
+        return self._done >= self.passes
 
     def _check_complete(self) -> None:
         if self._done < self.passes:
@@ -190,25 +223,59 @@ def _bucket(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 class _AtLeast:
-    """`rank >= cut.rank`, block by block in flat order: the values above the cut's, and
-    its ties from the (rank - below)-th on (0-based, in flat order)."""
+    """`rank >= cut.rank`, block by block: the values above the cut's, and its ties from
+    the (rank - below)-th on (0-based, in flat order).
+
+    A block's ties are kept by how many lie before it. Blocks come in flat order, or at
+    once from several threads, each with its flat `start`: a block then waits for the one
+    before it to have counted its ties (it started earlier), until the cut's first kept
+    tie is behind, from where every tie is kept and nothing waits.
+    """
 
     def __init__(self, cut: Cut) -> None:
         self.value = cut.value
         self.ties_before = cut.rank - cut.below  # ties ranked below the cut
-        self.seen = 0  # ties in earlier blocks
+        self._at = 0  # flat index the ties are counted up to
+        self._seen = 0  # ties before it
+        self._open = self.ties_before == 0  # every tie from _at on is kept (or abandoned)
+        self._turn = threading.Condition()
 
-    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
-        if self.seen >= self.ties_before:  # every tie from here on is at or above the cut
+    def __call__(self, flat: torch.Tensor, start: int | None) -> torch.Tensor:
+        if self._open:
             return flat >= self.value
-        out = flat > self.value
         ties = flat == self.value
         n = int(ties.count_nonzero())
-        if self.seen + n > self.ties_before:  # this block holds the first tie at the cut
-            first = int(ties.nonzero()[self.ties_before - self.seen, 0])
+        seen = self._count(start, flat.numel(), n)
+        out = flat > self.value
+        if seen >= self.ties_before:
+            out |= ties
+        elif seen + n > self.ties_before:  # this block holds the first tie at the cut
+            first = int(ties.nonzero()[self.ties_before - seen, 0])
             out[first:] |= ties[first:]
-        self.seen += n
         return out
+
+    def _count(self, start: int | None, numel: int, ties: int) -> int:
+        """Ties before the block at `start` (None: the next in flat order), once the
+        blocks before it have counted theirs; records its own."""
+        with self._turn:
+            at = self._at if start is None else start
+            if at < self._at:
+                raise ValueError(f"RankMask: the block at {at} again (counted to {self._at})")
+            self._turn.wait_for(lambda: self._open or self._at == at)
+            if self._open:
+                return self.ties_before
+            seen = self._seen
+            self._at, self._seen = at + numel, seen + ties
+            self._open = self._seen >= self.ties_before
+            self._turn.notify_all()
+            return seen
+
+    def abandon(self) -> None:
+        """The pass stopped short: nothing waits for blocks that will not come (what is
+        computed after is thrown away)."""
+        with self._turn:
+            self._open = True
+            self._turn.notify_all()
 
 
 class RankMask:
@@ -228,12 +295,22 @@ class RankMask:
         mask._empty = True
         return mask
 
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        """The next block's mask, True where an element is kept, in `values`' shape."""
+    def __call__(self, values: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """A block's mask, True where an element is kept, in `values`' shape: the block
+        whose first element has flat index `start` (None: the block after the last one)."""
         if self._empty:
             return torch.zeros_like(values, dtype=torch.bool)
         flat = values.reshape(-1)
-        keep = torch.ones_like(flat, dtype=torch.bool) if self._lo is None else self._lo(flat)
+        keep = (
+            torch.ones_like(flat, dtype=torch.bool) if self._lo is None else self._lo(flat, start)
+        )
         if self._hi is not None:
-            keep &= self._hi(flat).logical_not_()
+            keep &= self._hi(flat, start).logical_not_()
         return keep.view(values.shape)
+
+    def abandon(self) -> None:
+        """The pass over the blocks stopped short (a failure in another thread): no block
+        waits for the ties of one that will not come."""
+        for bound in (self._lo, self._hi):
+            if bound is not None:
+                bound.abandon()

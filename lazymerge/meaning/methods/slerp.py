@@ -15,13 +15,14 @@ rows are whole in every block and take none.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.geometry import (
     ROWS,
+    WHOLE,
     Pass,
     Sum,
     VectorSums,
@@ -35,6 +36,8 @@ from lazymerge.meaning.methods.geometry import (
 if TYPE_CHECKING:
     import torch
 
+# slerp's sums: elements whose float64 products are formed at once (a lane's temporaries)
+PRODUCTS = 2**16
 DOT_THRESHOLD = 0.9995  # slerp: |cos| above it is colinear, interpolated linearly
 NORM_EPS = 1e-8  # slerp: a norm at or below it counts as 1
 COLINEAR_EPS = 1e-8  # nuslerp: colinear where 1 - cos² <= eps²
@@ -46,6 +49,7 @@ class Slerp(Method):
     """mergekit's `slerp` of the base (input 0) toward the other model (input 1)."""
 
     name = "slerp"
+    blocks_at_once = True  # combine: two coefficients, element by element
     tensor: str
     compute: str
     t: float
@@ -57,10 +61,15 @@ class Slerp(Method):
         sums = (Sum(), Sum(), Sum())  # Σa², Σb², Σab over the whole tensors, exact products
         state: dict[str, Any] = {}
 
-        def feed(block: Block) -> None:
-            a, b = (self._wide(block, i).double() for i in (0, 1))
-            for s, (x, y) in zip(sums, ((a, a), (b, b), (a, b)), strict=True):
-                s.add(x * y)  # one product at a time
+        def feed(block: Block, into: Sequence[Sum]) -> None:
+            # In d, then float64 a few rows at a time (the values _wide gives, exactly; small
+            # temporaries in each lane).
+            da, db = (block.rows(i).to(dtype_of(self.compute)) for i in (0, 1))
+            step = max(1, PRODUCTS // max(da[:1].numel(), 1))
+            for r in range(0, len(da), step):
+                a, b = da[r : r + step].double(), db[r : r + step].double()
+                for s, (x, y) in zip(into, ((a, a), (b, b), (a, b)), strict=True):
+                    s.add(x * y)  # one product at a time
 
         def finish() -> None:
             import torch
@@ -68,7 +77,7 @@ class Slerp(Method):
             exact = [float(s.rounded(torch.float64)) for s in sums]
             state["coefficients"] = self.coefficients(*exact)
 
-        return Pass(state, feed, finish)
+        return Pass(state, feed, finish, sums, split=True)
 
     def coefficients(self, aa: float, bb: float, ab: float) -> tuple[torch.Tensor, torch.Tensor]:
         """mergekit's (coef_a, coef_b), [1, 1] tensors in float32 (float64), from Σa², Σb²
@@ -95,9 +104,9 @@ class Slerp(Method):
         coefficients: tuple[torch.Tensor, torch.Tensor] = stats["coefficients"]
         coef_a, coef_b = coefficients
         x, y = (self._wide(block, i) for i in (0, 1))
-        shape = x.shape
-        mixed = coef_a * x.reshape(1, -1) + coef_b * y.reshape(1, -1)
-        return mixed.to(dtype_of(self.compute)).reshape(shape)
+        # coef_a * x + coef_b * y, in place (x and y are this block's own: no temporaries)
+        mixed = x.mul_(coef_a.view(())).add_(y.mul_(coef_b.view(())))
+        return mixed.to(dtype_of(self.compute))
 
     def describe(self) -> str:
         return f"slerp t={self.t:.4g}"
@@ -113,6 +122,7 @@ class Nuslerp(Method):
     """mergekit's `nuslerp` of two models (or task vectors) by their weights."""
 
     name = "nuslerp"
+    blocks_at_once = True  # combine: the cosines, element by element
     tensor: str
     compute: str
     weights: tuple[float, float]
@@ -133,14 +143,14 @@ class Nuslerp(Method):
         d = dtype_of(self.compute)
         sums = (VectorSums(self.mode), VectorSums(self.mode))
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Sequence[VectorSums]) -> None:
             _, v0, v1 = self._vectors(block)
             if k == 0:
-                sums[0].add(v0.double().square())
-                sums[1].add(v1.double().square())
+                into[0].add(v0.double().square())
+                into[1].add(v1.double().square())
             else:
                 n0, n1 = state["norms"]
-                sums[0].add((v0 / n0) * (v1 / n1))
+                into[0].add((v0 / n0) * (v1 / n1))
 
         def finish() -> None:
             if k == 0:
@@ -148,7 +158,8 @@ class Nuslerp(Method):
             else:
                 state["cos"] = rounded(sums[0].exact(), d).reshape(state["norms"][0].shape)
 
-        return Pass(state, feed, finish)
+        # Columns' sums are folded row by row, in order: that pass stays on one lane.
+        return Pass(state, feed, finish, sums, split=self.mode == WHOLE)
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         b, v0, v1 = self._vectors(block)

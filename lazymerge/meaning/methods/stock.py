@@ -10,6 +10,7 @@ tensor is one row: one pass; otherwise every block holds its rows whole, none).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ModelStock(Method):
     name = "model_stock"
+    blocks_at_once = True  # combine: t, element by element (or each row's own)
     tensor: str
     compute: str
     models: tuple[int, ...]  # plan indices of the models besides the base, recipe order
@@ -47,11 +49,12 @@ class ModelStock(Method):
         products = [VectorSums(WHOLE) for _ in pairs]
         state: dict[str, Any] = {}
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Sequence[VectorSums]) -> None:
             _, _, offsets = self._inputs(block)
-            for s, o in zip(squares, offsets, strict=True):
+            n = len(offsets)  # into: the squares, then the products
+            for s, o in zip(into[:n], offsets, strict=True):
                 s.add(o.double().square())
-            for s, (a, b) in zip(products, pairs, strict=True):
+            for s, (a, b) in zip(into[n:], pairs, strict=True):
                 s.add(offsets[a] * offsets[b])  # rounded in d, as mergekit's
 
         def finish() -> None:
@@ -60,7 +63,7 @@ class ModelStock(Method):
             dots = [rounded(s.exact(), d) for s in products]
             state["t"] = self._ratio(norms, dots)
 
-        return Pass(state, feed, finish)
+        return Pass(state, feed, finish, [*squares, *products], split=True)
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         base, models, offsets = self._inputs(block)

@@ -13,17 +13,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import NumericsError
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
+from lazymerge.meaning.methods.stats import Stats
 
 if TYPE_CHECKING:
     import torch
-
-    from lazymerge.meaning.methods.select import OrderStats, RankMask
 
 # method -> (sparsifier, sign consensus): mergekit's merge_methods/registry.py
 FAMILY: dict[str, tuple[str | None, bool]] = {
@@ -105,33 +104,14 @@ def sign_agreement(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tenso
     return sign == majority
 
 
-@dataclass
-class Stats:
-    """A tensor's statistics, each pass's Accumulator (with that pass's feed and finish)."""
-
-    feed: Callable[[Block], None] = lambda block: None
-    finish: Callable[[], None] = lambda: None
-    order: dict[int, OrderStats] = field(default_factory=dict)
-    masks: dict[int, RankMask] = field(default_factory=dict)
-    gathered: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    probs: dict[int, torch.Tensor] = field(default_factory=dict)  # 1-D DELLA, whole
-    sums: dict[int, tuple[Sum, ...]] = field(default_factory=dict)  # Σ|δ|, Σ|δ'|
-    factors: dict[int, torch.Tensor | None] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # a method's own (sce)
-
-    def update(self, block: Block) -> None:
-        self.feed(block)
-
-    def result(self) -> Stats:
-        self.finish()
-        return self
-
-
 @dataclass(frozen=True)
 class TaskMerge(Method):
     """One tensor's call of the family (a subclass per method, below, names it)."""
 
     name = "task_arithmetic"
+    # DARE's and DELLA's masks are drawn by flat index (draws.py); a top-k mask orders
+    # its tie counts itself (select.RankMask): lanes compute the blocks.
+    blocks_at_once = True
     tensor: str
     shape: tuple[int, ...]
     compute: str
@@ -165,18 +145,18 @@ class TaskMerge(Method):
 
         fed = {"select": [*stats.order], "gather": [*stats.gathered], "norms": [*stats.sums]}
 
-        def feed(block: Block) -> None:
+        def feed(block: Block, into: Stats) -> None:
             b = block.rows(0).to(dtype_of(self.compute))
             for i in fed[stage]:
                 delta = block.rows(i).to(b.dtype) - b
                 if stage == "select":
-                    stats.order[i].update(self._rank_values(delta))
+                    into.order[i].update(self._rank_values(delta))
                 elif stage == "gather":
-                    stats.gathered[i].append(delta.abs())
+                    into.gathered[i].append(delta.abs())
                 else:
-                    whole, masked = self._masked(i, delta, block, stats)
-                    stats.sums[i][0].add(whole.abs())
-                    stats.sums[i][1].add(masked.abs())
+                    whole, masked = self._masked(i, delta, block, into)
+                    into.sums[i][0].add(whole.abs())
+                    into.sums[i][1].add(masked.abs())
 
         def finish() -> None:
             if stage == "select":
@@ -193,7 +173,7 @@ class TaskMerge(Method):
             if last:
                 self._fresh_masks(stats)
 
-        stats.feed, stats.finish = feed, finish
+        stats.feed, stats.finish, stats.split = feed, finish, stage != "gather"  # in order
         return stats
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
@@ -253,13 +233,13 @@ class TaskMerge(Method):
         from lazymerge.meaning.methods import draws
 
         p = self.prunes[i - 1]
+        start = block.start * math.prod(self.shape[1:])  # the block's first flat index
         if p.kind == RANKS:  # magnitude, magnitude_outliers: in d, mask in d
-            keep = stats.masks[i](self._rank_values(delta))
+            keep = stats.masks[i](self._rank_values(delta), start)
             return delta, delta * keep.to(delta.dtype)
         w = work_dtype(delta.dtype)
         whole = delta.to(w)
         key = draws.stream_key(self.seed, self.tensor, i)
-        start = block.start * math.prod(self.shape[1:])
         if p.kind == RANDOM:
             prob: float | torch.Tensor = float(torch.full((), self.densities[i - 1], dtype=w))
         elif len(self.shape) == 1:
