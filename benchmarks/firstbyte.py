@@ -1,12 +1,12 @@
-"""python -m benchmarks.firstbyte RECIPE [--repeat N] [--head-start 0,1073741824]: when a
+"""python -m benchmarks.firstbyte RECIPE [--repeat N] [--lane 0,1]: when a
 merge's start-up ends (issue 19, "start-up hidden behind I/O"): seconds from the
 process's start to torch imported (on its own thread: run/load.py), to the first byte
 handed to the shard writer, and to the end. Rounds alternate a cold run (the page cache
 dropped: torch's own files too, as after a reboot), a warm one (every page kept: torch's
 and the inputs') and `inputs` (the cache dropped, then torch imported once by another
-process: the usual case, a merge after others), and within each, the head starts given
-(LAZYMERGE_HEAD_START:
-bytes copied ahead while torch is imported; 0: none, the merge waits for torch).
+process: the usual case, a merge after others), and within each, the copy lane on and
+off (LAZYMERGE_COPY_LANE: 1, copies on a thread of their own from the start; 0, in file
+order on the merge's thread, which waits for torch first).
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--modes", default="cold,warm", help=", ".join(MODES) + ": some of them")
-    p.add_argument("--head-start", default="1073741824", help="bytes, comma-separated")
+    p.add_argument("--lane", default="0,1", help="LAZYMERGE_COPY_LANE values, comma-separated")
     p.add_argument("--out", type=Path, default=Path("/tmp/lazymerge-bench-firstbyte"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.recipe, str(args.out))
         return
-    cases = [(m, h) for m in args.modes.split(",") for h in args.head_start.split(",")]
+    cases = [(m, h) for m in args.modes.split(",") for h in args.lane.split(",")]
     runs: dict[tuple[str, str], list[list[float]]] = {c: [] for c in cases}
     for _ in range(args.repeat):
         for mode, head in cases:
@@ -75,7 +75,7 @@ def main() -> None:
     for (mode, head), rs in runs.items():
         each = "; ".join(" / ".join(f"{x:.2f}" for x in r) for r in rs)
         med = [statistics.median(r[i] for r in rs) for i in range(3)]
-        print(f"{mode:5s} head start {head:>10s}  torch / first byte / end: {each}  "
+        print(f"{mode:6s} copy lane {head}  torch / first byte / end: {each}  "
               f"(medians {med[0]:.2f} / {med[1]:.2f} / {med[2]:.2f} s)")  # fmt: skip
 
 
@@ -85,7 +85,7 @@ def _round(args: argparse.Namespace, mode: str, head: str) -> list[float]:
     if mode == "inputs":
         subprocess.run([sys.executable, "-c", "import torch"], check=True)
     cmd = [sys.executable, "-m", "benchmarks.firstbyte", args.recipe, "--child"]
-    env = {**os.environ, "LAZYMERGE_HEAD_START": head}
+    env = {**os.environ, "LAZYMERGE_COPY_LANE": head}
     done = subprocess.run([*cmd, "--out", str(args.out)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-1500:])

@@ -40,7 +40,7 @@ from typing import Any
 from benchmarks.copies import Writer, overlapped_copy
 from benchmarks.lanes import timed
 from benchmarks.runner import drop_caches
-from lazymerge.write.safetensors import RWF_DONTCACHE, _sync_file_range
+from lazymerge.write.disk import RWF_DONTCACHE, sync_file_range
 
 MODES = ("buffered", "writeback", "dontneed", "dontcache", "direct", "staged")
 ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffer addresses in whole blocks
@@ -91,12 +91,12 @@ class ModeWriter(Writer):
     def _after_write(self) -> None:
         if self.mode not in ("writeback", "dontneed") or self.at - self.flushed < WINDOW:
             return
-        if _sync_file_range is None:
+        if sync_file_range is None:
             return
-        _sync_file_range(self.fd, self.flushed, self.at - self.flushed, SFR_WRITE)
+        sync_file_range(self.fd, self.flushed, self.at - self.flushed, SFR_WRITE)
         if self.mode == "dontneed" and self.flushed:
             # the window before this one: wait for it on disk, then let its pages go
-            _sync_file_range(self.fd, 0, self.flushed, SFR_WAIT_WRITE)
+            sync_file_range(self.fd, 0, self.flushed, SFR_WAIT_WRITE)
             os.posix_fadvise(self.fd, 0, self.flushed, os.POSIX_FADV_DONTNEED)
         self.flushed = self.at
 

@@ -240,18 +240,23 @@ def peft_merge(model_dir: Path, adapter_dir: Path, weight: float) -> dict[str, t
 
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """Make the n-th tensor's write raise KeyboardInterrupt, as a Ctrl-C would."""
-    from lazymerge.run import tensor
+    """Make the n-th tensor's write raise KeyboardInterrupt, as a Ctrl-C would (a copy on
+    the copy lane, LAZYMERGE_COPY_LANE=1, counts: it reaches the merge through the writer)."""
+    from lazymerge.run import copies, tensor
 
-    real, calls = tensor.write_tensor, {"n": 0}
+    calls = {"n": 0}
 
-    def write_tensor(*args: object, **kwargs: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def counted(real: Any) -> Any:
+        def call(*args: object, **kwargs: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(tensor, "write_tensor", write_tensor)
+        return call
+
+    monkeypatch.setattr(tensor, "write_tensor", counted(tensor.write_tensor))
+    monkeypatch.setattr(copies.Copier, "copy_ahead", counted(copies.Copier.copy_ahead))
 
 
 def synthetic_job(

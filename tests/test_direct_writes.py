@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from lazymerge.testing import LlamaShape
-from lazymerge.write.safetensors import RWF_DONTCACHE, ShardWriter, dontcache_wanted
+from lazymerge.write.disk import RWF_DONTCACHE, dontcache_wanted
+from lazymerge.write.safetensors import ShardWriter
 
 from conftest import run_cli, synthetic_job
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lazymerge.plan import COMPUTE, COPY_BASE, build_plan
 from lazymerge.recipe import load_recipe
 from lazymerge.testing import LlamaShape
-from lazymerge.write.safetensors import CLONING_FS, filesystem, kernel_copy_pays
+from lazymerge.write.disk import CLONING_FS, filesystem, kernel_copy_pays
 
 from conftest import run_cli, synthetic_job
 

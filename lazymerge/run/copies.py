@@ -1,16 +1,18 @@
 """Plain byte copies: a tensor whose output bytes are one input's, as they are, handed
-to the shard writer chunk by chunk. No torch: a merge's first copies run while torch is
-still being imported (run/shard.py)."""
+to the shard writer chunk by chunk; a shard's copies on a lane of their own. No torch:
+they run while torch is still being imported (run/load.py), then beside the arithmetic."""
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.maps import MappedFiles
+from lazymerge.read.readahead import ReadAhead
 from lazymerge.run.budget import COPY_CHUNK
 from lazymerge.write.safetensors import ShardWriter
 
@@ -71,3 +73,42 @@ class Copier:
             source = (self.files.fd(src.file), src.offset + start)
             put(t.offset + start, source, self.files.raw(src, start, stop), release)
             self.step(stop - start)
+
+
+class CopyLane:
+    """A shard's plain copies on a thread of their own (reserved in the writer first),
+    written ahead while the merge's own thread imports torch and computes the rest, so
+    that the disk copies while the cores compute. Its own read-ahead, `ahead` bytes."""
+
+    def __init__(self, copier: Copier, tensors: list[PlannedTensor], ahead: int) -> None:
+        assert isinstance(copier.writer, ShardWriter)
+        self._writer = copier.writer
+        for t in tensors:
+            self._writer.reserve(t.offset, t.nbytes)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(copier, tensors, ahead), name="copies", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, copier: Copier, tensors: list[PlannedTensor], ahead: int) -> None:
+        try:
+            with ReadAhead([r for t in tensors for r in t.reads()], ahead) as reads:
+                for t in tensors:
+                    copier.copy_ahead(t)
+                    for r in t.reads():
+                        reads.used(r)
+        except BaseException as e:  # the merge's thread raises it (join), or its own
+            self._error = e
+            self._writer.fail(e)  # nothing waits for bytes that will not come
+
+    def join(self) -> None:
+        """Wait for the copies to be queued; raise what stopped them."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self, error: BaseException) -> None:
+        """The merge failed: the lane stops at its next write (the writer raises)."""
+        self._writer.fail(error)
+        self._thread.join()

@@ -1,10 +1,11 @@
 """One output shard, written whole from the plan alone: its bytes do not depend on which
 shards were written before it, or where (lazymerge.run.batch relies on that).
 
-This module imports no torch: while torch is still being imported (run/load.py), a
-safetensors shard's first plain copies (up to HEAD_START bytes) are written ahead of
-the tensors before them, so that the disk works during the import; the rest follows in
-file order once torch is in.
+This module imports no torch, so that bytes can flow before torch is in (run/load.py
+imports it on a thread of its own). With LAZYMERGE_COPY_LANE=1 a safetensors shard's
+plain copies go on a lane of their own (run/copies.py CopyLane), reserved in the writer
+and written ahead from the start, while torch loads and then while this thread computes
+the other tensors in file order: the disk copies while the cores compute.
 """
 
 from __future__ import annotations
@@ -18,14 +19,10 @@ from lazymerge.plan.model import COMPUTE, PlannedTensor, Shard
 from lazymerge.read.maps import MappedFiles
 from lazymerge.read.readahead import ReadAhead
 from lazymerge.run.budget import WRITE_QUEUE
-from lazymerge.run.copies import Copier, Step, is_byte_copy
+from lazymerge.run.copies import Copier, CopyLane, Step, is_byte_copy
 from lazymerge.run.load import TorchLoad
 from lazymerge.run.options import MergeOptions
 from lazymerge.write.safetensors import ShardResult, ShardWriter, build_header
-
-# Bytes a shard may copy ahead while torch is imported: more than the disk copies in the
-# import's ~1.5-2 s, few enough that their pages are still cached when hashed in turn.
-HEAD_START = 2**30
 
 
 @dataclass(frozen=True)
@@ -56,43 +53,49 @@ def write_shard(
     header = shard.header if shard.header is not None else build_header(shard.tensors)
     writer = ShardWriter(out / shard.name, header, shard.data_size, inflight=WRITE_QUEUE)
     job = ShardJob(shard, writer, files, opts, step)
-    early = loading is not None and loading.pending and shard.header is None
-    first = head_start(shard, head_start_bytes()) if early else []
-    order = first + [t for t in shard.tensors if t not in first]
+    copies = lane_copies(shard) if copy_lane_wanted() else []
+    taken = {id(t) for t in copies}
+    rest = [t for t in shard.tensors if id(t) not in taken]
+    lane = None
     try:
-        with ReadAhead([r for t in order for r in t.reads()], opts.max_memory) as ahead:
-            copier = Copier(files, writer, opts.max_memory, step)
-            for t in first:
-                copier.copy_ahead(t)
-                _done(job, ahead, t)
-            if loading is not None:
-                loading.wait()
-            nonfinite = _in_order(job, ahead, order[len(first) :])
+        if copies:
+            lane = CopyLane(Copier(files, writer, opts.max_memory, step), copies, opts.max_memory)
+        nonfinite = _rest(job, rest, loading) if rest else []
+        if lane is not None:
+            lane.join()
         return writer.finish(), nonfinite
-    except BaseException:
+    except BaseException as e:
+        if lane is not None:
+            lane.stop(e)
         writer.abort()
         raise
 
 
-def head_start_bytes() -> int:
-    """HEAD_START, or LAZYMERGE_HEAD_START's bytes (0: none, as before torch loaded on
-    its own thread; for measuring)."""
-    return int(os.environ.get("LAZYMERGE_HEAD_START", HEAD_START))
+def copy_lane_wanted() -> bool:
+    """Whether copies go on a lane of their own: with LAZYMERGE_COPY_LANE=1 only. On this
+    project's 2-core machine the lane measured slower than the copies in file order (a
+    2-layer 13B-shaped merge, cold: 6.4-6.7 s against 6.0 s; torch cached: 5.8 against
+    5.0 s, BENCHMARKS.md): its threads, the hash's second read and torch's import share
+    two cores and one disk. It is meant for machines with cores to spare: measure there
+    (benchmarks/firstbyte.py --lane 0,1) before making it the default."""
+    return os.environ.get("LAZYMERGE_COPY_LANE", "0") == "1"
 
 
-def head_start(shard: Shard, most: int) -> list[PlannedTensor]:
-    """The shard's plain copies to write while torch is imported: the first ones in file
-    order, `most` bytes at most."""
-    first: list[PlannedTensor] = []
-    size = 0
-    for t in shard.tensors:
-        if not is_byte_copy(t):
-            continue
-        if size + t.nbytes > most:
-            break
-        first.append(t)
-        size += t.nbytes
-    return first
+def lane_copies(shard: Shard) -> list[PlannedTensor]:
+    """The shard's tensors the copy lane writes: its plain byte copies (none for a GGUF,
+    whose every write goes through its encoding lane, in order)."""
+    if shard.header is not None:
+        return []
+    return [t for t in shard.tensors if is_byte_copy(t)]
+
+
+def _rest(job: ShardJob, tensors: list[PlannedTensor], loading: TorchLoad | None) -> list[str]:
+    """The tensors not on the copy lane, in file order, with their own read-ahead, once
+    torch is in."""
+    with ReadAhead([r for t in tensors for r in t.reads()], job.opts.max_memory) as ahead:
+        if loading is not None:
+            loading.wait()
+        return _in_order(job, ahead, tensors)
 
 
 def _done(job: ShardJob, ahead: ReadAhead, t: PlannedTensor) -> None:

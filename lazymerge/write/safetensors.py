@@ -9,54 +9,33 @@ the output directory mean together (manifest, index) is output.py's business.
 from __future__ import annotations
 
 import collections
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import struct
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-PARTIAL = ".partial"
-# copy_file_range's ways of saying "not between these two files": fall back to pwrite.
-COPY_RANGE_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
-# Filesystems where copy_file_range clones blocks or copies server-side, so copied
-# tensors move no data through this machine. Elsewhere (ext4, tmpfs, overlay) the kernel
-# copy measured slower than writing from the map (0.50-0.56 vs 0.76-0.95 GiB/s, cold,
-# see BENCHMARKS.md), and plain writes are used. LAZYMERGE_COPY_RANGE=always|never overrides.
-CLONING_FS = frozenset(
-    {"btrfs", "xfs", "bcachefs", "zfs", "ocfs2", "nfs", "nfs4", "cifs", "smb3", "ceph"}
+from lazymerge.write.disk import (
+    COPY_RANGE_UNSUPPORTED,
+    DONTCACHE_UNSUPPORTED,
+    RWF_DONTCACHE,
+    SYNC_FILE_RANGE_WRITE,
+    WRITEBACK,
+    dontcache_wanted,
+    kernel_copy_pays,
+    sync_file_range,
 )
-# Bytes written between two starts of writeback (sync_file_range: asynchronous).
-WRITEBACK = 64 * 2**20
-SYNC_FILE_RANGE_WRITE = 2
-# pwritev2's RWF_DONTCACHE (linux/fs.h, Linux 6.14+; Python 3.11 does not name it): a
-# buffered write whose writeback starts at once and whose pages leave the cache once on
-# disk. The merge never reads a shard back, and filling ever more fresh page-cache pages
-# was most of its system time: a 2-layer 13B-shaped merge (1.8 GB out, 2 cores, cold)
-# took 8.2-8.6 s against 9.0-10.9 s, system CPU 4.0-4.4 s against 5.7-6.6 s (medians,
-# alternated runs, BENCHMARKS.md). Refused (EOPNOTSUPP) by older kernels and by
-# filesystems without it (tmpfs): plain pwrite then. LAZYMERGE_DONTCACHE=0 turns it off.
-RWF_DONTCACHE = 0x80
-DONTCACHE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL}
+
+PARTIAL = ".partial"
+# How far copies from another thread (copy_ahead) may run in front of the hash: their
+# bytes are read again from the page cache when hashed, which must still hold them.
+AHEAD_WINDOW = 2**30
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None  # not Linux: the final fsync does it all
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    f.restype = ctypes.c_int
-    return f
-
-
-_sync_file_range = _libc_sync_file_range()
 HASH, WRITE = 0, 1  # the writer's two threads ("lanes"), each taking every item
 
 
@@ -122,9 +101,11 @@ class ShardWriter:
     read-only maps); `after` callbacks run once their bytes are hashed and on their way
     to disk (or dropped after an error).
 
-    Copies may also be written ahead of the bytes before them (`copy_ahead`): the write
-    thread takes items as they come, the hash thread in file order, so a copy written
-    early is hashed when its turn comes, read from its map again.
+    Copies may also come from a thread of their own, ahead of the bytes before them:
+    their ranges are `reserve`d first (the writes in order skip them), then filled in
+    file order by `copy_ahead`. The write thread takes items as they come, the hash thread
+    in file order, so a copy written early is hashed when its turn comes, read from its
+    map again; it stays at most AHEAD_WINDOW bytes in front of the hash.
     """
 
     def __init__(
@@ -144,12 +125,15 @@ class ShardWriter:
         self._sha.update(header)
         self._pwrite(header, 0)
         self._limit = max(inflight, 1)
-        self._queued = 0
+        # Bytes queued, in order and ahead apart: a copy ahead waiting on room held by bytes
+        # after it (which wait for its hash) would wait forever.
+        self._queued = [0, 0]
         self._cond = threading.Condition()
         self._writes: collections.deque[Item | None] = collections.deque()  # as queued
         self._hashes: dict[int, Item] = {}  # by file position, taken in file order
         self._hash_at = self._data_start  # the next position to hash
-        self._ahead: dict[int, int] = {}  # data offset -> length, written ahead
+        self._reserved: dict[int, int] = {}  # data offset -> length, for copy_ahead
+        self._ahead: collections.deque[tuple[int, int]] = collections.deque()  # to fill
         self._stopping = False
         self._copy_range = kernel_copy_pays(final.parent)
         self._error: BaseException | None = None
@@ -179,6 +163,18 @@ class ShardWriter:
         no data moved at all); `data` is still read once, for the sha256."""
         self._queue(offset, memoryview(data).cast("B"), after, source)
 
+    def reserve(self, offset: int, size: int) -> None:
+        """Bytes [offset, offset + size) will come by `copy_ahead`, from another thread:
+        the writes in order skip them. Reserve in file order, before the writes in order
+        reach them and before the copies start."""
+        start = self._ahead[-1][0] + self._ahead[-1][1] if self._ahead else self._pos
+        if offset < max(start, self._pos) or offset + size > self._end - self._data_start:
+            raise RuntimeError(f"{self.partial}: reserve at {offset}, already taken")
+        if size:
+            self._reserved[offset] = size
+            self._ahead.append((offset, size))
+        self._skip_reserved()
+
     def copy_ahead(
         self,
         offset: int,
@@ -186,18 +182,29 @@ class ShardWriter:
         data: memoryview,
         after: Callable[[], object] | None = None,
     ) -> None:
-        """`copy`, for bytes further on than the next in order: written now, hashed when
-        the bytes before them are, and skipped over by the writes in order. `after` runs
-        once written and again once hashed (so it must bear being called twice: releasing
-        map pages does), and the bytes count against `inflight` until written only."""
-        if offset == self._pos:
-            self.copy(offset, source, data, after)
-            return
+        """`copy` into reserved bytes, the next ones in file order of all reserved: written
+        now, hashed when the bytes before them are. `after` runs once written and again
+        once hashed (so it must bear being called twice: releasing map pages does); the
+        bytes count against an `inflight` of their own, until written only (the bytes
+        after them wait for their hash, so must not hold the room they need)."""
         view = memoryview(data).cast("B")
-        if offset < self._pos or self._overlaps(offset, len(view)):
-            raise RuntimeError(f"{self.partial}: copy ahead to {offset}, already written")
-        self._put(Item(self._data_start + offset, view, after, source, ahead=True))
-        self._ahead[offset] = len(view)
+        if not self._ahead or offset != self._ahead[0][0] or len(view) > self._ahead[0][1]:
+            raise RuntimeError(f"{self.partial}: copy ahead to {offset}, not the next reserved")
+        at = self._data_start + offset
+        with self._cond:  # at most AHEAD_WINDOW in front of the hash, whose reads it feeds
+            self._cond.wait_for(
+                lambda: self._error is not None or at - self._hash_at <= AHEAD_WINDOW
+            )
+        self._put(Item(at, view, after, source, ahead=True))
+        start, size = self._ahead.popleft()
+        if len(view) < size:
+            self._ahead.appendleft((start + len(view), size - len(view)))
+
+    def fail(self, error: BaseException) -> None:
+        """Stop: every thread waiting on this writer raises `error` (or an earlier one)."""
+        with self._cond:
+            self._error = self._error or error
+            self._cond.notify_all()
 
     def _queue(
         self,
@@ -206,34 +213,34 @@ class ShardWriter:
         after: Callable[[], object] | None,
         source: tuple[int, int] | None,
     ) -> None:
-        if offset != self._pos or self._overlaps(offset, len(view)):
+        reserved = next(iter(self._reserved), None)  # the first still ahead of _pos
+        if offset != self._pos or (reserved is not None and reserved < offset + len(view)):
             raise RuntimeError(f"{self.partial}: write at {offset}, expected {self._pos}")
         if view:
             self._put(Item(self._data_start + offset, view, after, source))
         elif after is not None:
             after()  # nothing to write
         self._pos += len(view)
-        while self._pos in self._ahead:  # bytes already written ahead follow
-            self._pos += self._ahead.pop(self._pos)
+        self._skip_reserved()
 
-    def _overlaps(self, offset: int, size: int) -> bool:
-        """Whether bytes [offset, offset + size) meet bytes written ahead."""
-        return any(o < offset + size and offset < o + n for o, n in self._ahead.items())
+    def _skip_reserved(self) -> None:
+        while self._pos in self._reserved:  # bytes another thread copies (copy_ahead)
+            self._pos += self._reserved.pop(self._pos)
 
     def _put(self, item: Item) -> None:
         with self._cond:
             # Wait for room, but never forever: one item larger than the limit goes alone.
-            size = len(item.view)
+            size, kind = len(item.view), int(item.ahead)
             self._cond.wait_for(
                 lambda: (
                     self._error is not None
-                    or self._queued == 0
-                    or self._queued + size <= self._limit
+                    or self._queued[kind] == 0
+                    or self._queued[kind] + size <= self._limit
                 )
             )
             if self._error is not None:
                 raise self._error
-            self._queued += size
+            self._queued[kind] += size
             self._writes.append(item)
             self._hashes[item.at] = item
             self._cond.notify_all()
@@ -249,6 +256,7 @@ class ShardWriter:
             item = self._hashes.pop(self._hash_at, None)
             if item is not None:
                 self._hash_at += len(item.view)
+                self._cond.notify_all()  # a copy ahead may wait for the hash (AHEAD_WINDOW)
             return item
 
     def _run(self, lane: int) -> None:
@@ -289,7 +297,7 @@ class ShardWriter:
             self._error = self._error or e
         if written_ahead or (last and not item.ahead):
             with self._cond:
-                self._queued -= len(item.view)
+                self._queued[int(item.ahead)] -= len(item.view)
                 self._cond.notify_all()
 
     def _pwrite(self, data: memoryview | bytes, at: int) -> None:
@@ -313,10 +321,10 @@ class ShardWriter:
         """Have the kernel start writing what is written so far (it would otherwise wait
         for 10 % of RAM to be dirty, and leave the whole shard to the final fsync). Uncached
         writes start their own."""
-        if self._uncached or _sync_file_range is None:
+        if self._uncached or sync_file_range is None:
             return
         if end - self._flushed >= WRITEBACK:
-            _sync_file_range(self._fd, self._flushed, end - self._flushed, SYNC_FILE_RANGE_WRITE)
+            sync_file_range(self._fd, self._flushed, end - self._flushed, SYNC_FILE_RANGE_WRITE)
             self._flushed = end
 
     def _copy(self, source: tuple[int, int], view: memoryview, at: int) -> None:
@@ -349,7 +357,7 @@ class ShardWriter:
         self._stop()
         if self._error is not None:
             raise self._error
-        if self._data_start + self._pos != self._end:
+        if self._data_start + self._pos != self._end or self._ahead:
             raise RuntimeError(f"{self.partial}: {self._pos} data bytes written, plan says more")
         os.fsync(self._fd)
         os.close(self._fd)
@@ -360,33 +368,3 @@ class ShardWriter:
         """Close without renaming: the `.partial` file stays, visibly incomplete."""
         self._stop()
         os.close(self._fd)
-
-
-def dontcache_wanted() -> bool:
-    """Whether to try RWF_DONTCACHE writes (Linux only; LAZYMERGE_DONTCACHE=0: never)."""
-    return sys.platform == "linux" and os.environ.get("LAZYMERGE_DONTCACHE", "1") != "0"
-
-
-def kernel_copy_pays(directory: Path) -> bool:
-    """Whether copied tensors should go file to file (copy_file_range) into `directory`."""
-    choice = os.environ.get("LAZYMERGE_COPY_RANGE", "auto")
-    if choice in ("always", "never"):
-        return choice == "always"
-    return filesystem(directory) in CLONING_FS
-
-
-def filesystem(path: Path) -> str:
-    """The type of the filesystem `path` is on ("" when /proc/self/mountinfo can't say)."""
-    target = os.path.realpath(path)
-    best, kind = "", ""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                mount = fields.split()[4].replace("\\040", " ")
-                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best):
-                    best, kind = mount, rest.split()[0]
-    except (OSError, IndexError):
-        return ""
-    return kind
