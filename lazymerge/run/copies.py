@@ -78,22 +78,23 @@ class Copier:
 class CopyLane:
     """A shard's plain copies on a thread of their own (reserved in the writer first),
     written ahead while the merge's own thread imports torch and computes the rest, so
-    that the disk copies while the cores compute. Its own read-ahead, `ahead` bytes."""
+    that the disk copies while the cores compute. Its own read-ahead, the copier's budget
+    ahead."""
 
-    def __init__(self, copier: Copier, tensors: list[PlannedTensor], ahead: int) -> None:
+    def __init__(self, copier: Copier, tensors: list[PlannedTensor]) -> None:
         assert isinstance(copier.writer, ShardWriter)
         self._writer = copier.writer
         for t in tensors:
             self._writer.reserve(t.offset, t.nbytes)
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(copier, tensors, ahead), name="copies", daemon=True
+            target=self._run, args=(copier, tensors), name="copies", daemon=True
         )
         self._thread.start()
 
-    def _run(self, copier: Copier, tensors: list[PlannedTensor], ahead: int) -> None:
+    def _run(self, copier: Copier, tensors: list[PlannedTensor]) -> None:
         try:
-            with ReadAhead([r for t in tensors for r in t.reads()], ahead) as reads:
+            with ReadAhead([r for t in tensors for r in t.reads()], copier.budget) as reads:
                 for t in tensors:
                     copier.copy_ahead(t)
                     for r in t.reads():

@@ -39,11 +39,6 @@ class TorchLoad:
         except BaseException as e:  # raised in the merge's thread, by wait()
             self._error = e
 
-    @property
-    def pending(self) -> bool:
-        """Whether torch was being imported when the merge began and is not waited for."""
-        return self.started and self._threads is None
-
     def wait(self) -> None:
         """Block until torch is in; the first call sets this merge's torch threads."""
         if self.started:

@@ -36,7 +36,7 @@ class ShardJob:
     step: Step
 
 
-def write_shard(
+def write_shard(  # six: `loading` is run_merge's alone (batch workers have torch in)
     shard: Shard,
     out: Path,
     files: MappedFiles,
@@ -59,7 +59,7 @@ def write_shard(
     lane = None
     try:
         if copies:
-            lane = CopyLane(Copier(files, writer, opts.max_memory, step), copies, opts.max_memory)
+            lane = CopyLane(Copier(files, writer, opts.max_memory, step), copies)
         nonfinite = _rest(job, rest, loading) if rest else []
         if lane is not None:
             lane.join()
