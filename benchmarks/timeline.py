@@ -2,7 +2,8 @@
 
 Runs one merge in this process and samples, every `--interval` seconds: the disk's read
 and write throughput (the block device holding OUT, from /proc/diskstats), the cores
-this process used, and the tensor being written. Then the same per phase: blended
+this process used, its resident memory (all of it, and its mapped files' pages: where
+the peak falls), and the tensor being written. Then the same per phase: blended
 (`compute`) tensors against plain copies. A compute phase near one core with the disk
 idle is bound by the arithmetic; a copy phase at the disk's rate is bound by the disk.
 Linux only. The inputs are assumed on the same disk as OUT.
@@ -34,6 +35,18 @@ def device_bytes(out: Path) -> tuple[int, int]:
     raise RuntimeError(f"{out}: its device {major}:{minor} is not in /proc/diskstats")
 
 
+def resident_mib() -> tuple[int, int]:
+    """This process's resident memory now, MiB: all of it (VmRSS) and its mapped files'
+    pages (RssFile: the inputs' pages the maps hold): where in a merge its peak falls."""
+    fields = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssFile"):
+                fields[key] = int(value.split()[0]) // 1024
+    return fields.get("VmRSS", 0), fields.get("RssFile", 0)
+
+
 class Sampler:
     def __init__(self, where: Path, interval: float) -> None:
         self.where, self.interval = where, interval
@@ -53,6 +66,8 @@ class Sampler:
                 "read_mb_s": round((io[0] - last_io[0]) / dt / 1e6),
                 "write_mb_s": round((io[1] - last_io[1]) / dt / 1e6),
                 "cores": round((cpu - last_cpu) / dt, 2),
+                "rss_mib": resident_mib()[0],
+                "file_mib": resident_mib()[1],
                 "doing": self.current,
             })  # fmt: skip
             last_t, last_io, last_cpu = now, io, cpu
@@ -81,10 +96,13 @@ def phases(rows: list[dict[str, Any]], interval: float) -> dict[str, dict[str, f
 
 def show(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> None:
     """The samples, then the phases, as a table on stdout."""
-    print(f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5}  doing")
+    print(
+        f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5} {'RSS MiB':>7} {'files':>5}  doing"
+    )
     for r in rows:
         print(
-            f"{r['t']:6.1f} {r['read_mb_s']:9} {r['write_mb_s']:10} {r['cores']:5.2f}  {r['doing']}"
+            f"{r['t']:6.1f} {r['read_mb_s']:9} {r['write_mb_s']:10} {r['cores']:5.2f}"
+            f" {r['rss_mib']:7} {r['file_mib']:5}  {r['doing']}"
         )
     for kind, p in summary.items():
         print(f"{kind:>10}: {p['seconds']:5.1f} s, read {p['read_mb_s']:.0f} MB/s, "

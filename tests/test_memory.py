@@ -136,3 +136,34 @@ def test_gguf_peak_does_not_grow_with_layers_and_is_planned(tmp_path: Path) -> N
     # writer's queue of encoded bytes full. Measured: 81 MiB over here, 37 MiB under on
     # the 13B-shaped fixture (BENCHMARKS.md, "GGUF output").
     assert abs(estimate - peak8) < 96 * MiB, report
+
+
+@pytest.mark.slow
+@pytest.mark.rotating
+def test_n_model_method_on_two_lanes_is_planned(tmp_path: Path) -> None:
+    """TIES over three fine-tunes, two compute lanes, rows 32768 wide: each lane's chunk
+    of the method's temporaries (a dozen fp32 copies of its rows) stays near the cache
+    chunk however wide the rows, and the plan's estimate holds it (64-row chunks of such
+    rows took 8 MiB a copy: ~200 MiB over)."""
+    from lazymerge.testing import write_llama
+
+    shape = LlamaShape(layers=1, hidden=128, intermediate=32768, heads=4, kv_heads=4, vocab=512)
+    for k in range(4):
+        write_llama(tmp_path / f"m{k}", shape, seed=k)
+    models = [
+        {"model": str(tmp_path / f"m{k}"), "parameters": {"weight": w, "density": d}}
+        for k, w, d in ((1, 0.5, 0.5), (2, 0.3, 0.3), (3, 0.2, 0.7))
+    ]
+    config = {"merge_method": "ties", "base_model": str(tmp_path / "m0"), "models": models,
+              "dtype": "float16"}  # fmt: skip
+    (tmp_path / "ties.yml").write_text(json.dumps(config))
+    args = ["merge", str(tmp_path / "ties.yml"), "-o", str(tmp_path / "out"), "-q"]
+    lanes = "import os; os.environ['LAZYMERGE_LANES'] = '2'"
+    peak = child_peak(
+        f"{lanes}; from lazymerge.cli import main; assert main({args!r}) == 0; {PEAK}"
+    )
+    plan = build_plan(load_recipe(tmp_path / "ties.yml"))
+    estimate = estimate_peak(plan, DEFAULT_MAX_MEMORY, 1, 2)
+    report = f"ties on 2 lanes {peak / MiB:.0f} MiB, estimated {estimate / MiB:.0f} MiB"
+    assert peak < estimate + 16 * MiB, report  # what it plans for holds it
+    assert estimate < peak + 64 * MiB, report  # and not by planning for far more

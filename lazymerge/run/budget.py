@@ -42,6 +42,17 @@ CACHE_CHUNK = 2**20
 # one torch thread each). Each holds one chunk's buffers (a few MiB); past the disk's
 # read rate more would only wait. LAZYMERGE_LANES=N overrides the default.
 MAX_LANES = 8
+# fp32 rows an N-model method holds per row of a chunk, per input: each input's upcast
+# rows (a buffer reused from chunk to chunk) and the method's temporaries (task vectors,
+# stacked, masks, sign votes, sums). Measured with torch's profiler over one chunk, 4
+# inputs (ties, dare_ties, della, breadcrumbs, task_arithmetic; fp16 and fp32 configs):
+# temporaries 6.3-11.5 rows, so 1 + 11.5 / 4 per input at most; slerp's 2 inputs 2.5.
+METHOD_ROWS = 4
+# Mapped input pages around the rows a lane reads, per input: the kernel maps whole
+# page-cache folios (readahead makes them up to a few MiB) on a fault, wider than the
+# chunk released after it. 8.5-16 MiB per input on two lanes, measured (smaps of a
+# 13B-shaped TIES merge, Linux 6.18, ext4); counted for N-model methods.
+MAPPED_AROUND = 4 * 2**20
 # A lane's part of a statistics pass, per input at most: select.OrderStats' histograms of
 # bit patterns (2^15 int64, then 2^16 per cut, two cuts) and bincount's own copy of one.
 STAT_PART = 2 * 2**20
@@ -55,10 +66,9 @@ def usable_cores() -> int:
 
 def _per_row(t: PlannedTensor) -> int:
     """Working bytes per row of a computed tensor: fp32 rows (two for the founding blend;
-    an N-model method's task vectors, stacked, masks: two per input, and two), the output
-    row, and the mapped input rows."""
+    an N-model method's, METHOD_ROWS per input), the output row, and the mapped input rows."""
     row_numel = t.row_numel
-    fp32_rows = 2 if t.call is None else 2 * len(t.inputs) + 2
+    fp32_rows = 2 if t.call is None else METHOD_ROWS * len(t.inputs)
     # a GGUF's encoded rows besides: a block being encoded, and one queued for the writer
     encoded = 2 * (t.nbytes // t.rows) if t.encoding is not None and t.rows else 0
     return (
@@ -101,13 +111,18 @@ def encode_copy_rows(t: PlannedTensor, budget: int) -> int:
 
 def chunk_rows(t: PlannedTensor, rows: int, threads: int) -> int:
     """Rows blended at a time within a block of `rows` on the CPU: about CACHE_CHUNK of
-    fp32 for each of torch's `threads`, a multiple of LORA_ROWS, so that the upcast,
-    products, blend and cast of a chunk run in cache rather than each streaming a whole
-    block through memory. Element-wise arithmetic and fixed LoRA chunks: the bytes do not
-    depend on it."""
+    fp32 for each of torch's `threads`, so that the upcast, products, blend and cast of a
+    chunk run in cache rather than each streaming a whole block through memory. A
+    multiple of LORA_ROWS where an input has adapters (their products run over fixed
+    LORA_ROWS chunks), else any count: an N-model method's temporaries, a dozen rows or
+    more, stay near CACHE_CHUNK each however wide the rows (64 rows of a 13B down_proj
+    were 3.4 MiB each: TIES peaked at 490 MiB, not 395, and ran 10-15 % slower).
+    Element-wise arithmetic, statistics by flat index, fixed LoRA chunks: the bytes do
+    not depend on it."""
     width = max(t.row_numel, 1)
+    unit = LORA_ROWS if any(i.terms for i in t.inputs) else 1
     fit = CACHE_CHUNK * threads // (4 * width)
-    return min(rows, max(LORA_ROWS, fit // LORA_ROWS * LORA_ROWS))
+    return min(rows, max(unit, fit // unit * unit))
 
 
 def merge_threads() -> int:
@@ -174,6 +189,8 @@ def _computed(t: PlannedTensor, budget: int, threads: int, lanes: int) -> int:
     row_out = t.row_numel * itemsize(t.dtype)  # the values, and a GGUF's encoded row too
     row_out += t.nbytes // max(t.rows, 1) if t.encoding is not None else 0
     total = 2 * rows * row_out + lanes * chunk * _per_row(t)
+    if t.call is not None:  # (the founding blend's two inputs: within its estimate's error)
+        total += lanes * len(t.inputs) * MAPPED_AROUND
     if lanes > 1 and t.method is not None and t.method.stat_passes():
         total += lanes * len(t.inputs) * STAT_PART  # each lane's part of a statistics pass
     for term in (term for i in t.inputs for term in i.terms):
