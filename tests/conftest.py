@@ -188,6 +188,20 @@ def pytest_report_collectionfinish(config: pytest.Config) -> str | None:
     return None if rotation is None else f"rotating cross-checks: {rotation}"
 
 
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The same line at the end under pytest-xdist (`make test`), whose workers collect
+    and choose the slice, each the same one, out of sight."""
+    if not config.pluginmanager.hasplugin("dsession"):
+        return
+    if os.environ.get(ALL_TESTS) == "1" or "rotating" in (config.option.markexpr or ""):
+        return
+    chosen, why = _rotation(config, _env_int(SLICES, DEFAULT_SLICES, 1))
+    terminalreporter.write_line(
+        f"rotating cross-checks: slice {chosen} ({why}); {SLICE}=N picks a slice, "
+        f"{ALL_TESTS}=1 runs all"
+    )
+
+
 def session_runs(request: pytest.FixtureRequest, test: object) -> list[pytest.Function]:
     """The cases of `test` (a test function) this session runs, after -k, -m and the
     rotation: what a module fixture that prepares every case at once (one mergekit
