@@ -185,23 +185,24 @@ class TaskMerge(Method):
         if not self.prunes:
             return b
         deltas = b.new_empty((len(self.prunes), *b.shape))
+        # In place where mergekit makes a new tensor: the same operations on the same
+        # values, so the same bits, with fewer passes over memory.
         for i, p in enumerate(self.prunes, start=1):  # mergekit's sparsify(), input by input
-            delta = block.rows(i).to(d) - b
+            delta = torch.sub(block.rows(i).to(d), b, out=deltas[i - 1])
             if p.kind == ZERO:
-                delta = torch.zeros_like(delta)
+                delta.zero_()
             elif p.kind != KEEP:
                 _, masked = self._masked(i, delta, block, state)
                 factor = state.factors.get(i)
                 masked = masked if factor is None else masked * factor.to(masked.device)
-                delta = masked.to(d)
-            deltas[i - 1] = delta
+                delta.copy_(masked)
         weights = torch.tensor(self.weights, dtype=d, device=b.device).view(-1, *[1] * b.dim())
         deltas.mul_(weights)
         if FAMILY[self.name][1]:  # the sign vote
             mask = sign_agreement(deltas, torch.int8 if self.int8_mask else d)
-            mixed = (deltas * mask).sum(dim=0)
+            mixed = deltas.mul_(mask).sum(dim=0)
             divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1)
         else:
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)
