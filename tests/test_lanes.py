@@ -171,6 +171,32 @@ def test_nuslerp_row_wise_bytes_do_not_depend_on_lanes(
     assert "lane 1" in lane_threads, lane_threads
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_drawn_masks_are_kept_for_the_writing_pass(
+    job: Path, tmp_path: Path, lane_threads: set[str], monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """With the rescale, the norms pass draws each chunk's mask and the writing pass takes
+    it back rather than drawing it again (blocks of several chunks, rows no multiple of
+    the chunk, two lanes): the bytes of drawing twice, half the draws."""
+    from lazymerge.meaning.methods import draws
+
+    drawn: list[int] = []
+    keep_mask = draws.keep_mask
+
+    def count(*args: Any, **kwargs: Any) -> Any:
+        drawn.append(1)
+        return keep_mask(*args, **kwargs)
+
+    monkeypatch.setattr(draws, "keep_mask", count)
+    recipe = write(tmp_path / "recipe.yaml", nmodel(job, method, {"rescale": True}))
+    kept = merged(recipe, tmp_path / "kept", 2, NMODEL_BLOCKS)
+    once = len(drawn)
+    drawn.clear()
+    monkeypatch.setattr(budget, "kept_room", lambda _: 0)  # none fit: drawn in both passes
+    assert merged(recipe, tmp_path / "twice", 2, NMODEL_BLOCKS) == kept
+    assert once > 0 and len(drawn) == 2 * once, (once, len(drawn))
+
+
 WITH_STATISTICS = {  # id: a recipe of a method with statistics passes
     "ties": lambda job: nmodel(job, "ties", {}),
     "ties-f16": lambda job: nmodel(job, "ties", {}) | {"compute": "float16"},

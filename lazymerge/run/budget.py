@@ -58,6 +58,13 @@ MAPPED_AROUND = 4 * 2**20
 STAT_PART = 2 * 2**20
 
 
+def kept_room(budget: int) -> int:
+    """Bytes a tensor's statistics passes may keep for its writing pass (Method.held_bytes:
+    DARE's drawn masks, 61.5 MiB for a 13B embedding's three inputs): a quarter of the
+    budget; what does not fit is computed again."""
+    return budget // 4
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, where the system says)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -191,6 +198,8 @@ def _computed(t: PlannedTensor, budget: int, threads: int, lanes: int) -> int:
     total = 2 * rows * row_out + lanes * chunk * _per_row(t)
     if t.call is not None:  # (the founding blend's two inputs: within its estimate's error)
         total += lanes * len(t.inputs) * MAPPED_AROUND
+    if t.method is not None and t.method.held_bytes() <= kept_room(budget):
+        total += t.method.held_bytes()  # what its statistics passes keep for the writing pass
     if lanes > 1 and t.method is not None and t.method.stat_passes():
         total += lanes * len(t.inputs) * STAT_PART  # each lane's part of a statistics pass
     for term in (term for i in t.inputs for term in i.terms):

@@ -141,8 +141,18 @@ class _Blocks:
     rows: int
     step: int
 
-    def chunks(self, r0: int, r1: int) -> range:
-        return range(r0, r1, self.step)
+    def spans(self, r0: int, r1: int) -> list[tuple[int, int]]:
+        """The chunks of the block of rows [r0, r1)."""
+        return [(c0, min(c0 + self.step, r1)) for c0 in range(r0, r1, self.step)]
+
+    def every_span(self, total: int) -> list[tuple[int, int]]:
+        """Every chunk of a tensor of `total` rows, block by block: a statistics pass
+        sees the very chunks the writing pass does (a drawn mask is kept by chunk)."""
+        return [
+            s
+            for r0 in range(0, total, self.rows)
+            for s in self.spans(r0, min(r0 + self.rows, total))
+        ]
 
 
 def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
@@ -160,7 +170,7 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
         out = ctx.scratch.output((r1 - r0, *t.shape[1:]), DTYPES[t.dtype])
         # Chunk by chunk (a multiple of LORA_ROWS), each combined and cast while in cache.
         fill = _Fill(t, factors, stats, out, r0)
-        spans = [(c0, min(c0 + cut.step, r1)) for c0 in cut.chunks(r0, r1)]
+        spans = cut.spans(r0, r1)
         if lanes > 1:
             ctx.pool().run(fill, spans)
         else:
@@ -215,10 +225,12 @@ def _stat_passes(
     lane feeds its own part, merged back in lane order (integer counts, exact sums: the
     statistics of one lane); any other pass streams the chunks in row order here."""
     assert t.method is not None
-    spans = [(c0, min(c0 + cut.step, t.rows)) for c0 in cut.chunks(0, t.rows)]
+    spans = cut.every_span(t.rows)
     stats = None
     for k in range(t.method.stat_passes()):
         acc = t.method.stats_pass(k, stats)
+        if hasattr(acc, "room"):  # (meaning.methods.stats.Stats)
+            acc.room = memory.kept_room(ctx.budget)
         if isinstance(acc, Splittable) and (parts := _parts(acc, lanes, len(spans))):
             ctx.pool().run(_Feed(t, factors, acc, [*parts]), spans)
             for part in parts:

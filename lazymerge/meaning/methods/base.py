@@ -100,6 +100,11 @@ class Method(ABC):
         """The block's output rows in float32 (a buffer from `block.rows` may be returned);
         `stats` is the first pass's result, if it had one."""
 
+    def held_bytes(self) -> int:
+        """Bytes the statistics passes keep for the writing pass beyond the statistics
+        themselves (the budget counts them): none by default."""
+        return 0
+
     def abandon(self, stats: Any) -> None:
         """A pass over the blocks stopped short (a failure in one lane): let nothing that
         `stats` (a pass's accumulator or the last result) orders wait for blocks that will

@@ -37,6 +37,10 @@ class Stats:
     factors: dict[int, torch.Tensor | None] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # a method's own (sce)
     counts: dict[str, int] = field(default_factory=dict)  # summed over the blocks (sce)
+    # a norms pass's drawn keep masks, packed 8 to a byte, by (input, flat start, count):
+    # the writing pass takes them back rather than drawing them again (task.py)
+    keeps: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    room: int = 0  # bytes the executor lets a pass keep for the next (Method.held_bytes)
 
     def update(self, block: Block) -> None:
         self.feed(block, self)
@@ -56,6 +60,7 @@ class Stats:
             probs=self.probs,
             sums={i: tuple(s.part() for s in pair) for i, pair in self.sums.items()},
             counts=dict.fromkeys(self.counts, 0),
+            room=self.room,
         )
 
     def merge(self, part: Stats) -> None:
@@ -67,6 +72,29 @@ class Stats:
                 mine.merge(theirs)
         for key, n in part.counts.items():
             self.counts[key] += n
+        self.keeps.update(part.keeps)
+
+    def keep(self, i: int, start: int, mask: torch.Tensor) -> None:
+        """Keep input `i`'s drawn mask of the elements from flat index `start` (a CPU
+        one: packed with numpy) for `kept`."""
+        import numpy as np
+
+        if mask.device.type == "cpu":
+            bits = np.packbits(mask.numpy().reshape(-1))
+            self.keeps[(i, start, mask.numel())] = bits
+
+    def kept(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The mask `keep` kept for these elements (given back once), or None."""
+        import math
+
+        import numpy as np
+        import torch
+
+        count = math.prod(shape)
+        bits = self.keeps.pop((i, start, count), None)
+        if bits is None:
+            return None
+        return torch.from_numpy(np.unpackbits(bits, count=count).view(np.bool_)).view(shape)
 
     def abandon(self) -> None:
         """A pass stopped short: no block waits on a mask's tie counts (Method.abandon)."""

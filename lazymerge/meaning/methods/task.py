@@ -144,6 +144,7 @@ class TaskMerge(Method):
             self._fresh_masks(stats)
 
         fed = {"select": [*stats.order], "gather": [*stats.gathered], "norms": [*stats.sums]}
+        held = self.held_bytes()
 
         def feed(block: Block, into: Stats) -> None:
             b = block.rows(0).to(dtype_of(self.compute))
@@ -154,7 +155,7 @@ class TaskMerge(Method):
                 elif stage == "gather":
                     into.gathered[i].append(delta.abs())
                 else:
-                    whole, masked = self._masked(i, delta, block, into)
+                    whole, masked = self._masked(i, delta, block, into, store=0 < held <= into.room)
                     into.sums[i][0].add(whole.abs())
                     into.sums[i][1].add(masked.abs())
 
@@ -226,9 +227,11 @@ class TaskMerge(Method):
         return " ".join(parts)
 
     def _masked(
-        self, i: int, delta: torch.Tensor, block: Block, stats: Stats
+        self, i: int, delta: torch.Tensor, block: Block, stats: Stats, store: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the tensor the rescale measures, it masked), in the sparsifier's work dtype."""
+        """(the tensor the rescale measures, it masked), in the sparsifier's work dtype.
+        A drawn mask is kept in `stats` with `store` (the norms pass), and taken back from
+        there rather than drawn again (the writing pass)."""
         import torch
 
         from lazymerge.meaning.methods import draws
@@ -240,15 +243,28 @@ class TaskMerge(Method):
             return delta, delta * keep.to(delta.dtype)
         w = work_dtype(delta.dtype)
         whole = delta.to(w)
-        key = draws.stream_key(self.seed, self.tensor, i)
-        if p.kind == RANDOM:
-            prob: float | torch.Tensor = float(torch.full((), self.densities[i - 1], dtype=w))
-        elif len(self.shape) == 1:
-            prob = stats.probs[i][block.start : block.stop]
-        else:
-            prob = self._della_probs(i, delta.abs())
-        keep = draws.keep_mask(key, start, tuple(whole.shape), prob, whole.device)
-        return whole, whole * keep.to(w)
+        mask = stats.kept(i, start, tuple(whole.shape))
+        if mask is None:
+            key = draws.stream_key(self.seed, self.tensor, i)
+            if p.kind == RANDOM:
+                prob: float | torch.Tensor = float(torch.full((), self.densities[i - 1], dtype=w))
+            elif len(self.shape) == 1:
+                prob = stats.probs[i][block.start : block.stop]
+            else:
+                prob = self._della_probs(i, delta.abs())
+            mask = draws.keep_mask(key, start, tuple(whole.shape), prob, whole.device)
+            if store:
+                stats.keep(i, start, mask)
+        return whole, whole * mask.to(w)
+
+    def held_bytes(self) -> int:
+        """The norms pass's drawn masks (DARE, DELLA with the rescale), a bit per element
+        of each input drawn for: kept for the writing pass where the executor gives them
+        room (Stats.room), so drawn once (drawing was ~36 % of a DARE-TIES merge, twice)."""
+        if "norms" not in self.stages():
+            return 0
+        drawn = sum(p.kind in (RANDOM, DELLA) for p in self.prunes)
+        return -(-math.prod(self.shape) // 8) * drawn
 
     def _rank_values(self, delta: torch.Tensor) -> torch.Tensor:
         """|δ| as mergekit ranks it on the CPU: d's values, float64 ones as float32."""
