@@ -66,8 +66,7 @@ class Sampler:
                 "read_mb_s": round((io[0] - last_io[0]) / dt / 1e6),
                 "write_mb_s": round((io[1] - last_io[1]) / dt / 1e6),
                 "cores": round((cpu - last_cpu) / dt, 2),
-                "rss_mib": resident_mib()[0],
-                "file_mib": resident_mib()[1],
+                **dict(zip(("rss_mib", "file_mib"), resident_mib(), strict=True)),
                 "doing": self.current,
             })  # fmt: skip
             last_t, last_io, last_cpu = now, io, cpu

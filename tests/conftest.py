@@ -153,16 +153,23 @@ def _named(config: pytest.Config) -> list[str]:
     return named
 
 
+def _every_rotating(config: pytest.Config) -> str | None:
+    """Why this run takes every rotating test it collects ("" for ALL_TESTS, the -m
+    expression for one that names them), or None: it takes one slice."""
+    if os.environ.get(ALL_TESTS) == "1":
+        return ""
+    if "rotating" in (config.option.markexpr or ""):
+        return f"as -m {config.option.markexpr!r} selects"
+    return None
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rotating = [item for item in items if item.get_closest_marker("rotating")]
     if not rotating:
         return
-    if os.environ.get(ALL_TESTS) == "1":
-        config.stash[ROTATION] = f"all {len(rotating)} run ({ALL_TESTS}=1)"
-        return
-    if "rotating" in (config.option.markexpr or ""):
-        config.stash[ROTATION] = f"as -m {config.option.markexpr!r} selects"
+    if (every := _every_rotating(config)) is not None:
+        config.stash[ROTATION] = every if every else f"all {len(rotating)} run ({ALL_TESTS}=1)"
         return
     slices = _env_int(SLICES, DEFAULT_SLICES, 1)
     chosen, why = _rotation(config, slices)
@@ -191,9 +198,7 @@ def pytest_report_collectionfinish(config: pytest.Config) -> str | None:
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """The same line at the end under pytest-xdist (`make test`), whose workers collect
     and choose the slice, each the same one, out of sight."""
-    if not config.pluginmanager.hasplugin("dsession"):
-        return
-    if os.environ.get(ALL_TESTS) == "1" or "rotating" in (config.option.markexpr or ""):
+    if not config.pluginmanager.hasplugin("dsession") or _every_rotating(config) is not None:
         return
     chosen, why = _rotation(config, _env_int(SLICES, DEFAULT_SLICES, 1))
     terminalreporter.write_line(

@@ -198,8 +198,9 @@ def _computed(t: PlannedTensor, budget: int, threads: int, lanes: int) -> int:
     total = 2 * rows * row_out + lanes * chunk * _per_row(t)
     if t.call is not None:  # (the founding blend's two inputs: within its estimate's error)
         total += lanes * len(t.inputs) * MAPPED_AROUND
-    if t.method is not None and t.method.held_bytes() <= kept_room(budget):
-        total += t.method.held_bytes()  # what its statistics passes keep for the writing pass
+    held = t.method.held_bytes() if t.method is not None else 0
+    if held <= kept_room(budget):
+        total += held  # what its statistics passes keep for the writing pass
     if lanes > 1 and t.method is not None and t.method.stat_passes():
         total += lanes * len(t.inputs) * STAT_PART  # each lane's part of a statistics pass
     for term in (term for i in t.inputs for term in i.terms):

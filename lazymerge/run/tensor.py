@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lazymerge.errors import NumericsError
-from lazymerge.meaning.methods.base import Splittable
+from lazymerge.meaning.methods.base import Keeps, Splittable
 from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
@@ -229,7 +229,7 @@ def _stat_passes(
     stats = None
     for k in range(t.method.stat_passes()):
         acc = t.method.stats_pass(k, stats)
-        if hasattr(acc, "room"):  # (meaning.methods.stats.Stats)
+        if isinstance(acc, Keeps):
             acc.room = memory.kept_room(ctx.budget)
         if isinstance(acc, Splittable) and (parts := _parts(acc, lanes, len(spans))):
             ctx.pool().run(_Feed(t, factors, acc, [*parts]), spans)

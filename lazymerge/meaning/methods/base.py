@@ -75,6 +75,15 @@ class Splittable(Protocol):
         ...
 
 
+@runtime_checkable
+class Keeps(Protocol):
+    """An accumulator that may keep, for the writing pass, what its method declares in
+    `Method.held_bytes` (stats.Stats: DARE's drawn masks) where the executor grants
+    `room` bytes for it (run/budget.kept_room); 0, none."""
+
+    room: int
+
+
 class Method(ABC):
     """How one output tensor's rows are made from its inputs' rows."""
 

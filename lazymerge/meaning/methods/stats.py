@@ -5,6 +5,7 @@ of magnitudes (select.py), rank masks, 1-D DELLA's gathered magnitudes, exact su
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,8 +86,6 @@ class Stats:
 
     def kept(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The mask `keep` kept for these elements (given back once), or None."""
-        import math
-
         import numpy as np
         import torch
 

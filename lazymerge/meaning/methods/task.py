@@ -144,7 +144,6 @@ class TaskMerge(Method):
             self._fresh_masks(stats)
 
         fed = {"select": [*stats.order], "gather": [*stats.gathered], "norms": [*stats.sums]}
-        held = self.held_bytes()
 
         def feed(block: Block, into: Stats) -> None:
             b = block.rows(0).to(dtype_of(self.compute))
@@ -155,7 +154,7 @@ class TaskMerge(Method):
                 elif stage == "gather":
                     into.gathered[i].append(delta.abs())
                 else:
-                    whole, masked = self._masked(i, delta, block, into, store=0 < held <= into.room)
+                    whole, masked = self._masked(i, delta, block, into, store=self._keeps(into))
                     into.sums[i][0].add(whole.abs())
                     into.sums[i][1].add(masked.abs())
 
@@ -256,6 +255,10 @@ class TaskMerge(Method):
             if store:
                 stats.keep(i, start, mask)
         return whole, whole * mask.to(w)
+
+    def _keeps(self, stats: Stats) -> bool:
+        """Whether a norms pass keeps its drawn masks: they fit the room it was given."""
+        return 0 < self.held_bytes() <= stats.room
 
     def held_bytes(self) -> int:
         """The norms pass's drawn masks (DARE, DELLA with the rescale), a bit per element
