@@ -304,6 +304,33 @@ def test_a_failure_in_a_lane_stops_the_merge(
     assert list((tmp_path / "out").glob("*.partial"))
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_nonfinite_rows_found_by_a_lane_stop_the_merge(
+    job: Path, tmp_path: Path, lane_threads: set[str], monkeypatch: pytest.MonkeyPatch, lanes: int
+) -> None:
+    """An Inf in one chunk of a block (checked where the chunk is cast) names the tensor
+    and the block's rows; allow_nonfinite writes it and lists the tensor."""
+    from lazymerge.errors import NumericsError
+    from lazymerge.meaning.methods.base import Block
+    from lazymerge.meaning.methods.linear import Linear
+
+    bad, row = "model.layers.0.mlp.down_proj.weight", 100  # its second 64-row chunk
+    combine = Linear.combine
+
+    def overflowing(self: Linear, block: Block, stats: object = None) -> torch.Tensor:
+        acc = combine(self, block, stats)
+        if block.t.name == bad and block.start <= row < block.stop:  # type: ignore[attr-defined]
+            acc[row - block.start, 3] = float("inf")
+        return acc
+
+    monkeypatch.setattr(Linear, "combine", overflowing)
+    with pytest.raises(NumericsError, match=rf"{bad}: 1 NaN/Inf values in rows \d+-\d+ "):
+        merged(job, tmp_path / "out", lanes, BLOCKS)
+    plan = build_plan(load_recipe(job))
+    options = MergeOptions(max_memory=BLOCKS, progress=False, lanes=lanes, allow_nonfinite=True)
+    assert run_merge(plan, tmp_path / "allowed", options).nonfinite == (bad,)
+
+
 def test_a_failure_lets_the_lanes_waiting_on_it_go(
     job: Path, tmp_path: Path, lane_threads: set[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

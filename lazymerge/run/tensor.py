@@ -176,7 +176,8 @@ def _compute(ctx: ShardContext, t: PlannedTensor) -> None:
         else:
             for span in spans:
                 fill(ctx.source, span)
-        _check_finite(ctx, t, out, (r0, r1))
+        if fill.nonfinite:
+            _nonfinite(ctx, t, out, (r0, r1))
         _queue(ctx, t, out, t.offset + r0 * row_bytes)
         ctx.step((r1 - r0) * row_bytes)
 
@@ -191,6 +192,7 @@ class _Fill:
     stats: Any
     out: torch.Tensor
     r0: int
+    nonfinite: list[tuple[int, int]] = field(default_factory=list)  # spans holding NaN/Inf
 
     def __call__(self, source: Source, span: tuple[int, int]) -> None:
         assert self.t.method is not None
@@ -202,7 +204,10 @@ class _Fill:
         except BaseException:  # no other lane waits on this chunk (select.RankMask)
             self.t.method.abandon(self.stats)
             raise
-        source.scratch.cast(self.out[c0 - self.r0 : c1 - self.r0], acc)
+        rows = self.out[c0 - self.r0 : c1 - self.r0]
+        source.scratch.cast(rows, acc)
+        if not _finite(rows):  # checked here, while the rows are in this lane's cache
+            self.nonfinite.append(span)
 
 
 def _queue(ctx: ShardContext, t: PlannedTensor, out: torch.Tensor, at: int) -> None:
@@ -274,12 +279,10 @@ class _Feed:
             raise
 
 
-def _check_finite(
+def _nonfinite(
     ctx: ShardContext, t: PlannedTensor, out: torch.Tensor, span: tuple[int, int]
 ) -> None:
-    """NaN/Inf in a block stops the merge, naming the tensor, unless allow_nonfinite."""
-    if _finite(out):
-        return
+    """NaN/Inf found in a block: the merge stops, naming the tensor, unless allow_nonfinite."""
     if t.name not in ctx.nonfinite:
         ctx.nonfinite.append(t.name)
     if ctx.allow_nonfinite:
