@@ -560,3 +560,39 @@ def test_describe_and_passes() -> None:
     assert (f32[3], f32[4], f32[10]) == (2, 3, 3)  # fp32 cuts take two passes
     drawn = {c.id: build(c).stat_passes() for c in with_draws("F16")}
     assert sorted(set(drawn.values())) == [0, 1, 2]  # rescale off; norms; 1-D DELLA's gather
+
+
+def mergekit_vote(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: torch.dtype) -> Any:
+    """ties_merging's arithmetic as mergekit writes it (get_mask with "sum", then the
+    masked sums), in the deltas' dtype."""
+    sign = deltas.sign().to(mask_dtype)
+    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    mask = sign == majority
+    return (deltas * mask).sum(dim=0), (weights * mask).sum(dim=0)
+
+
+SPECIALS = (0.0, -0.0, math.inf, -math.inf, math.nan, 1e-8, -1e-8, 6e-8, 65504.0, 2048.0, 1.0)
+
+
+@pytest.mark.parametrize("dt", ["F16", "BF16", "F32", "F64"])
+@pytest.mark.parametrize("int8_mask", [False, True])
+def test_the_sign_vote_has_mergekits_bits(dt: str, int8_mask: bool) -> None:
+    """task.sign_vote (fp32 work for fp16/bf16) against mergekit's formula in d: the same
+    bits, with ±0, ±inf, NaN, subnormals and sums that round to ±0 among the deltas, and
+    negative or zero weights; a NaN's payload may differ (torch's own conversions do not
+    keep it), so NaNs are compared by place."""
+    d, gen = DTYPES[dt], torch.Generator().manual_seed(5)
+    specials = torch.tensor(SPECIALS)
+    for n, trial in [(n, t) for n in (1, 2, 3, 5, 12, 40) for t in range(6)]:
+        x = torch.randn((n, 37, 53), generator=gen) * 10.0 ** (trial - 4)
+        pick = torch.rand(x.shape, generator=gen) < 0.15
+        x[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=gen)]
+        w = (torch.rand(n, generator=gen) * 2 - 0.5).to(d).view(-1, 1, 1)
+        w[0] = 0 if trial % 3 == 0 else w[0]
+        deltas = x.to(d) * w
+        want = mergekit_vote(deltas, w, torch.int8 if int8_mask else d)
+        got = task.sign_vote(deltas.clone(), w)
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype and torch.equal(g.isnan(), e.isnan()), (n, trial)
+            finite = ~e.isnan()
+            assert torch.equal(bits(g)[finite], bits(e)[finite]), (n, trial)
