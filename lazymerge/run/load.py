@@ -33,11 +33,18 @@ class TorchLoad:
             self._thread.start()
 
     def _load(self) -> None:
+        # The collector off while torch's million objects are made (see __main__): ~10 %
+        # of the import; wait() then freezes them.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             for name in COMPUTE_MODULES:
                 __import__(name)
         except BaseException as e:  # raised in the merge's thread, by wait()
             self._error = e
+        finally:
+            if collecting:
+                gc.enable()
 
     def wait(self) -> None:
         """Block until torch is in; the first call sets this merge's torch threads."""
