@@ -322,9 +322,11 @@ def test_karcher_stops_reading_once_converged() -> None:
         def __init__(self, r0: int, r1: int) -> None:
             self.start, self.stop, self.shared = r0, r1, r1 - r0
 
-        def rows(self, i: int, n: int | None = None) -> torch.Tensor:
+        def rows(
+            self, i: int, n: int | None = None, dtype: torch.dtype | None = None
+        ) -> torch.Tensor:
             reads.append(k)
-            return inputs[i][self.start : self.stop].clone()
+            return inputs[i][self.start : self.stop].to(dtype or torch.float32, copy=True)
 
     for k in range(method.stat_passes()):
         acc = method.stats_pass(k, stats)

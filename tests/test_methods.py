@@ -31,10 +31,11 @@ class FakeBlock:
     shared: int
     read: list[int] = dataclasses.field(default_factory=list)
 
-    def rows(self, i: int, n: int | None = None) -> torch.Tensor:
+    def rows(self, i: int, n: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.read.append(i)
         have = min(self.stop, self.inputs[i].shape[0]) - self.start
-        return self.inputs[i][self.start : self.start + (have if n is None else n)].clone()
+        rows = self.inputs[i][self.start : self.start + (have if n is None else n)]
+        return rows.to(dtype or torch.float32, copy=True)
 
 
 def test_linear_is_a_weighted_sum_in_input_order() -> None:

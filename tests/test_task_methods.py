@@ -227,8 +227,9 @@ class FakeBlock:
     def shared(self) -> int:
         return self.stop - self.start
 
-    def rows(self, i: int, n: int | None = None) -> torch.Tensor:
-        return self.inputs[i][self.start : self.stop].clone()
+    def rows(self, i: int, n: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        rows = self.inputs[i][self.start : self.stop].clone()
+        return rows if dtype is None else rows.to(dtype)
 
 
 def build(case: Case, seed: int = SEED) -> Method:

@@ -92,22 +92,33 @@ class TensorBlock:
     def shared(self) -> int:
         return max(0, min(self.stop, self.t.shared_rows) - self.start)
 
-    def rows(self, i: int, n: int | None = None) -> torch.Tensor:
+    def rows(self, i: int, n: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         inp = self.t.inputs[i]
         have = max(0, min(self.stop, inp.rows) - self.start)
         r1 = self.start + (have if n is None else min(n, have))
-        return _side(self.source, inp, self.factors[i], (self.start, r1), str(i))
+        span, slot = (self.start, r1), str(i)
+        if dtype in (None, torch.float32) or inp.terms or inp.gather is not None:
+            rows = _side(self.source, inp, self.factors[i], span, slot)
+            return rows if dtype is None else rows.to(dtype)
+        # No adapter: the stored values straight into `dtype`, the same values as through
+        # fp32 (every float conversion here goes through fp32 or is exact), one pass fewer.
+        return _side(self.source, inp, self.factors[i], span, slot, dtype)
 
 
 def _side(
-    src: Source, inp: Input, factors: Sequence[Factor], span: tuple[int, int], slot: str
+    src: Source,
+    inp: Input,
+    factors: Sequence[Factor],
+    span: tuple[int, int],
+    slot: str,
+    dtype: torch.dtype = torch.float32,  # another float dtype only where `inp` has no terms
 ) -> torch.Tensor:
     """fp32 copy of rows [r0, r1) of one model's tensor with its adapters applied in place.
 
     (A non-float tensor, which the plan never blends, keeps its own dtype.)
     """
     ref, (r0, r1) = inp.ref, span
-    dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
+    dtype = dtype if ref.is_float else DTYPES[ref.dtype]
     acc = src.scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
     if inp.gather is not None:  # read by token; the plan gives such inputs no adapters
         gather_rows(src.reader, src.scratch, acc, inp, r0)

@@ -46,10 +46,11 @@ class Block(Protocol):
         has rows (a smaller vocabulary in another model)."""
         ...
 
-    def rows(self, i: int, n: int | None = None) -> torch.Tensor:
+    def rows(self, i: int, n: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The first `n` rows (default: all the input has) of input `i`'s block, in float32
         with its adapters applied: a scratch buffer the method may change in place, valid
-        until the next block."""
+        until the next block. With `dtype`, those values converted to it (as
+        `.to(dtype)` would), read straight into it where no adapter applies."""
         ...
 
 

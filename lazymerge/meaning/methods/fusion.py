@@ -157,7 +157,7 @@ class ArceeFusion(Method):
 
     def _inputs(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         d = dtype_of(self.compute)
-        return block.rows(0).to(d), block.rows(1).to(d)
+        return block.rows(0, dtype=d), block.rows(1, dtype=d)
 
     def _importance(self, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """|x - b| times the row's KL(softmax(x) + eps ‖ softmax(b) + eps), all in d."""

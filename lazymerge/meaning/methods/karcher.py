@@ -63,7 +63,7 @@ class Karcher(Method):
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         d = dtype_of(self.compute)
-        x = [block.rows(i).to(d) for i in self.inputs]
+        x = [block.rows(i, dtype=d) for i in self.inputs]
         if len(x) == 1:
             return x[0]
         if not stats["valid"]:  # every norm at or below tol: mergekit's zeros
@@ -79,7 +79,7 @@ class Karcher(Method):
     def _measured(self, k: int, block: Block, state: dict[str, Any]) -> list[torch.Tensor]:
         """What pass k sums the squares or products of on this block (its terms)."""
         w = wide(dtype_of(self.compute))
-        x = [block.rows(i).to(dtype_of(self.compute)) for i in self.inputs]
+        x = [block.rows(i, dtype=dtype_of(self.compute)) for i in self.inputs]
         if k == 0:
             return [t.to(w).double().square() for t in x]
         units = self._units(x, state)

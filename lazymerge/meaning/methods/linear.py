@@ -81,7 +81,7 @@ class Weighted(Method):
 
         dtype = DTYPES[self.compute]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        x = [block.rows(i).to(dtype) for i in self.order]
+        x = [block.rows(i, dtype=dtype) for i in self.order]
         # mergekit's shapes: a leading axis of groups, coefficients (groups, 1, ...).
         shape = (1,) + (1,) * x[0].dim()
         coefficients = torch.tensor([[self.weights[i] for i in self.order]], dtype=acc)

@@ -69,7 +69,7 @@ class Multislerp(Method):
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
         if len(self.models) == 1:  # mergekit returns the one model as it is
-            return block.rows(self.models[0]).to(dtype_of(self.compute))
+            return block.rows(self.models[0], dtype=dtype_of(self.compute))
         b, flat = self._flat(block)
         shape = (block.stop - block.start, *self.shape[1:])
         weights: torch.Tensor = stats["weights"]
@@ -97,8 +97,8 @@ class Multislerp(Method):
         import torch
 
         d = dtype_of(self.compute)
-        b = None if self.base is None else block.rows(self.base).to(d)
-        tensors = torch.stack([block.rows(i).to(d) for i in self.models])
+        b = None if self.base is None else block.rows(self.base, dtype=d)
+        tensors = torch.stack([block.rows(i, dtype=d) for i in self.models])
         if b is not None:
             tensors -= b
         return b, tensors.view(len(self.models), -1)

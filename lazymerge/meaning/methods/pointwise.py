@@ -26,7 +26,7 @@ class Nearswap(Method):
 
     def combine(self, block: Block, stats: object = None) -> torch.Tensor:
         d = dtype_of(self.compute)
-        a, b = block.rows(0).to(d), block.rows(1).to(d)
+        a, b = block.rows(0, dtype=d), block.rows(1, dtype=d)
         # t / tensor is torch's reciprocal, then a multiplication by t (Tensor.__rtruediv__)
         weight = (self.t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
         result: torch.Tensor = weight * b + (1 - weight) * a
@@ -43,7 +43,7 @@ class Passthrough(Method):
     scale: float  # 1: the input as it is (mergekit's default, no scale)
 
     def combine(self, block: Block, stats: object = None) -> torch.Tensor:
-        x = block.rows(0).to(dtype_of(self.compute))
+        x = block.rows(0, dtype=dtype_of(self.compute))
         return x if self.scale == 1 else x * self.scale
 
     def describe(self) -> str:

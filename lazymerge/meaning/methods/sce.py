@@ -111,10 +111,10 @@ class Sce(Method):
         import torch
 
         d = dtype_of(self.compute)
-        b = block.rows(0).to(d)
+        b = block.rows(0, dtype=d)
         if not self.inputs:
             return b, b.unsqueeze(0)
-        return b, torch.stack([block.rows(i).to(d) - b for i in range(1, self.inputs + 1)])
+        return b, torch.stack([block.rows(i, dtype=d) - b for i in range(1, self.inputs + 1)])
 
     def _mask_dtype(self) -> torch.dtype:
         import torch

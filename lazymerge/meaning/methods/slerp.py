@@ -64,7 +64,7 @@ class Slerp(Method):
         def feed(block: Block, into: Sequence[Sum]) -> None:
             # In d, then float64 a few rows at a time (the values _wide gives, exactly; small
             # temporaries in each lane).
-            da, db = (block.rows(i).to(dtype_of(self.compute)) for i in (0, 1))
+            da, db = (block.rows(i, dtype=dtype_of(self.compute)) for i in (0, 1))
             step = max(1, PRODUCTS // max(da[:1].numel(), 1))
             for r in range(0, len(da), step):
                 a, b = da[r : r + step].double(), db[r : r + step].double()
@@ -114,7 +114,7 @@ class Slerp(Method):
     def _wide(self, block: Block, i: int) -> torch.Tensor:
         """Input i's rows cast to the compute dtype, then to float32 (float64) to work in."""
         d = dtype_of(self.compute)
-        return block.rows(i).to(d).to(wide(d))
+        return block.rows(i, dtype=d).to(wide(d))
 
 
 @dataclass(frozen=True)
@@ -191,8 +191,8 @@ class Nuslerp(Method):
     def _vectors(self, block: Block) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(the base's rows or None, the two vectors), in the compute dtype."""
         d = dtype_of(self.compute)
-        b = None if self.base is None else block.rows(self.base).to(d)
-        x0, x1 = (block.rows(i).to(d) for i in self.models)
+        b = None if self.base is None else block.rows(self.base, dtype=d)
+        x0, x1 = (block.rows(i, dtype=d) for i in self.models)
         return (None, x0, x1) if b is None else (b, x0 - b, x1 - b)
 
 

@@ -85,8 +85,8 @@ class ModelStock(Method):
     def _inputs(self, block: Block) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The base's rows, the models', and their offsets from the base, in d."""
         d = dtype_of(self.compute)
-        base = block.rows(0).to(d)
-        models = [block.rows(i).to(d) for i in self.models]
+        base = block.rows(0, dtype=d)
+        models = [block.rows(i, dtype=d) for i in self.models]
         return base, models, [m - base for m in models]
 
     def _ratio(self, norms: list[torch.Tensor], dots: list[torch.Tensor]) -> torch.Tensor:

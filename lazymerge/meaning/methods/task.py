@@ -165,9 +165,9 @@ class TaskMerge(Method):
         fed = {"select": [*stats.order], "gather": [*stats.gathered], "norms": [*stats.sums]}
 
         def feed(block: Block, into: Stats) -> None:
-            b = block.rows(0).to(dtype_of(self.compute))
+            b = block.rows(0, dtype=dtype_of(self.compute))
             for i in fed[stage]:
-                delta = block.rows(i).to(b.dtype) - b
+                delta = block.rows(i, dtype=b.dtype) - b
                 if stage == "select":
                     into.order[i].update(self._rank_values(delta))
                 elif stage == "gather":
@@ -200,14 +200,14 @@ class TaskMerge(Method):
 
         state = stats if isinstance(stats, Stats) else self._fresh_masks(self._start())  # no pass
         d = dtype_of(self.compute)
-        b = block.rows(0).to(d)
+        b = block.rows(0, dtype=d)
         if not self.prunes:
             return b
         deltas = b.new_empty((len(self.prunes), *b.shape))
         # In place where mergekit makes a new tensor: the same operations on the same
         # values, so the same bits, with fewer passes over memory.
         for i, p in enumerate(self.prunes, start=1):  # mergekit's sparsify(), input by input
-            delta = torch.sub(block.rows(i).to(d), b, out=deltas[i - 1])
+            delta = torch.sub(block.rows(i, dtype=d), b, out=deltas[i - 1])
             if p.kind == ZERO:
                 delta.zero_()
             elif p.kind != KEEP:
