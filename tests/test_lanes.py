@@ -197,6 +197,32 @@ def test_drawn_masks_are_kept_for_the_writing_pass(
     assert once > 0 and len(drawn) == 2 * once, (once, len(drawn))
 
 
+@pytest.mark.parametrize("cols", [48, 53])  # rows of whole bytes (one buffer), or not
+def test_kept_masks_come_back_once_as_drawn(cols: int) -> None:
+    """stats.Kept: chunks put by two threads at once, for two inputs, each taken back
+    once, in another order, as it was put; a chunk never put is not there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lazymerge.meaning.methods.stats import Kept
+
+    rows, gen, kept = 50, torch.Generator().manual_seed(3), Kept()
+    masks = {i: torch.rand((rows, cols), generator=gen) < 0.5 for i in (1, 2)}
+    spans = [(r, min(r + 7, rows)) for r in range(0, rows, 7)]  # the last one short
+    jobs = [(i, r0, r1) for i in masks for r0, r1 in spans]
+
+    def put(job: tuple[int, int, int]) -> None:
+        i, r0, r1 = job
+        kept.put(i, r0 * cols, masks[i][r0:r1].clone(), rows * cols)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(put, jobs))
+    assert kept.take(1, 3 * cols, (7, cols)) is None  # no chunk starts there
+    for i, r0, r1 in reversed(jobs):
+        got = kept.take(i, r0 * cols, (r1 - r0, cols))
+        assert got is not None and torch.equal(got, masks[i][r0:r1]), (i, r0)
+        assert kept.take(i, r0 * cols, (r1 - r0, cols)) is None  # given back once
+
+
 WITH_STATISTICS = {  # id: a recipe of a method with statistics passes
     "ties": lambda job: nmodel(job, "ties", {}),
     "ties-f16": lambda job: nmodel(job, "ties", {}) | {"compute": "float16"},

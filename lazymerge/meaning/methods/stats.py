@@ -6,6 +6,7 @@ of magnitudes (select.py), rank masks, 1-D DELLA's gathered magnitudes, exact su
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,9 +39,9 @@ class Stats:
     factors: dict[int, torch.Tensor | None] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # a method's own (sce)
     counts: dict[str, int] = field(default_factory=dict)  # summed over the blocks (sce)
-    # a norms pass's drawn keep masks, packed 8 to a byte, by (input, flat start, count):
-    # the writing pass takes them back rather than drawing them again (task.py)
-    keeps: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    # a norms pass's drawn keep masks, a bit per element: the writing pass takes them back
+    # rather than drawing them again (task.py); shared with the parts, as the masks are
+    keeps: Kept = field(default_factory=lambda: Kept())
     room: int = 0  # bytes the executor lets a pass keep for the next (Method.held_bytes)
 
     def update(self, block: Block) -> None:
@@ -61,6 +62,7 @@ class Stats:
             probs=self.probs,
             sums={i: tuple(s.part() for s in pair) for i, pair in self.sums.items()},
             counts=dict.fromkeys(self.counts, 0),
+            keeps=self.keeps,
             room=self.room,
         )
 
@@ -73,29 +75,62 @@ class Stats:
                 mine.merge(theirs)
         for key, n in part.counts.items():
             self.counts[key] += n
-        self.keeps.update(part.keeps)
 
-    def keep(self, i: int, start: int, mask: torch.Tensor) -> None:
-        """Keep input `i`'s drawn mask of the elements from flat index `start` (a CPU
-        one: packed with numpy) for `kept`."""
-        import numpy as np
-
+    def keep(self, i: int, start: int, mask: torch.Tensor, total: int) -> None:
+        """Keep input `i`'s drawn mask of the elements from flat index `start` of a tensor
+        of `total` elements (a CPU one) for `kept`."""
         if mask.device.type == "cpu":
-            bits = np.packbits(mask.numpy().reshape(-1))
-            self.keeps[(i, start, mask.numel())] = bits
+            self.keeps.put(i, start, mask, total)
 
     def kept(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The mask `keep` kept for these elements (given back once), or None."""
-        import numpy as np
-        import torch
-
-        count = math.prod(shape)
-        bits = self.keeps.pop((i, start, count), None)
-        if bits is None:
-            return None
-        return torch.from_numpy(np.unpackbits(bits, count=count).view(np.bool_)).view(shape)
+        return self.keeps.take(i, start, shape)
 
     def abandon(self) -> None:
         """A pass stopped short: no block waits on a mask's tie counts (Method.abandon)."""
         for mask in self.masks.values():
             mask.abandon()
+
+
+class Kept:
+    """Drawn keep masks, a bit per element: one buffer per input for the whole tensor,
+    where a chunk starts on a byte (every chunk of a matrix whose rows are whole bytes),
+    else a small array per chunk. A buffer goes once its chunks are all taken back.
+    Lanes put and take disjoint chunks at once."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, Any] = {}  # input -> packed bits of the whole tensor
+        self._left: dict[int, int] = {}  # input -> its chunks in the buffer not taken yet
+        self._chunks: dict[tuple[int, int, int], Any] = {}  # (input, start, count) -> bits
+        self._lock = threading.Lock()
+
+    def put(self, i: int, start: int, mask: torch.Tensor, total: int) -> None:
+        import numpy as np
+
+        count = mask.numel()
+        bits = np.packbits(mask.numpy().reshape(-1))
+        if start % 8 or (count % 8 and start + count != total):
+            self._chunks[(i, start, count)] = bits
+            return
+        with self._lock:
+            if i not in self._buffers:
+                self._buffers[i], self._left[i] = np.empty(-(-total // 8), np.uint8), 0
+            self._left[i] += 1
+            self._chunks[(i, start, count)] = None  # in the buffer
+        self._buffers[i][start // 8 : start // 8 + len(bits)] = bits
+
+    def take(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        import numpy as np
+        import torch
+
+        count = math.prod(shape)
+        with self._lock:
+            if (key := (i, start, count)) not in self._chunks:
+                return None
+            bits = self._chunks.pop(key)
+            if bits is None:
+                bits = self._buffers[i][start // 8 : start // 8 - (-count // 8)]
+                self._left[i] -= 1
+                if not self._left[i]:
+                    del self._buffers[i], self._left[i]
+        return torch.from_numpy(np.unpackbits(bits, count=count).view(np.bool_)).view(shape)

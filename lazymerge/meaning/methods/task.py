@@ -270,7 +270,7 @@ class TaskMerge(Method):
                 prob = self._della_probs(i, delta.abs())
             mask = draws.keep_mask(key, start, tuple(whole.shape), prob, whole.device)
             if store:
-                stats.keep(i, start, mask)
+                stats.keep(i, start, mask, math.prod(self.shape))
         return whole, whole * mask.to(w)
 
     def _keeps(self, stats: Stats) -> bool:
