@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -454,3 +455,39 @@ def test_dtype_sizes_agree_with_torch() -> None:
     from lazymerge.read.tensorref import ITEMSIZE
 
     assert {code: dtype.itemsize for code, dtype in DTYPES.items()} == ITEMSIZE
+
+
+def mapped_rss(path: Path) -> int:
+    """Bytes of `path`'s pages mapped into this process now (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's first line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc/self/smaps")
+def test_released_rows_leave_no_pages_mapped(tmp_path: Path) -> None:
+    """Rows read in chunks that start anywhere in a page, each released once read: the
+    pages a fault maps around the next chunk's first row (the end of the chunk before,
+    released already) go too, so the mapped pages stay within a chunk's, not a tensor's."""
+    cols = 25_000  # 50 KB rows of fp16: chunk boundaries off every page and 64 KiB window
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1200, cols, dtype=torch.float16)}, str(f))  # 60 MB
+    fd = os.open(f, os.O_RDONLY)
+    try:  # out of the page cache, then read back: in large folios, as a merge finds it
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 2**20):
+            pass
+    finally:
+        os.close(fd)
+    ref = CheckpointIndex.open(tmp_path)["w"]
+    with MappedReader() as reader:
+        for r0 in range(0, ref.rows, 7):  # 350 KB chunks
+            r1 = min(r0 + 7, ref.rows)
+            assert float(reader.rows(ref, r0, r1).float().sum()) == 0
+            reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
+            assert mapped_rss(f) < 4 * 2**20, r0
