@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
 from lazymerge.meaning.methods.stats import Stats
-from lazymerge.meaning.methods.task import SELECT_PASSES, dtype_of, sign_agreement
+from lazymerge.meaning.methods.task import SELECT_PASSES, as_mask, dtype_of, sign_agreement
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +132,7 @@ class Sce(Method):
         if mask is None:  # select_topk >= 1
             return tvs
         keep = mask(self._variance(tvs), block.start * math.prod(self.shape[1:]))
-        return tvs * keep.to(self._mask_dtype()).unsqueeze(0)
+        return tvs * as_mask(keep, self._mask_dtype()).unsqueeze(0)
 
     def _ranks(self, stats: Stats) -> tuple[int, ...]:
         """After the first pass: k from the nonzero count, in fp32 as mergekit's
