@@ -97,34 +97,29 @@ class TensorBlock:
         have = max(0, min(self.stop, inp.rows) - self.start)
         r1 = self.start + (have if n is None else min(n, have))
         span, slot = (self.start, r1), str(i)
-        if dtype in (None, torch.float32) or inp.terms or inp.gather is not None:
+        direct = inp.ref.is_float and not inp.terms and inp.gather is None
+        if dtype in (None, torch.float32) or not direct:
             rows = _side(self.source, inp, self.factors[i], span, slot)
             return rows if dtype is None else rows.to(dtype)
         # No adapter: the stored values straight into `dtype`, the same values as through
         # fp32 (every float conversion here goes through fp32 or is exact), one pass fewer.
-        return _side(self.source, inp, self.factors[i], span, slot, dtype)
+        return _stored(self.source, inp.ref, span, slot, dtype)
 
 
 def _side(
-    src: Source,
-    inp: Input,
-    factors: Sequence[Factor],
-    span: tuple[int, int],
-    slot: str,
-    dtype: torch.dtype = torch.float32,  # another float dtype only where `inp` has no terms
+    src: Source, inp: Input, factors: Sequence[Factor], span: tuple[int, int], slot: str
 ) -> torch.Tensor:
     """fp32 copy of rows [r0, r1) of one model's tensor with its adapters applied in place.
 
     (A non-float tensor, which the plan never blends, keeps its own dtype.)
     """
     ref, (r0, r1) = inp.ref, span
-    dtype = dtype if ref.is_float else DTYPES[ref.dtype]
-    acc = src.scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
+    dtype = torch.float32 if ref.is_float else DTYPES[ref.dtype]
     if inp.gather is not None:  # read by token; the plan gives such inputs no adapters
+        acc = src.scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
         gather_rows(src.reader, src.scratch, acc, inp, r0)
         return acc
-    src.scratch.fill(acc, src.reader.rows(ref, r0, r1))  # a copy: the mapped view is read-only
-    src.reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
+    acc = _stored(src, ref, span, slot, dtype)
     for term, factor in zip(inp.terms, factors, strict=True):
         if factor is None:
             _replace(src, acc, term, span)
@@ -135,6 +130,18 @@ def _side(
         if term.magnitude is not None:  # DoRA: rescale each row to its magnitude
             m = src.scratch.put(src.reader.rows(term.magnitude, r0, r1), torch.float32)
             acc.mul_((m / acc.norm(dim=1)).unsqueeze(1))
+    return acc
+
+
+def _stored(
+    src: Source, ref: TensorRef, span: tuple[int, int], slot: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows [r0, r1) of `ref` as stored, converted to `dtype` in scratch slot `slot` (a
+    copy: the mapped view is read-only); their pages released."""
+    r0, r1 = span
+    acc = src.scratch.take(slot, (r1 - r0, *ref.shape[1:]), dtype)
+    src.scratch.fill(acc, src.reader.rows(ref, r0, r1))
+    src.reader.release(ref, r0 * ref.row_nbytes, r1 * ref.row_nbytes)
     return acc
 
 
