@@ -115,9 +115,11 @@ class Kept:
         with self._lock:
             if i not in self._buffers:
                 self._buffers[i], self._left[i] = np.empty(-(-total // 8), np.uint8), 0
+            buffer = self._buffers[i]
+        buffer[start // 8 : start // 8 + len(bits)] = bits  # lanes write disjoint bytes
+        with self._lock:  # there to take once written
             self._left[i] += 1
             self._chunks[(i, start, count)] = None  # in the buffer
-        self._buffers[i][start // 8 : start // 8 + len(bits)] = bits
 
     def take(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
         import numpy as np
