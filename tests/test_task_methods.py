@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lazymerge.errors import NumericsError
-from lazymerge.meaning.methods import draws, linear, sce, task
+from lazymerge.meaning.methods import draws, linear, sce, task, vote
 from lazymerge.meaning.methods.base import Method, Resolved
 from lazymerge.meaning.methods.task import SELECT_PASSES
 from lazymerge.recipe.methods import METHOD_PARAMS, Scope
@@ -578,7 +578,7 @@ SPECIALS = (0.0, -0.0, math.inf, -math.inf, math.nan, 1e-8, -1e-8, 6e-8, 65504.0
 @pytest.mark.parametrize("dt", ["F16", "BF16", "F32", "F64"])
 @pytest.mark.parametrize("int8_mask", [False, True])
 def test_the_sign_vote_has_mergekits_bits(dt: str, int8_mask: bool) -> None:
-    """task.sign_vote (fp32 work for fp16/bf16) against mergekit's formula in d: the same
+    """vote.sign_vote (fp32 work for fp16/bf16) against mergekit's formula in d: the same
     bits, with ±0, ±inf, NaN, subnormals and sums that round to ±0 among the deltas, and
     negative or zero weights; a NaN's payload may differ (torch's own conversions do not
     keep it), so NaNs are compared by place."""
@@ -592,7 +592,7 @@ def test_the_sign_vote_has_mergekits_bits(dt: str, int8_mask: bool) -> None:
         w[0] = 0 if trial % 3 == 0 else w[0]
         deltas = x.to(d) * w
         want = mergekit_vote(deltas, w, torch.int8 if int8_mask else d)
-        got = task.sign_vote(deltas.clone(), w)
+        got = vote.sign_vote(deltas.clone(), w)
         for g, e in zip(got, want, strict=True):
             assert g.dtype == e.dtype and torch.equal(g.isnan(), e.isnan()), (n, trial)
             finite = ~e.isnan()

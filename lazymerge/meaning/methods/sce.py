@@ -4,7 +4,7 @@ All in the compute dtype d with mergekit's torch operations, block by block:
 1. `τ_i = x_i - b`; with `select_topk < 1`, one mask for all inputs keeps the
    `k = ⌊Z·select_topk⌋` (an fp32 product) largest variances over the inputs, Z being
    the nonzero ones: exact order statistics (select.py), ties by flat index;
-2. the sign vote on the unweighted (masked) τ (task.sign_agreement);
+2. the sign vote on the unweighted (masked) τ (vote.sign_agreement);
 3. `ω_i` from mean(τ_i²) over the whole tensor (exact.Sum, rounded as mergekit's mean
    rounds: fp32, divided by N, then d), normalised to sum 1;
 4. `b + Σ τ_i ω_i m_i / max(Σ ω_i m_i, 1e-6)`.
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
 from lazymerge.meaning.methods.stats import Stats
-from lazymerge.meaning.methods.task import SELECT_PASSES, as_mask, dtype_of, sign_agreement
+from lazymerge.meaning.methods.task import SELECT_PASSES, dtype_of
+from lazymerge.meaning.methods.vote import as_mask, sign_agreement
 
 if TYPE_CHECKING:
     import torch

@@ -20,6 +20,7 @@ from lazymerge.errors import NumericsError
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
 from lazymerge.meaning.methods.stats import Stats
+from lazymerge.meaning.methods.vote import as_mask, sign_vote
 
 if TYPE_CHECKING:
     import torch
@@ -95,42 +96,6 @@ def work_dtype(d: torch.dtype) -> torch.dtype:
     import torch
 
     return d if d == torch.bfloat16 else torch.float32
-
-
-def sign_agreement(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
-    """mergekit's get_mask("sum"): True where an input's sign is that of the sum (±0: +)."""
-    sign = deltas.sign().to(mask_dtype)
-    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    return sign == majority
-
-
-def as_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as `dtype`'s 1 and 0, the values `keep.to(dtype)` gives, through uint8
-    (and float32 for fp16): torch's CPU conversions from bool are 3-6x slower (a 13B
-    row chunk, 261k elements: bool to fp16 400 us, uint8 to fp32 to fp16 120 us)."""
-    import torch
-
-    u8 = keep.view(torch.uint8)
-    return u8.to(torch.float32).to(dtype) if dtype == torch.float16 else u8.to(dtype)
-
-
-def sign_vote(deltas: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES' vote over the weighted task vectors `deltas` ([n, ...], in d): mergekit's
-    `(deltas * mask).sum(0)` and `(weights * mask).sum(0)`, mask = sign_agreement(deltas),
-    in d. The same bits (a NaN's payload aside) at about half the time: the work in fp32
-    (fp64 for fp64), where torch's CPU kernels are fast, with the mask as 1.0/+0.0, never
-    bool. It holds because torch sums fp16/bf16 in fp32, in input order, rounding once (a
-    sum of d's values never rounds to ±0, so its sign is the rounded one's); products by 1
-    or +0 are exact in either dtype; the int8 mask gives the same mask."""
-    import torch
-
-    d = deltas.dtype
-    x = deltas.float() if d in (torch.float16, torch.bfloat16) else deltas
-    majority = (x.sum(dim=0) >= 0).to(x.dtype).mul_(2).sub_(1)  # d's sum, before rounding
-    mask = torch.sign(x).mul_(majority).gt_(0)  # NaN and ±0 deltas: +0.0
-    mixed = x.mul_(mask).sum(dim=0).to(d)
-    divisor = mask.mul_(weights.to(x.dtype)).sum(dim=0).to(d)
-    return mixed, divisor
 
 
 @dataclass(frozen=True)
