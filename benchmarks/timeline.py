@@ -60,13 +60,14 @@ class Sampler:
         last_io, last_cpu = device_bytes(self.where), sum(os.times()[:2])
         while not self._stop.wait(self.interval):
             now, io, cpu = time.monotonic(), device_bytes(self.where), sum(os.times()[:2])
-            dt = now - last_t
+            dt, (rss, files) = now - last_t, resident_mib()
             self.rows.append({
                 "t": round(now - start, 2),
                 "read_mb_s": round((io[0] - last_io[0]) / dt / 1e6),
                 "write_mb_s": round((io[1] - last_io[1]) / dt / 1e6),
                 "cores": round((cpu - last_cpu) / dt, 2),
-                **dict(zip(("rss_mib", "file_mib"), resident_mib(), strict=True)),
+                "rss_mib": rss,
+                "file_mib": files,
                 "doing": self.current,
             })  # fmt: skip
             last_t, last_io, last_cpu = now, io, cpu

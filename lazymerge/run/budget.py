@@ -8,6 +8,7 @@ import math
 import os
 
 from lazymerge.meaning.adapters import REPLACE
+from lazymerge.meaning.methods import Method
 from lazymerge.plan.model import COMPUTE, MergePlan, PlannedTensor
 from lazymerge.read.tensorref import TensorRef, itemsize
 
@@ -63,6 +64,14 @@ def kept_room(budget: int) -> int:
     DARE's drawn masks, 61.5 MiB for a 13B embedding's three inputs): a quarter of the
     budget; what does not fit is computed again."""
     return budget // 4
+
+
+def kept_bytes(method: Method | None, budget: int) -> int:
+    """What `method`'s statistics passes keep for the writing pass under `budget`: all it
+    declares (Method.held_bytes) where that fits kept_room, else nothing. The executor
+    grants it (base.Keeps.room) and the estimate counts it, by this one rule."""
+    held = method.held_bytes() if method is not None else 0
+    return held if held <= kept_room(budget) else 0
 
 
 def usable_cores() -> int:
@@ -198,9 +207,7 @@ def _computed(t: PlannedTensor, budget: int, threads: int, lanes: int) -> int:
     total = 2 * rows * row_out + lanes * chunk * _per_row(t)
     if t.call is not None:  # (the founding blend's two inputs: within its estimate's error)
         total += lanes * len(t.inputs) * MAPPED_AROUND
-    held = t.method.held_bytes() if t.method is not None else 0
-    if held <= kept_room(budget):
-        total += held  # what its statistics passes keep for the writing pass
+    total += kept_bytes(t.method, budget)  # what its statistics passes keep for the writing pass
     if lanes > 1 and t.method is not None and t.method.stat_passes():
         total += lanes * len(t.inputs) * STAT_PART  # each lane's part of a statistics pass
     for term in (term for i in t.inputs for term in i.terms):

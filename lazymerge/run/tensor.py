@@ -235,7 +235,7 @@ def _stat_passes(
     for k in range(t.method.stat_passes()):
         acc = t.method.stats_pass(k, stats)
         if isinstance(acc, Keeps):
-            acc.room = memory.kept_room(ctx.budget)
+            acc.room = memory.kept_bytes(t.method, ctx.budget)
         if isinstance(acc, Splittable) and (parts := _parts(acc, lanes, len(spans))):
             ctx.pool().run(_Feed(t, factors, acc, [*parts]), spans)
             for part in parts:

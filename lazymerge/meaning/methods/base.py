@@ -79,8 +79,8 @@ class Splittable(Protocol):
 @runtime_checkable
 class Keeps(Protocol):
     """An accumulator that may keep, for the writing pass, what its method declares in
-    `Method.held_bytes` (stats.Stats: DARE's drawn masks) where the executor grants
-    `room` bytes for it (run/budget.kept_room); 0, none."""
+    `Method.held_bytes` (stats.Stats: DARE's drawn masks) where the executor grants it
+    `room` (run/budget.kept_bytes: those bytes, or 0 where they do not fit)."""
 
     room: int
 

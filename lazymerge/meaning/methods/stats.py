@@ -42,7 +42,7 @@ class Stats:
     # a norms pass's drawn keep masks, a bit per element: the writing pass takes them back
     # rather than drawing them again (task.py); shared with the parts, as the masks are
     keeps: Kept = field(default_factory=lambda: Kept())
-    room: int = 0  # bytes the executor lets a pass keep for the next (Method.held_bytes)
+    room: int = 0  # bytes the executor grants a pass to keep for the next (budget.kept_bytes)
 
     def update(self, block: Block) -> None:
         self.feed(block, self)
@@ -76,16 +76,6 @@ class Stats:
         for key, n in part.counts.items():
             self.counts[key] += n
 
-    def keep(self, i: int, start: int, mask: torch.Tensor, total: int) -> None:
-        """Keep input `i`'s drawn mask of the elements from flat index `start` of a tensor
-        of `total` elements (a CPU one) for `kept`."""
-        if mask.device.type == "cpu":
-            self.keeps.put(i, start, mask, total)
-
-    def kept(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """The mask `keep` kept for these elements (given back once), or None."""
-        return self.keeps.take(i, start, shape)
-
     def abandon(self) -> None:
         """A pass stopped short: no block waits on a mask's tie counts (Method.abandon)."""
         for mask in self.masks.values():
@@ -105,8 +95,12 @@ class Kept:
         self._lock = threading.Lock()
 
     def put(self, i: int, start: int, mask: torch.Tensor, total: int) -> None:
+        """Keep input `i`'s mask of the elements from flat index `start` of a tensor of
+        `total` (a CPU one: a GPU's is drawn again)."""
         import numpy as np
 
+        if mask.device.type != "cpu":
+            return
         count = mask.numel()
         bits = np.packbits(mask.numpy().reshape(-1))
         if start % 8 or (count % 8 and start + count != total):
@@ -122,6 +116,7 @@ class Kept:
             self._chunks[(i, start, count)] = None  # in the buffer
 
     def take(self, i: int, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The mask `put` kept for these elements (given back once), or None."""
         import numpy as np
         import torch
 

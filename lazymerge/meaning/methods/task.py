@@ -148,7 +148,7 @@ class TaskMerge(Method):
                 elif stage == "gather":
                     into.gathered[i].append(delta.abs())
                 else:
-                    whole, masked = self._masked(i, delta, block, into, store=self._keeps(into))
+                    whole, masked = self._masked(i, delta, block, into, store=into.room > 0)
                     into.sums[i][0].add(whole.abs())
                     into.sums[i][1].add(masked.abs())
 
@@ -234,7 +234,7 @@ class TaskMerge(Method):
             return delta, delta * as_mask(keep, delta.dtype)
         w = work_dtype(delta.dtype)
         whole = delta.to(w)
-        mask = stats.kept(i, start, tuple(whole.shape))
+        mask = stats.keeps.take(i, start, tuple(whole.shape))
         if mask is None:
             key = draws.stream_key(self.seed, self.tensor, i)
             if p.kind == RANDOM:
@@ -245,17 +245,13 @@ class TaskMerge(Method):
                 prob = self._della_probs(i, delta.abs())
             mask = draws.keep_mask(key, start, tuple(whole.shape), prob, whole.device)
             if store:
-                stats.keep(i, start, mask, math.prod(self.shape))
+                stats.keeps.put(i, start, mask, math.prod(self.shape))
         return whole, whole * as_mask(mask, w)
-
-    def _keeps(self, stats: Stats) -> bool:
-        """Whether a norms pass keeps its drawn masks: they fit the room it was given."""
-        return 0 < self.held_bytes() <= stats.room
 
     def held_bytes(self) -> int:
         """The norms pass's drawn masks (DARE, DELLA with the rescale), a bit per element
         of each input drawn for: kept for the writing pass where the executor gives them
-        room (Stats.room), so drawn once (drawing was ~36 % of a DARE-TIES merge, twice)."""
+        room (Stats.room: budget.kept_bytes), so drawn once (drawing was ~36 % of a DARE-TIES merge, twice)."""
         if "norms" not in self.stages():
             return 0
         drawn = sum(p.kind in (RANDOM, DELLA) for p in self.prunes)
