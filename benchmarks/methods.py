@@ -29,7 +29,8 @@ import yaml
 from benchmarks import mergekit
 from benchmarks.copies import overlapped_copy
 from benchmarks.method_cases import CASES, FINETUNES, SEED, case_config
-from benchmarks.runner import Child, CopyTimes, copy_baseline, drop_caches, run_child
+from benchmarks.report import steal_line
+from benchmarks.runner import Child, CopyTimes, copy_baseline, drop_caches, run_child, steal_pct
 
 HERE = Path(__file__).resolve().parent
 MiB, GiB = 2**20, 2**30
@@ -142,6 +143,8 @@ def summary(case: Case) -> dict[str, Any]:
         "bytes_read": case.bytes_read,
         "bytes_written": case.bytes_written,
         "lazymerge_runs": [round(m.seconds, 2) for m in case.merges],
+        "lazymerge_cpu_runs": [round(m.cpu_seconds, 2) for m in case.merges],
+        "lazymerge_steal_runs": [steal_pct(m) for m in case.merges],
         "lazymerge_seconds": lm,
         "lazymerge_peak_rss": rss,
         "copy_runs": [round(c.seconds, 2) for c in case.copies],
@@ -213,6 +216,11 @@ def table(record: dict[str, Any]) -> str:
     rows = [list(COLUMNS)] + [_row(r) for r in record["cases"]]
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|")
+    lines += [
+        steal_line(r["case"], r["lazymerge_runs"], r)
+        for r in record["cases"]
+        if "lazymerge_steal_runs" in r
+    ]
     return "\n".join(lines)
 
 

@@ -55,6 +55,18 @@ def _row(r: dict[str, Any]) -> list[str]:
     return cells
 
 
+def steal_line(what: str, seconds: list[float], r: dict[str, Any]) -> str:
+    """Each merge's time with its CPU-seconds and the host's CPU steal meanwhile: a run
+    the host took cores from is slower for no reason of the merge's (benchmarks/host.py)."""
+    prefix = "merge" if "merge_cpu_runs" in r else "lazymerge"
+    cpu, steal = r[f"{prefix}_cpu_runs"], r[f"{prefix}_steal_runs"]
+    runs = ", ".join(
+        f"{s:.1f} s ({c:.1f} CPU-s, steal {'?' if st is None else f'{st:.0f}'} %)"
+        for s, c, st in zip(seconds, cpu, steal, strict=True)
+    )
+    return f"{what}: merges {runs}"
+
+
 def table(record: dict[str, Any]) -> str:
     rows = [list(COLUMNS)] + [_row(r) for r in record["runs"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
@@ -63,6 +75,11 @@ def table(record: dict[str, Any]) -> str:
         f"mergekit at {r['layers']} layers: {_mk(r, 'error')[:300]}"
         for r in record["runs"]
         if _mk(r, "error")
+    ]
+    lines += [
+        steal_line(f"{r['layers']} layers", r["merge_runs"], r)
+        for r in record["runs"]
+        if "merge_steal_runs" in r
     ]
     m = record["machine"]
     lines.append(

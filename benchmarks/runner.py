@@ -18,6 +18,7 @@ import yaml
 
 from benchmarks import mergekit
 from benchmarks.copies import overlapped_copy, read_fd
+from benchmarks.host import steal_share, stolen
 
 # The founding recipe: gradient 0.9 -> 0 over the first 25 of 40 layers, LoRA weight 0.25.
 RATIOS = (0.9, 0.0)
@@ -31,6 +32,8 @@ class Child:
     seconds: float
     peak_rss: int  # bytes: the child's own maximum resident set (wait4)
     stdout: str
+    cpu_seconds: float = 0.0  # the child's user + system CPU (wait4)
+    steal: float | None = None  # share of all cores the host took meanwhile (host.py)
 
 
 def run_child(cmd: list[str], what: str) -> Child:
@@ -40,16 +43,23 @@ def run_child(cmd: list[str], what: str) -> Child:
     (Linux keeps the parent's high-water mark) is far below what a merge uses itself.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.monotonic()
+        start, stolen_before = time.monotonic(), stolen()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.monotonic() - start
+        steal = steal_share(stolen_before, stolen(), seconds)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             raise RuntimeError(f"{what} failed ({proc.returncode}): {err.read().strip()[-1500:]}")
-        return Child(seconds, usage.ru_maxrss * 1024, out.read())
+        cpu = usage.ru_utime + usage.ru_stime
+        return Child(seconds, usage.ru_maxrss * 1024, out.read(), cpu, steal)
+
+
+def steal_pct(child: Child) -> float | None:
+    """The host's steal during a child's run, percent of all cores (None: not known)."""
+    return None if child.steal is None else round(100 * child.steal, 1)
 
 
 def drop_caches(enabled: bool = True) -> bool:
@@ -190,6 +200,9 @@ def run_layers(
             "copy_seconds": copy_s,
             "merge_over_copy": merge_s / copy_s,
             "merge_runs": [round(m.seconds, 3) for m in merges],
+            # what each merge ran on: its CPU-seconds, and the host's steal meanwhile
+            "merge_cpu_runs": [round(m.cpu_seconds, 2) for m in merges],
+            "merge_steal_runs": [steal_pct(m) for m in merges],
             "copy_runs": [round(c.seconds, 3) for c in copies],
             # the copy's phases, medians: what the disk reads and writes at on the day
             "copy_read_seconds": statistics.median(c.read for c in copies),

@@ -2,8 +2,9 @@
 
 Runs one merge in this process and samples, every `--interval` seconds: the disk's read
 and write throughput (the block device holding OUT, from /proc/diskstats), the cores
-this process used, its resident memory (all of it, and its mapped files' pages: where
-the peak falls), and the tensor being written. Then the same per phase: blended
+this process used, the CPU the host stole from this VM meanwhile (benchmarks/host.py: a
+slow stretch with high steal is the neighbours'), its resident memory (all of it, and
+its mapped files' pages: where the peak falls), and the tensor being written. Then the same per phase: blended
 (`compute`) tensors against plain copies. A compute phase near one core with the disk
 idle is bound by the arithmetic; a copy phase at the disk's rate is bound by the disk.
 Linux only. The inputs are assumed on the same disk as OUT.
@@ -21,6 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from benchmarks.host import steal_share, stolen
 
 
 def device_bytes(out: Path) -> tuple[int, int]:
@@ -58,19 +61,23 @@ class Sampler:
     def _run(self) -> None:
         start = last_t = time.monotonic()
         last_io, last_cpu = device_bytes(self.where), sum(os.times()[:2])
+        last_steal = stolen()
         while not self._stop.wait(self.interval):
             now, io, cpu = time.monotonic(), device_bytes(self.where), sum(os.times()[:2])
-            dt, (rss, files) = now - last_t, resident_mib()
+            dt, (rss, files), steal = now - last_t, resident_mib(), stolen()
+            share = steal_share(last_steal, steal, dt)
             self.rows.append({
                 "t": round(now - start, 2),
                 "read_mb_s": round((io[0] - last_io[0]) / dt / 1e6),
                 "write_mb_s": round((io[1] - last_io[1]) / dt / 1e6),
                 "cores": round((cpu - last_cpu) / dt, 2),
+                # the host's share of all cores (host.py): a slow sample may be its doing
+                "steal_pct": None if share is None else round(100 * share),
                 "rss_mib": rss,
                 "file_mib": files,
                 "doing": self.current,
             })  # fmt: skip
-            last_t, last_io, last_cpu = now, io, cpu
+            last_t, last_io, last_cpu, last_steal = now, io, cpu, steal
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -89,24 +96,30 @@ def phases(rows: list[dict[str, Any]], interval: float) -> dict[str, dict[str, f
     out: dict[str, dict[str, float]] = {}
     for kind, g in groups.items():
         out[kind] = {"seconds": round(len(g) * interval, 2)}
-        for key in ("read_mb_s", "write_mb_s", "cores"):
-            out[kind][key] = round(statistics.mean(r[key] for r in g), 2)
+        for key in ("read_mb_s", "write_mb_s", "cores", "steal_pct"):
+            values = [r[key] for r in g if r[key] is not None]
+            out[kind][key] = round(statistics.mean(values), 2) if values else float("nan")
     return out
+
+
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}%"
 
 
 def show(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> None:
     """The samples, then the phases, as a table on stdout."""
     print(
-        f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5} {'RSS MiB':>7} {'files':>5}  doing"
+        f"{'t':>6} {'read MB/s':>9} {'write MB/s':>10} {'cores':>5} {'steal':>5} {'RSS MiB':>7} {'files':>5}  doing"
     )
     for r in rows:
         print(
             f"{r['t']:6.1f} {r['read_mb_s']:9} {r['write_mb_s']:10} {r['cores']:5.2f}"
-            f" {r['rss_mib']:7} {r['file_mib']:5}  {r['doing']}"
+            f" {_pct(r['steal_pct']):>5} {r['rss_mib']:7} {r['file_mib']:5}  {r['doing']}"
         )
     for kind, p in summary.items():
         print(f"{kind:>10}: {p['seconds']:5.1f} s, read {p['read_mb_s']:.0f} MB/s, "
-              f"write {p['write_mb_s']:.0f} MB/s, {p['cores']:.2f} cores")  # fmt: skip
+              f"write {p['write_mb_s']:.0f} MB/s, {p['cores']:.2f} cores, "
+              f"host steal {p['steal_pct']:.0f} %")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

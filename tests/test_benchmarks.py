@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,16 @@ def test_smoke_run_records_every_figure(tmp_path: Path) -> None:
         assert r["merge_over_copy"] == pytest.approx(r["merge_seconds"] / r["copy_seconds"])
         assert len(r["merge_runs"]) == len(r["copy_runs"]) == 2
         assert r["copy_read_seconds"] > 0 and r["copy_write_seconds"] > 0
+        assert len(r["merge_cpu_runs"]) == 2 and all(c > 0 for c in r["merge_cpu_runs"])
+        assert len(r["merge_steal_runs"]) == 2
+        assert all(0 <= st <= 100 for st in r["merge_steal_runs"])  # Linux: /proc/stat says
         for runs, median in (
             (r["merge_runs"], r["merge_seconds"]),
             (r["copy_runs"], r["copy_seconds"]),
         ):
             assert min(runs) - 0.001 <= median <= max(runs) + 0.001  # the runs are rounded to ms
     assert "merge/copy" in done.stdout and "target peak RSS" in done.stdout
+    assert "3 layers: merges " in done.stdout and "CPU-s, steal" in done.stdout
     assert not (tmp_path / "cache" / "layers-1").exists()  # cleaned up
 
 
@@ -165,6 +170,7 @@ def test_timeline_samples_a_merge_by_phase(tmp_path: Path) -> None:
     assert set(record["phases"]) <= {"start", "compute", "copy-base", "copy-other", "finish"}
     for row in record["samples"]:
         assert row["read_mb_s"] >= 0 and row["write_mb_s"] >= 0 and row["cores"] >= 0
+        assert 0 <= row["steal_pct"] <= 100
     assert list((tmp_path / "out").glob("*.safetensors"))
 
 
@@ -251,6 +257,19 @@ def test_methods_benchmark_smoke_run(tmp_path: Path) -> None:
         assert len(c["overlapped_runs"]) == 1 and c["overlapped_seconds"] > 0
         ratio = c["lazymerge_seconds"] / c["overlapped_seconds"]
         assert c["lazymerge_over_overlapped"] == pytest.approx(ratio)
+        assert c["lazymerge_cpu_runs"][0] > 0 and 0 <= c["lazymerge_steal_runs"][0] <= 100
     assert stack["bytes_written"] > slerp["bytes_written"]  # twice the layers
     assert len(stack["config"]["slices"]) == 2 and record["mergekit"] == "not run: --no-mergekit"
     assert "passthrough: within 1.1x of the copy" in done.stdout
+    assert "slerp: merges " in done.stdout and "CPU-s, steal" in done.stdout
+
+
+def test_steal_is_the_hosts_share_of_every_core() -> None:
+    from benchmarks.host import steal_share, stolen
+
+    cores = os.cpu_count() or 1
+    assert steal_share(10.0, 13.0, 1.5) == pytest.approx(3.0 / (cores * 1.5))
+    assert steal_share(10.0, 10.0, 2.0) == 0.0
+    assert steal_share(None, 3.0, 1.0) is None and steal_share(1.0, 2.0, 0.0) is None
+    first = stolen()  # this machine's /proc/stat: seconds since boot, never falling
+    assert first is not None and 0 <= first <= (stolen() or 0.0)
