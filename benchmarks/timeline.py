@@ -4,10 +4,12 @@ Runs one merge in this process and samples, every `--interval` seconds: the disk
 and write throughput (the block device holding OUT, from /proc/diskstats), the cores
 this process used, the CPU the host stole from this VM meanwhile (benchmarks/host.py: a
 slow stretch with high steal is the neighbours'), its resident memory (all of it, and
-its mapped files' pages: where the peak falls), and the tensor being written. Then the same per phase: blended
-(`compute`) tensors against plain copies. A compute phase near one core with the disk
-idle is bound by the arithmetic; a copy phase at the disk's rate is bound by the disk.
-Linux only. The inputs are assumed on the same disk as OUT.
+its mapped files' pages: where the peak falls), and the tensor being written. Then the
+same per phase: `import` (before the first tensor, while torch loads on its thread and
+the read-ahead runs: torch is not imported before the merge, as in the command), blended
+(`compute`) tensors, plain copies. A compute phase near one core with the disk idle is
+bound by the arithmetic; a copy phase at the disk's rate is bound by the disk. Linux
+only. The inputs are assumed on the same disk as OUT.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -88,17 +89,25 @@ class Sampler:
         self._thread.join()
 
 
-def phases(rows: list[dict[str, Any]], interval: float) -> dict[str, dict[str, float]]:
-    """Time, mean throughput and cores per kind of work (the tensor's action)."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def phases(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Time, and throughput, cores and steal averaged over that time, per kind of work
+    (the tensor's action). A sample covers the time since the one before it: a late one
+    (its thread waited for the GIL) covers more."""
+    spans: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+    last = 0.0
     for row in rows:
-        groups[row["doing"].rsplit(" ", 1)[-1]].append(row)
+        spans[row["doing"].rsplit(" ", 1)[-1]].append((row["t"] - last, row))
+        last = row["t"]
     out: dict[str, dict[str, float]] = {}
-    for kind, g in groups.items():
-        out[kind] = {"seconds": round(len(g) * interval, 2)}
+    for kind, g in spans.items():
+        total = sum(dt for dt, _ in g)
+        out[kind] = {"seconds": round(total, 2)}
         for key in ("read_mb_s", "write_mb_s", "cores", "steal_pct"):
-            values = [r[key] for r in g if r[key] is not None]
-            out[kind][key] = round(statistics.mean(values), 2) if values else float("nan")
+            known = [(dt, r[key]) for dt, r in g if r[key] is not None]
+            weight = sum(dt for dt, _ in known)
+            out[kind][key] = (
+                round(sum(dt * v for dt, v in known) / weight, 2) if weight else float("nan")
+            )
     return out
 
 
@@ -133,28 +142,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from lazymerge.plan import build_plan
     from lazymerge.recipe import load_recipe
-    from lazymerge.run import merge, tensor
+    from lazymerge.run import merge, shard
     from lazymerge.run.options import MergeOptions
 
     plan = build_plan(load_recipe(args.recipe))
     args.out.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(args.out, args.interval)
-    write_tensor = tensor.write_tensor
+    sampler.current = "torch import"  # until the first tensor: torch loads on its thread
+    cold_torch = "torch" not in sys.modules  # the merge imports it, as the command does
+    in_order = shard._in_order
 
-    def traced(ctx: Any, t: Any) -> None:  # the executor has no per-tensor hook
-        sampler.current = f"{t.name} {t.action}"
-        write_tensor(ctx, t)
+    def traced_in_order(job: Any, ahead: Any, tensors: Any) -> Any:
+        # Patched here, not before the merge: importing lazymerge.run.tensor imports
+        # torch, whose import the merge hides behind its read-ahead (run/load.py).
+        from lazymerge.run import tensor
 
-    tensor.write_tensor = traced
+        write_tensor = tensor.write_tensor
+
+        def traced(ctx: Any, t: Any) -> None:  # the executor has no per-tensor hook
+            sampler.current = f"{t.name} {t.action}"
+            write_tensor(ctx, t)
+
+        tensor.write_tensor = traced
+        try:
+            return in_order(job, ahead, tensors)
+        finally:
+            tensor.write_tensor = write_tensor
+
+    shard._in_order = traced_in_order
     try:
         with sampler:
             opts = MergeOptions(overwrite=True, progress=False, lanes=args.lanes)
             result = merge.run_merge(plan, args.out, opts)
             sampler.current = "finish"
     finally:
-        tensor.write_tensor = write_tensor
-    print(f"merge {result.seconds:.1f} s; samples every {args.interval} s")
-    summary = phases(sampler.rows, args.interval)
+        shard._in_order = in_order
+    torch_note = "torch imported by the merge" if cold_torch else "torch was imported already"
+    print(f"merge {result.seconds:.1f} s ({torch_note}); samples every {args.interval} s")
+    summary = phases(sampler.rows)
     show(sampler.rows, summary)
     if args.json:
         record = {"merge_seconds": result.seconds, "samples": sampler.rows, "phases": summary}

@@ -167,7 +167,7 @@ def test_timeline_samples_a_merge_by_phase(tmp_path: Path) -> None:
     assert timeline([*args, str(record_path)]) == 0
     record = json.loads(record_path.read_text())
     assert record["merge_seconds"] > 0 and record["samples"]
-    assert set(record["phases"]) <= {"start", "compute", "copy-base", "copy-other", "finish"}
+    assert set(record["phases"]) <= {"import", "compute", "copy-base", "copy-other", "finish"}
     for row in record["samples"]:
         assert row["read_mb_s"] >= 0 and row["write_mb_s"] >= 0 and row["cores"] >= 0
         assert 0 <= row["steal_pct"] <= 100
