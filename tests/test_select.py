@@ -296,3 +296,28 @@ def test_the_same_cuts_and_masks_on_cuda(dtype: torch.dtype) -> None:
     want = stream(x, sizes, range_ranks(lo, hi, x.numel()), lo, hi)
     got = stream(x.cuda(), sizes, range_ranks(lo, hi, x.numel()), lo, hi)
     assert got[0] == want[0] and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("wide", [torch.float32, torch.float64])
+def test_weights_are_the_mask_as_one_and_positive_zero(wide: torch.dtype) -> None:
+    """`RankMask.weights`, the form TIES and SCE multiply by: over float32 or float64
+    blocks (16-bit magnitudes widened), exactly 1.0 where the longhand keeps and +0.0
+    elsewhere (never -0.0, which would flip the sign of a product), for every kind of
+    range and through the tie-counting path."""
+    gen = torch.Generator().manual_seed(17)
+    x = sample("few", torch.float16, 3000, gen)
+    n = x.numel()
+    for lo, hi in [(1000, n), (0, 2000), (700, 2300), (0, n), (5, 5)]:
+        ranks = range_ranks(lo, hi, n)
+        stats = OrderStats(x.dtype, ranks)
+        blocks = x.split([999, 1, 1000, 1000])
+        for _ in range(stats.passes):
+            for block in blocks:
+                stats.update(block)
+            stats.next_pass()
+        mask = stats.mask(lo, hi)
+        got = torch.cat([mask.weights(block.to(wide)) for block in blocks])
+        assert got.dtype == wide
+        expected = mask_longhand(x, lo, hi).to(wide)
+        assert torch.equal(got, expected), (lo, hi)
+        assert not bool(torch.signbit(got).any()), (lo, hi)

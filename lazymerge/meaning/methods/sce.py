@@ -23,7 +23,7 @@ from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
 from lazymerge.meaning.methods.stats import Stats
 from lazymerge.meaning.methods.task import SELECT_PASSES, dtype_of
-from lazymerge.meaning.methods.vote import as_mask, sign_agreement
+from lazymerge.meaning.methods.vote import sign_agreement
 
 if TYPE_CHECKING:
     import torch
@@ -132,8 +132,9 @@ class Sce(Method):
     def _select(self, tvs: torch.Tensor, mask: RankMask | None, block: Block) -> torch.Tensor:
         if mask is None:  # select_topk >= 1
             return tvs
-        keep = mask(self._variance(tvs), block.start * math.prod(self.shape[1:]))
-        return tvs * as_mask(keep, self._mask_dtype()).unsqueeze(0)
+        # |var| widened to float32 exactly (float64 ones were ranked as float32 already)
+        keep = mask.weights(self._variance(tvs).float(), block.start * math.prod(self.shape[1:]))
+        return tvs * keep.to(self._mask_dtype()).unsqueeze(0)
 
     def _ranks(self, stats: Stats) -> tuple[int, ...]:
         """After the first pass: k from the nonzero count, in fp32 as mergekit's

@@ -25,6 +25,8 @@ from lazymerge.meaning.methods.vote import as_mask, sign_vote
 if TYPE_CHECKING:
     import torch
 
+    from lazymerge.meaning.methods.select import RankMask
+
 # method -> (sparsifier, sign consensus): mergekit's merge_methods/registry.py
 FAMILY: dict[str, tuple[str | None, bool]] = {
     "task_arithmetic": (None, False),
@@ -229,9 +231,8 @@ class TaskMerge(Method):
 
         p = self.prunes[i - 1]
         start = block.start * math.prod(self.shape[1:])  # the block's first flat index
-        if p.kind == RANKS:  # magnitude, magnitude_outliers: in d, mask in d
-            keep = stats.masks[i](self._rank_values(delta), start)
-            return delta, delta * as_mask(keep, delta.dtype)
+        if p.kind == RANKS:  # magnitude, magnitude_outliers: δ·mask in d
+            return delta, self._ranked(stats.masks[i], delta, start)
         w = work_dtype(delta.dtype)
         whole = delta.to(w)
         mask = stats.keeps.take(i, start, tuple(whole.shape))
@@ -261,6 +262,20 @@ class TaskMerge(Method):
         """|δ| as mergekit ranks it on the CPU: d's values, float64 ones as float32."""
         mags = delta.abs()
         return mags.float() if mags.element_size() == 8 else mags
+
+    @staticmethod
+    def _ranked(mask: RankMask, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """δ·mask in d, the mask from |δ| as mergekit ranks it on the CPU (d's values,
+        float64 ones as float32), all in float32 where d is narrower: fp16/bf16 values
+        widen exactly, and a product by 1.0 or +0.0 is exact in either (-0.0 for a
+        negative δ, as in d), so it rounds back to mergekit's bits."""
+        import torch
+
+        wide = delta.float()  # float64: rounded, as mergekit ranks it
+        keep = mask.weights(wide.abs(), start)
+        if delta.dtype == torch.float64:
+            return delta * keep.to(delta.dtype)
+        return (wide * keep if wide is delta else wide.mul_(keep)).to(delta.dtype)
 
     def _della_probs(self, i: int, mags: torch.Tensor) -> torch.Tensor:
         """DELLA's keep probabilities: |δ| ranked along dim 1, stably, in w (bf16 rounds)."""
