@@ -120,11 +120,48 @@ def test_keep_mask_takes_one_probability_per_element() -> None:
     assert torch.equal(whole[3:303], mask)
 
 
+EDGES = [0.5, 0.3, 0.0, -0.25, 1.0, 1.5, 2**-24, 2**-25, 3 * 2**-24, 1 - 2**-24, 1 - 2**-26]
+
+
+@pytest.mark.parametrize("p", [*EDGES, float("nan")])
+def test_a_scalar_probability_compares_as_integers_alike(
+    p: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python float p takes the integer comparison (top 24 bits against ceil(p * 2^24));
+    it keeps exactly where the longhand's uniform is below p rounded to float32, and where
+    a tensor p keeps, at indices near 0, past 2^32 and near 2^63, in any chunking."""
+    key = stream_key(5, "model.layers.1.mlp.down_proj.weight", 2)
+    p32 = float(torch.tensor(p, dtype=torch.float32))
+    for start in (0, 2**32 - 3, 2**62 + 12345):
+        got = keep_mask(key, start, (3, 100), p)
+        assert got.dtype == torch.bool and got.shape == (3, 100)
+        expected = [longhand(key, start + j) < p32 for j in range(300)]
+        assert got.reshape(-1).tolist() == expected, start
+        assert torch.equal(got, keep_mask(key, start, (3, 100), torch.tensor(p)))
+    monkeypatch.setattr(draws, "CHUNK", 7)
+    assert torch.equal(keep_mask(key, 0, (3, 100), p), keep_mask(key, 0, (3, 100), torch.tensor(p)))
+
+
+def test_a_scalar_probability_at_a_drawn_uniform_and_either_side_of_it() -> None:
+    """p exactly an element's uniform keeps it not (u < p is strict), one float32 step
+    above keeps it, one below not: the integer comparison's threshold, to the last step."""
+    key = stream_key(9, "w", 1)
+    u = uniforms(key, 77, 40)
+    for j in range(40):
+        at = u[j : j + 1]
+        for p in (at, torch.nextafter(at, torch.ones(1)), torch.nextafter(at, -torch.ones(1))):
+            got = keep_mask(key, 77, (40,), float(p))
+            assert torch.equal(got, u < p), (j, float(p))
+            assert bool(got[j]) == bool(u[j] < p)
+
+
 def test_refuses_negative_indices() -> None:
     with pytest.raises(ValueError, match="must be >= 0"):
         uniforms(1, -1, 3)
     with pytest.raises(ValueError, match="must be >= 0"):
         uniforms(1, 0, -3)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        keep_mask(1, -1, (3,), 0.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -132,3 +169,5 @@ def test_the_same_numbers_on_cuda() -> None:
     key = stream_key(1, "t", 0)
     got = uniforms(key, 2**40, 3_000_000, device="cuda").cpu()
     assert torch.equal(got, uniforms(key, 2**40, 3_000_000))
+    mask = keep_mask(key, 2**40, (3000, 1000), 0.3, device="cuda").cpu()
+    assert torch.equal(mask, keep_mask(key, 2**40, (3000, 1000), 0.3))
