@@ -4,7 +4,7 @@ All in the compute dtype d with mergekit's torch operations, block by block:
 1. `τ_i = x_i - b`; with `select_topk < 1`, one mask for all inputs keeps the
    `k = ⌊Z·select_topk⌋` (an fp32 product) largest variances over the inputs, Z being
    the nonzero ones: exact order statistics (select.py), ties by flat index;
-2. the sign vote on the unweighted (masked) τ (vote.sign_agreement);
+2. the sign vote on the unweighted (masked) τ (vote.erased_sums: mergekit's, in fp32);
 3. `ω_i` from mean(τ_i²) over the whole tensor (exact.Sum, rounded as mergekit's mean
    rounds: fp32, divided by N, then d), normalised to sum 1;
 4. `b + Σ τ_i ω_i m_i / max(Σ ω_i m_i, 1e-6)`.
@@ -23,7 +23,7 @@ from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
 from lazymerge.meaning.methods.exact import Sum
 from lazymerge.meaning.methods.stats import Stats
 from lazymerge.meaning.methods.task import SELECT_PASSES, dtype_of
-from lazymerge.meaning.methods.vote import sign_agreement
+from lazymerge.meaning.methods.vote import erased_sums
 
 if TYPE_CHECKING:
     import torch
@@ -88,20 +88,18 @@ class Sce(Method):
         return stats
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
-        import torch
 
         b, tvs = self._vectors(block)
         if not self.inputs:
             return b
         assert isinstance(stats, Stats)
         tvs = self._select(tvs, stats.masks.get(0), block)
-        erase = sign_agreement(tvs, self._mask_dtype())
         weights = stats.extra["weights"].to(b.device)
         while weights.dim() < tvs.dim():
             weights = weights.unsqueeze(-1)
-        erased = weights * erase
-        merged = (tvs * erased).sum(dim=0)
-        final: torch.Tensor = b + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+        # the vote as mergekit's, in fp32 (vote.erased_sums; int8_mask: the same mask)
+        merged, divisor = erased_sums(tvs, weights)
+        final: torch.Tensor = b + merged / divisor.clamp(min=1e-6)
         return final
 
     def describe(self) -> str:

@@ -1,8 +1,8 @@
 """The TIES family's sign vote, and masks as numbers.
 
 mergekit's `get_mask("sum")` and the masked sums after it, written as mergekit writes
-them (`sign_agreement`, which SCE uses) and as lazymerge runs them for TIES (`sign_vote`:
-the same bits in about half the time); `as_mask`, a bool mask as 1 and 0 of a dtype.
+them (`sign_agreement`) and as lazymerge runs them, the same bits in about half the time:
+TIES' (`sign_vote`) and SCE's (`erased_sums`); `as_mask`, a bool mask as 1 and 0.
 """
 
 from __future__ import annotations
@@ -38,12 +38,36 @@ def sign_vote(deltas: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor
     bool. It holds because torch sums fp16/bf16 in fp32, in input order, rounding once (a
     sum of d's values never rounds to ±0, so its sign is the rounded one's); products by 1
     or +0 are exact in either dtype; the int8 mask gives the same mask."""
+    d = deltas.dtype
+    x, mask = _agreement(deltas)
+    mixed = x.mul_(mask).sum(dim=0).to(d)
+    divisor = mask.mul_(weights.to(x.dtype)).sum(dim=0).to(d)
+    return mixed, divisor
+
+
+def erased_sums(tvs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCE's vote: mergekit's `erased = weights * mask`, then `(tvs * erased).sum(0)` and
+    `erased.sum(0)`, mask = sign_agreement(tvs) over the unweighted task vectors, in d.
+    The same bits (a NaN's payload aside) in fp32, in mergekit's order: w·m is w or ±0
+    exactly, τ·(w·m) of two d values is exact in fp32 (torch's d product is that fp32
+    product, rounded), so each product is rounded to d once before the sum, as
+    mergekit's is."""
+    d = tvs.dtype
+    x, mask = _agreement(tvs)
+    erased = mask.mul_(weights.to(x.dtype))
+    products = x.mul_(erased)
+    if products.dtype != d:
+        products = products.to(d).to(x.dtype)
+    return products.sum(dim=0).to(d), erased.sum(dim=0).to(d)
+
+
+def _agreement(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`deltas` in fp32 (fp64 stays), given up by the caller where that is `deltas`
+    itself; sign_agreement(deltas) as 1.0/+0.0 in that dtype)."""
     import torch
 
     d = deltas.dtype
     x = deltas.float() if d in (torch.float16, torch.bfloat16) else deltas
     majority = (x.sum(dim=0) >= 0).to(x.dtype).mul_(2).sub_(1)  # d's sum, before rounding
     mask = torch.sign(x).mul_(majority).gt_(0)  # NaN and ±0 deltas: +0.0
-    mixed = x.mul_(mask).sum(dim=0).to(d)
-    divisor = mask.mul_(weights.to(x.dtype)).sum(dim=0).to(d)
-    return mixed, divisor
+    return x, mask
