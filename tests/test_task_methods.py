@@ -602,6 +602,26 @@ def test_describe_and_passes() -> None:
     assert sorted(set(drawn.values())) == [0, 1, 2]  # rescale off; norms; 1-D DELLA's gather
 
 
+SPECIALS = (0.0, -0.0, math.inf, -math.inf, math.nan, 1e-8, -1e-8, 6e-8, 65504.0, 2048.0, 1.0)
+
+
+def with_specials(n: int, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """n random task vectors of 37 x 53, ~15 % of the elements special values."""
+    x = torch.randn((n, 37, 53), generator=gen) * scale
+    pick = torch.rand(x.shape, generator=gen) < 0.15
+    specials = torch.tensor(SPECIALS)
+    x[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=gen)]
+    return x
+
+
+def assert_same_bits(got: tuple[Any, ...], want: tuple[Any, ...], where: object) -> None:
+    """Same dtypes, NaNs in the same places, every other element's bits equal."""
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype and torch.equal(g.isnan(), e.isnan()), where
+        finite = ~e.isnan()
+        assert torch.equal(bits(g)[finite], bits(e)[finite]), where
+
+
 def mergekit_vote(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: torch.dtype) -> Any:
     """ties_merging's arithmetic as mergekit writes it (get_mask with "sum", then the
     masked sums), in the deltas' dtype."""
@@ -609,9 +629,6 @@ def mergekit_vote(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: torch
     majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
     mask = sign == majority
     return (deltas * mask).sum(dim=0), (weights * mask).sum(dim=0)
-
-
-SPECIALS = (0.0, -0.0, math.inf, -math.inf, math.nan, 1e-8, -1e-8, 6e-8, 65504.0, 2048.0, 1.0)
 
 
 @pytest.mark.parametrize("dt", ["F16", "BF16", "F32", "F64"])
@@ -622,20 +639,14 @@ def test_the_sign_vote_has_mergekits_bits(dt: str, int8_mask: bool) -> None:
     negative or zero weights; a NaN's payload may differ (torch's own conversions do not
     keep it), so NaNs are compared by place."""
     d, gen = DTYPES[dt], torch.Generator().manual_seed(5)
-    specials = torch.tensor(SPECIALS)
     for n, trial in [(n, t) for n in (1, 2, 3, 5, 12, 40) for t in range(6)]:
-        x = torch.randn((n, 37, 53), generator=gen) * 10.0 ** (trial - 4)
-        pick = torch.rand(x.shape, generator=gen) < 0.15
-        x[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=gen)]
+        x = with_specials(n, 10.0 ** (trial - 4), gen)
         w = (torch.rand(n, generator=gen) * 2 - 0.5).to(d).view(-1, 1, 1)
         w[0] = 0 if trial % 3 == 0 else w[0]
         deltas = x.to(d) * w
         want = mergekit_vote(deltas, w, torch.int8 if int8_mask else d)
         got = vote.sign_vote(deltas.clone(), w)
-        for g, e in zip(got, want, strict=True):
-            assert g.dtype == e.dtype and torch.equal(g.isnan(), e.isnan()), (n, trial)
-            finite = ~e.isnan()
-            assert torch.equal(bits(g)[finite], bits(e)[finite]), (n, trial)
+        assert_same_bits(got, want, (n, trial))
 
 
 def mergekit_sce_vote(tvs: torch.Tensor, weights: torch.Tensor, mask_dtype: torch.dtype) -> Any:
@@ -654,12 +665,9 @@ def test_the_sce_vote_has_mergekits_bits(dt: str, int8_mask: bool) -> None:
     subnormal task vectors, products that underflow or overflow d, and zero, tiny, large,
     infinite and NaN weights; NaNs compared by place (payloads may differ)."""
     d, gen = DTYPES[dt], torch.Generator().manual_seed(6)
-    specials = torch.tensor(SPECIALS)
     odd_weights = (0.0, 1e-6, 3e4, math.inf, math.nan)
     for n, trial in [(n, t) for n in (1, 2, 3, 5, 12, 40) for t in range(6)]:
-        x = torch.randn((n, 37, 53), generator=gen) * 10.0 ** (trial - 3)
-        pick = torch.rand(x.shape, generator=gen) < 0.15
-        x[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=gen)]
+        x = with_specials(n, 10.0 ** (trial - 3), gen)
         w = torch.rand(n, generator=gen) / n
         if trial % 2:
             w[0] = odd_weights[(n + trial) % len(odd_weights)]
@@ -667,7 +675,4 @@ def test_the_sce_vote_has_mergekits_bits(dt: str, int8_mask: bool) -> None:
         tvs = x.to(d)
         want = mergekit_sce_vote(tvs, w, torch.int8 if int8_mask else d)
         got = vote.erased_sums(tvs.clone(), w)
-        for g, e in zip(got, want, strict=True):
-            assert g.dtype == e.dtype and torch.equal(g.isnan(), e.isnan()), (n, trial)
-            finite = ~e.isnan()
-            assert torch.equal(bits(g)[finite], bits(e)[finite]), (n, trial)
+        assert_same_bits(got, want, (n, trial))

@@ -45,7 +45,7 @@ from lazymerge.meaning.order import order_of
 from lazymerge.meaning.params import Level
 from lazymerge.plan import build
 from lazymerge.plan.model import AdapterUse, MergePlan, PlannedTensor
-from lazymerge.plan.nmodel import Group, Model, check_filters, plan_tensor
+from lazymerge.plan.nmodel import Group, Model, check_filters, each_model, plan_tensor
 from lazymerge.plan.slices import follow_layers, layer_names, source_layers
 from lazymerge.plan.vocab import VocabPlan, plan_vocab, with_tokenizer
 from lazymerge.read.checkpoint import CheckpointIndex
@@ -148,20 +148,15 @@ def _open_all(
 ) -> tuple[dict[ModelSpec, _Opened], list[AdapterUse]]:
     """Each model's index, adapters' terms, config and modules; the base (or the
     config's donor) first, whose architecture decides the modules."""
-    models = [recipe.base] + [m.model for m in spec.models if m.model != recipe.base]
     opened: dict[ModelSpec, _Opened] = {}
     uses: list[AdapterUse] = []
     defs = None
-    for model in models:
-        i = next((k for k, m in enumerate(spec.models) if m.model == model), None)
-        role = "base" if model == recipe.base and spec.has_base else f"models[{i}]"
-        index = CheckpointIndex.open(model.path)
-        config = checkpoint_config(index.path)
+    for model, role, index, config in each_model(recipe, spec):
         defs = defs or _architecture(f"{role} {index.path}", config)
         if "architectures" in (config or {}) and modules_of(config) != defs:
             raise InputError(
-                f"{role} {index.path} is a {architecture(config)}, {models[0].path} a "
-                f"{architecture(opened[models[0]].config)}; a merge by modules takes one "
+                f"{role} {index.path} is a {architecture(config)}, {recipe.base.path} a "
+                f"{architecture(opened[recipe.base].config)}; a merge by modules takes one "
                 "architecture"
             )
         terms, more = build.lora_terms(role, model, index)

@@ -10,8 +10,9 @@ all inputs for the methods whose rounding depends on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from lazymerge.read.checkpoint import CheckpointIndex
 from lazymerge.read.config import checkpoint_config, model_dir
 from lazymerge.read.tensorref import itemsize
 from lazymerge.recipe.methods import METHOD_PARAMS, MethodParams, Param, Scope
-from lazymerge.recipe.spec import MethodSpec, Recipe
+from lazymerge.recipe.spec import MethodSpec, ModelSpec, Recipe
 
 _PROMOTE = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
 
@@ -145,6 +146,20 @@ def _open(
     method = METHOD_PARAMS[spec.name]
     group = Group(recipe, spec, method, tuple(models), tuple(order), stack, (top,))
     return replace(group, has_base=spec.has_base), uses
+
+
+def each_model(
+    recipe: Recipe, spec: MethodSpec
+) -> Iterator[tuple[ModelSpec, str, CheckpointIndex, dict[str, Any] | None]]:
+    """Each model a sliced or modular recipe names, once, the base (or the config's
+    donor) first: the model, its role in messages ("base", "models[i]"), its opened
+    index and its config."""
+    models = [recipe.base] + [m.model for m in spec.models if m.model != recipe.base]
+    for model in models:
+        i = next((k for k, m in enumerate(spec.models) if m.model == model), None)
+        role = "base" if model == recipe.base and spec.has_base else f"models[{i}]"
+        index = CheckpointIndex.open(model.path)
+        yield model, role, index, checkpoint_config(index.path)
 
 
 def _level(spec: MethodSpec, i: int) -> Level:

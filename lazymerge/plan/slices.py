@@ -22,10 +22,9 @@ from lazymerge.meaning.order import order_of
 from lazymerge.meaning.params import Level
 from lazymerge.plan import build
 from lazymerge.plan.model import AdapterUse, MergePlan, PlannedTensor
-from lazymerge.plan.nmodel import Group, Model, check_filters, plan_tensor
+from lazymerge.plan.nmodel import Group, Model, check_filters, each_model, plan_tensor
 from lazymerge.plan.vocab import plan_vocab, with_tokenizer
 from lazymerge.read.checkpoint import CheckpointIndex
-from lazymerge.read.config import checkpoint_config
 from lazymerge.recipe.methods import METHOD_PARAMS
 from lazymerge.recipe.spec import MethodSpec, ModelSpec, Recipe, SliceSpec
 
@@ -75,15 +74,10 @@ def _open_all(
 ) -> tuple[dict[ModelSpec, _Opened], list[AdapterUse]]:
     """Each model's index, adapters' terms, layer stack and config; the recipe's base
     (or the config's donor) first."""
-    models = [recipe.base] + [m.model for m in spec.models if m.model != recipe.base]
     opened: dict[ModelSpec, _Opened] = {}
     uses: list[AdapterUse] = []
-    for model in models:
-        i = next((k for k, m in enumerate(spec.models) if m.model == model), None)
-        role = "base" if model == recipe.base and spec.has_base else f"models[{i}]"
-        index = CheckpointIndex.open(model.path)
+    for model, role, index, config in each_model(recipe, spec):
         stack = find_stack(index.tensors, f"{role} {index.path}", recipe.layers_prefix)
-        config = checkpoint_config(index.path)
         _one_stack(f"{role} {index.path}", stack, config)
         terms, more = build.lora_terms(role, model, index)
         uses += more
