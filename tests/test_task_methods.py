@@ -624,11 +624,13 @@ def assert_same_bits(got: tuple[Any, ...], want: tuple[Any, ...], where: object)
 
 def mergekit_vote(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: torch.dtype) -> Any:
     """ties_merging's arithmetic as mergekit writes it (get_mask with "sum", then the
-    masked sums), in the deltas' dtype."""
+    masked sums, the divisor's zeros set to 1), in the deltas' dtype."""
     sign = deltas.sign().to(mask_dtype)
     majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
     mask = sign == majority
-    return (deltas * mask).sum(dim=0), (weights * mask).sum(dim=0)
+    divisor = (weights * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return (deltas * mask).sum(dim=0), divisor
 
 
 @pytest.mark.parametrize("dt", ["F16", "BF16", "F32", "F64"])

@@ -195,8 +195,7 @@ class TaskMerge(Method):
         weights = torch.tensor(self.weights, dtype=d, device=b.device).view(-1, *[1] * b.dim())
         deltas.mul_(weights)
         if FAMILY[self.name][1]:  # the sign vote (int8_mask: the same mask, the same bits)
-            mixed, divisor = sign_vote(deltas, weights)
-            divisor.masked_fill_(divisor == 0, 1)
+            mixed, divisor = sign_vote(deltas, weights)  # divisor: zeros set to 1
         else:
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)
