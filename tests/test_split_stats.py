@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from lazymerge.meaning.methods.exact import Sum
+from lazymerge.meaning.methods.exact import Sum, f64
 from lazymerge.meaning.methods.fusion import Quantiles, quartile_ranks
 from lazymerge.meaning.methods.select import OrderStats, range_ranks
 
@@ -172,3 +172,14 @@ def test_exact_sums_and_quantiles_merge_from_any_split() -> None:
         one.next_pass()
         split.next_pass()
     assert [repr(v) for v in split.values()] == [repr(v) for v in one.values()]  # NaN too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_f64_is_torchs_double_bit_for_bit(dtype: torch.dtype) -> None:
+    """exact.f64 (16-bit floats through float32) gives `.double()`'s bits for every
+    16-bit pattern, NaNs and subnormals included, and for float32 specials."""
+    if dtype == torch.float32:
+        x = torch.tensor([0.0, -0.0, 1e-45, -3e38, float("inf"), float("nan"), 1.5])
+    else:
+        x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    assert torch.equal(f64(x).view(torch.int64), x.double().view(torch.int64))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lazymerge.meaning.methods.exact import SEGMENT, Sum
+from lazymerge.meaning.methods.exact import SEGMENT, Sum, f64
 from lazymerge.meaning.methods.task import dtype_of
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def rounded(exact: float | torch.Tensor, d: torch.dtype) -> torch.Tensor:
 
 def last_sums(x: torch.Tensor) -> torch.Tensor:
     """Float64 sums over the last dimension (keepdim), each the same for any block of rows."""
-    flat = x.double().reshape(-1, x.shape[-1])
+    flat = f64(x).reshape(-1, x.shape[-1])
     total = flat[:, :SEGMENT].sum(1)
     for c in range(SEGMENT, flat.shape[1], SEGMENT):
         total += flat[:, c : c + SEGMENT].sum(1)
@@ -65,7 +65,7 @@ class ColumnSum:
         self.total: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        rows = x.double()
+        rows = f64(x)
         if self.total is None:
             self.total = rows[0].clone()
             rows = rows[1:]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import NumericsError
 from lazymerge.meaning.methods.base import Block, Method, Resolved
+from lazymerge.meaning.methods.exact import f64
 from lazymerge.meaning.methods.geometry import Pass, Sum, dtype_of, rounded
 from lazymerge.meaning.methods.slerp import roles
 
@@ -53,12 +54,12 @@ class Multislerp(Method):
                 return
             _, flat = self._flat(block)
             if stage == NORMS:
-                parts = [t.double().square() for t in flat]
+                parts = [f64(t).square() for t in flat]
             elif stage == DOTS:  # each unit times the normalised mean, rounded in d
                 steps = self._steps(flat, state, stage)
                 parts = list(steps["unit"] * steps["mean"])
             else:  # the mean, the tangent mean
-                parts = [self._steps(flat, state, stage)[stage].double().square()]
+                parts = [f64(self._steps(flat, state, stage)[stage]).square()]
             for s, p in zip(into, parts, strict=True):
                 s.add(p.reshape(block.stop - block.start, -1))
 

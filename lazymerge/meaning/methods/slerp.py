@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.meaning.methods.base import Block, Method, Resolved, Scalar
+from lazymerge.meaning.methods.exact import f64
 from lazymerge.meaning.methods.geometry import (
     ROWS,
     WHOLE,
@@ -67,7 +68,7 @@ class Slerp(Method):
             da, db = (block.rows(i, dtype=dtype_of(self.compute)) for i in (0, 1))
             step = max(1, PRODUCTS // max(da[:1].numel(), 1))
             for r in range(0, len(da), step):
-                a, b = da[r : r + step].double(), db[r : r + step].double()
+                a, b = f64(da[r : r + step]), f64(db[r : r + step])
                 for s, (x, y) in zip(into, ((a, a), (b, b), (a, b)), strict=True):
                     s.add(x * y)  # one product at a time
 
@@ -146,8 +147,8 @@ class Nuslerp(Method):
         def feed(block: Block, into: Sequence[VectorSums]) -> None:
             _, v0, v1 = self._vectors(block)
             if k == 0:
-                into[0].add(v0.double().square())
-                into[1].add(v1.double().square())
+                into[0].add(f64(v0).square())
+                into[1].add(f64(v1).square())
             else:
                 n0, n1 = state["norms"]
                 into[0].add((v0 / n0) * (v1 / n1))
@@ -165,7 +166,7 @@ class Nuslerp(Method):
         b, v0, v1 = self._vectors(block)
         if self.mode == ROWS:
             d = dtype_of(self.compute)
-            n0, n1 = (_norm(last_sums(v.double().square()), d) for v in (v0, v1))
+            n0, n1 = (_norm(last_sums(f64(v).square()), d) for v in (v0, v1))
             cos = rounded(last_sums((v0 / n0) * (v1 / n1)), d)
         else:
             cos = stats["cos"]

@@ -16,6 +16,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.meaning.methods.base import Block, Method, Resolved
+from lazymerge.meaning.methods.exact import f64
 from lazymerge.meaning.methods.geometry import (
     ROWS,
     WHOLE,
@@ -53,7 +54,7 @@ class ModelStock(Method):
             _, _, offsets = self._inputs(block)
             n = len(offsets)  # into: the squares, then the products
             for s, o in zip(into[:n], offsets, strict=True):
-                s.add(o.double().square())
+                s.add(f64(o).square())
             for s, (a, b) in zip(into[n:], pairs, strict=True):
                 s.add(offsets[a] * offsets[b])  # rounded in d, as mergekit's
 
@@ -69,7 +70,7 @@ class ModelStock(Method):
         base, models, offsets = self._inputs(block)
         if self.mode == ROWS:
             d = dtype_of(self.compute)
-            norms = [rounded(last_sums(o.double().square()).sqrt(), d).squeeze(-1) for o in offsets]
+            norms = [rounded(last_sums(f64(o).square()).sqrt(), d).squeeze(-1) for o in offsets]
             pairs = combinations(range(len(offsets)), 2)
             dots = [rounded(last_sums(offsets[a] * offsets[b]), d).squeeze(-1) for a, b in pairs]
             t = self._ratio(norms, dots)
