@@ -217,7 +217,9 @@ def table(record: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|")
     lines += [
-        steal_line(r["case"], r["lazymerge_runs"], r)
+        steal_line(
+            r["case"], r["lazymerge_runs"], r["lazymerge_cpu_runs"], r["lazymerge_steal_runs"]
+        )
         for r in record["cases"]
         if "lazymerge_steal_runs" in r
     ]

@@ -55,11 +55,9 @@ def _row(r: dict[str, Any]) -> list[str]:
     return cells
 
 
-def steal_line(what: str, seconds: list[float], r: dict[str, Any]) -> str:
+def steal_line(what: str, seconds: list[float], cpu: list[float], steal: list[float | None]) -> str:
     """Each merge's time with its CPU-seconds and the host's CPU steal meanwhile: a run
     the host took cores from is slower for no reason of the merge's (benchmarks/host.py)."""
-    prefix = "merge" if "merge_cpu_runs" in r else "lazymerge"
-    cpu, steal = r[f"{prefix}_cpu_runs"], r[f"{prefix}_steal_runs"]
     runs = ", ".join(
         f"{s:.1f} s ({c:.1f} CPU-s, steal {'?' if st is None else f'{st:.0f}'} %)"
         for s, c, st in zip(seconds, cpu, steal, strict=True)
@@ -77,7 +75,9 @@ def table(record: dict[str, Any]) -> str:
         if _mk(r, "error")
     ]
     lines += [
-        steal_line(f"{r['layers']} layers", r["merge_runs"], r)
+        steal_line(
+            f"{r['layers']} layers", r["merge_runs"], r["merge_cpu_runs"], r["merge_steal_runs"]
+        )
         for r in record["runs"]
         if "merge_steal_runs" in r
     ]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -49,6 +49,7 @@ SHIFTS = (30, 27)
 # here; 1 << 16: 312 M/s; 1 << 12: 114 M/s, per-call overhead).
 CHUNK = 1 << 16
 _MOD = 1 << 64
+Fill = Callable[..., None]  # (chunk, key, its first flat index, extra ints) -> None
 
 
 def stream_key(seed: int, tensor: str, model: int) -> int:
@@ -66,12 +67,8 @@ def uniforms(key: int, start: int, count: int, device: torch.device | str = "cpu
 
     Example: `uniforms(k, 0, 10)` equals `torch.cat([uniforms(k, 0, 3), uniforms(k, 3, 7)])`.
     """
-    if start < 0 or count < 0:
-        raise ValueError(f"uniforms: start {start} and count {count} must be >= 0")
-    out = torch.empty(count, dtype=torch.float32, device=device)
-    for at in range(0, count, CHUNK):
-        _fill(out[at : at + CHUNK], key, start + at)
-    return out
+    out = torch.empty(_checked("uniforms", start, count), dtype=torch.float32, device=device)
+    return _chunked(out, key, start, _fill)
 
 
 def keep_mask(
@@ -88,14 +85,23 @@ def keep_mask(
     if isinstance(p, torch.Tensor):
         u = uniforms(key, start, math.prod(shape), p.device).view(tuple(shape))
         return u < p
-    count = math.prod(shape)
-    if start < 0 or count < 0:
-        raise ValueError(f"keep_mask: start {start} and count {count} must be >= 0")
+    count = _checked("keep_mask", start, math.prod(shape))
     out = torch.empty(count, dtype=torch.bool, device=device)
-    below = _below(p)
-    for at in range(0, count, CHUNK):
-        _fill_keep(out[at : at + CHUNK], key, start + at, below)
-    return out.view(tuple(shape))
+    return _chunked(out, key, start, _fill_keep, _below(p)).view(tuple(shape))
+
+
+def _checked(what: str, start: int, count: int) -> int:
+    """`count`, once it and `start` are known to be indices (>= 0)."""
+    if start < 0 or count < 0:
+        raise ValueError(f"{what}: start {start} and count {count} must be >= 0")
+    return count
+
+
+def _chunked(out: torch.Tensor, key: int, start: int, fill: Fill, *args: int) -> torch.Tensor:
+    """`out` filled CHUNK elements at a time by `fill(chunk, key, first index, *args)`."""
+    for at in range(0, out.numel(), CHUNK):
+        fill(out[at : at + CHUNK], key, start + at, *args)
+    return out
 
 
 def _below(p: float) -> int:

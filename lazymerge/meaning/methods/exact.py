@@ -23,6 +23,14 @@ if TYPE_CHECKING:
 SEGMENT = 8192  # columns summed as one float64 partial per row
 
 
+def wide(d: torch.dtype) -> torch.dtype:
+    """The dtype torch accumulates `d` in on the CPU, and the one mergekit's slerp and
+    karcher work in: float64 for float64, else float32."""
+    import torch
+
+    return torch.float64 if d == torch.float64 else torch.float32
+
+
 def f64(x: torch.Tensor) -> torch.Tensor:
     """`x` as float64, exactly: 16-bit floats through float32, whose conversions torch
     vectorises (half to double directly runs element by element: twice the time)."""

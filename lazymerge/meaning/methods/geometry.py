@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lazymerge.meaning.methods.exact import SEGMENT, Sum, f64
+from lazymerge.meaning.methods.exact import SEGMENT, Sum, f64, wide
 from lazymerge.meaning.methods.task import dtype_of
 
 if TYPE_CHECKING:
@@ -29,14 +29,6 @@ __all__ = [
 ]  # fmt: skip
 
 WHOLE, ROWS, COLUMNS = "whole", "rows", "columns"  # what one vector of a tensor is
-
-
-def wide(d: torch.dtype) -> torch.dtype:
-    """The dtype torch accumulates `d` in on the CPU, and the one mergekit's slerp and
-    karcher work in: float64 for float64, else float32."""
-    import torch
-
-    return torch.float64 if d == torch.float64 else torch.float32
 
 
 def rounded(exact: float | torch.Tensor, d: torch.dtype) -> torch.Tensor:

@@ -88,7 +88,6 @@ class Sce(Method):
         return stats
 
     def combine(self, block: Block, stats: Any = None) -> torch.Tensor:
-
         b, tvs = self._vectors(block)
         if not self.inputs:
             return b

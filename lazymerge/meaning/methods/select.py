@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from lazymerge.errors import NumericsError
+from lazymerge.meaning.methods.exact import wide
 
 # The integer type whose values are the float's bit patterns.
 _PATTERN = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -309,8 +310,8 @@ class RankMask:
     def __call__(self, values: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """A block's mask, True where an element is kept, in `values`' shape: the block
         whose first element has flat index `start` (None: the block after the last one)."""
-        wide = values.float() if values.element_size() < 4 else values.clone()
-        return self.weights(wide.contiguous(), start).bool()
+        copy = values.to(wide(values.dtype), memory_format=torch.contiguous_format, copy=True)
+        return self.weights(copy, start).bool()
 
     def weights(self, values: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """The same mask as 1.0 (kept) and +0.0, written over `values`, a contiguous

@@ -251,7 +251,8 @@ class TaskMerge(Method):
     def held_bytes(self) -> int:
         """The norms pass's drawn masks (DARE, DELLA with the rescale), a bit per element
         of each input drawn for: kept for the writing pass where the executor gives them
-        room (Stats.room: budget.kept_bytes), so drawn once (drawing was ~36 % of a DARE-TIES merge, twice)."""
+        room (Stats.room: budget.kept_bytes), so drawn once (drawing was ~36 % of a
+        DARE-TIES merge, twice)."""
         if "norms" not in self.stages():
             return 0
         drawn = sum(p.kind in (RANDOM, DELLA) for p in self.prunes)

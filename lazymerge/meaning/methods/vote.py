@@ -1,23 +1,19 @@
 """The TIES family's sign vote, and masks as numbers.
 
-mergekit's `get_mask("sum")` and the masked sums after it, written as mergekit writes
-them (`sign_agreement`) and as lazymerge runs them, the same bits in about half the time:
-TIES' (`sign_vote`) and SCE's (`erased_sums`); `as_mask`, a bool mask as 1 and 0.
+mergekit's `get_mask("sum")` — an input agrees where its sign is that of the sum over
+the inputs (±0 counts as +) — and the masked sums after it, the same bits as mergekit's in
+about half the time: TIES' (`sign_vote`) and SCE's (`erased_sums`); `as_mask`, a bool mask
+as 1 and 0.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lazymerge.meaning.methods.exact import wide
+
 if TYPE_CHECKING:
     import torch
-
-
-def sign_agreement(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
-    """mergekit's get_mask("sum"): True where an input's sign is that of the sum (±0: +)."""
-    sign = deltas.sign().to(mask_dtype)
-    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    return sign == majority
 
 
 def as_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -32,10 +28,10 @@ def as_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def sign_vote(deltas: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES' vote over the weighted task vectors `deltas` ([n, ...], in d): mergekit's
-    `(deltas * mask).sum(0)` and `(weights * mask).sum(0)`, mask = sign_agreement(deltas),
-    in d, the latter with its zeros set to 1 as mergekit sets them next. The same bits (a NaN's payload aside) at about half the time: the work in fp32
-    (fp64 for fp64), where torch's CPU kernels are fast, with the mask as 1.0/+0.0, never
-    bool. It holds because torch sums fp16/bf16 in fp32, in input order, rounding once (a
+    `(deltas * mask).sum(0)` and `(weights * mask).sum(0)` (mask: get_mask("sum") of
+    `deltas`) in d, the latter with its zeros set to 1 as mergekit sets them next. The
+    same bits (a NaN's payload aside) at about half the time: the work in fp32 (fp64 for
+    fp64), where torch's CPU kernels are fast, with the mask as 1.0/+0.0, never bool. It holds because torch sums fp16/bf16 in fp32, in input order, rounding once (a
     sum of d's values never rounds to ±0, so its sign is the rounded one's); products by 1
     or +0 are exact in either dtype; the int8 mask gives the same mask."""
     import torch
@@ -53,7 +49,7 @@ def sign_vote(deltas: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor
 
 def erased_sums(tvs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SCE's vote: mergekit's `erased = weights * mask`, then `(tvs * erased).sum(0)` and
-    `erased.sum(0)`, mask = sign_agreement(tvs) over the unweighted task vectors, in d.
+    `erased.sum(0)`, mask: get_mask("sum") of the unweighted task vectors, in d.
     The same bits (a NaN's payload aside) in fp32, in mergekit's order: w·m is w or ±0
     exactly, τ·(w·m) of two d values is exact in fp32 (torch's d product is that fp32
     product, rounded), so each product is rounded to d once before the sum, as
@@ -68,12 +64,11 @@ def erased_sums(tvs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _agreement(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`deltas` in fp32 (fp64 stays), given up by the caller where that is `deltas`
-    itself; sign_agreement(deltas) as 1.0/+0.0 in that dtype)."""
+    """(`deltas` in fp32 (fp64 stays; the caller gives `deltas` up where that is itself),
+    get_mask("sum") of `deltas` as 1.0/+0.0 in that dtype)."""
     import torch
 
-    d = deltas.dtype
-    x = deltas.float() if d in (torch.float16, torch.bfloat16) else deltas
+    x = deltas.to(wide(deltas.dtype))
     majority = (x.sum(dim=0) >= 0).to(x.dtype).mul_(2).sub_(1)  # d's sum, before rounding
     mask = torch.sign(x).mul_(majority).gt_(0)  # NaN and ±0 deltas: +0.0
     return x, mask
