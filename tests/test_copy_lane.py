@@ -114,6 +114,25 @@ def test_a_copy_ahead_never_waits_on_room_held_by_the_bytes_after_it(
     assert (tmp_path / "s.safetensors").read_bytes() == HEADER + data
 
 
+def test_a_failed_lane_lets_the_bytes_after_its_range_go(
+    tmp_path: Path, source: tuple[Path, bytes]
+) -> None:
+    """The bytes after a reserved range are queued, then the lane fails before copying
+    it: their hash will never come, so they are let go at once (their buffers back to
+    the computing thread, which would otherwise wait for them forever)."""
+    _, data = source
+    writer = _writer(tmp_path, len(data))
+    writer.reserve(1000, 69_001)
+    back = threading.Event()
+    writer.write(0, data[:1000])
+    writer.write(70_001, data[70_001:], back.set)  # waits in the hash for bytes 1000-70001
+    writer.fail(RuntimeError("the lane's read failed"))
+    assert back.wait(10)
+    with pytest.raises(RuntimeError, match="the lane's read failed"):
+        writer.finish()
+    writer.abort()
+
+
 @pytest.mark.parametrize(
     ("steps", "why"),
     [

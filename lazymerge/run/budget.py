@@ -5,6 +5,7 @@ them. `lazymerge plan` prints the same estimate the executor lives by."""
 from __future__ import annotations
 
 import math
+import mmap
 import os
 
 from lazymerge.meaning.adapters import REPLACE
@@ -13,12 +14,14 @@ from lazymerge.plan.model import COMPUTE, MergePlan, PlannedTensor
 from lazymerge.read.tensorref import TensorRef, itemsize
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
-# Plain copies move at most this much per step, so the mapped input pages a copy makes
-# resident stay small even when the budget is large.
-COPY_CHUNK = 64 * 2**20
+PAGE = mmap.PAGESIZE
 # Bytes queued for the writer's threads (hash, pwrite) while the next block is computed;
 # a block larger than this still goes, alone.
 WRITE_QUEUE = 64 * 2**20
+# Plain copies move at most this much per step (read into one of the copy buffers,
+# run/copies.py, or a map's pages), so what a copy holds stays small even when the budget
+# is large; as many buffers as fill the writer's queue, each back once written and hashed.
+COPY_CHUNK = 8 * 2**20
 # A GGUF's blocks: every tensor is computed (a copy is re-encoded), and a block costs
 # the same per byte at any size past a few MiB, so larger ones would only add memory.
 ENCODED_BLOCKS = 96 * 2**20
@@ -102,6 +105,18 @@ def read_row_bytes(ref: TensorRef) -> int:
     return 2 * ref.row_nbytes + 3 * 4 * (ref.numel // max(ref.rows, 1))
 
 
+def copy_chunk(budget: int) -> int:
+    """Bytes a plain copy moves per step, within `budget`."""
+    return max(min(budget, COPY_CHUNK), PAGE)
+
+
+def copy_buffers(budget: int) -> int:
+    """How many copy buffers (of copy_chunk bytes) may be in flight at once: the
+    writer's queue's worth, within `budget`, and at least two (one read while one is
+    written)."""
+    return max(2, min(WRITE_QUEUE, budget) // copy_chunk(budget))
+
+
 def block_rows(t: PlannedTensor, budget: int) -> int:
     """Rows per block so that the block's buffers and mapped input pages fit `budget`
     (with a GPU, whose fp32 rows are whole blocks; the CPU's are chunks, and it holds less).
@@ -178,8 +193,9 @@ def working_memory(t: PlannedTensor, budget: int, threads: int, lanes: int = 1) 
         return t.nbytes
     if t.action != COMPUTE and (t.encoding is not None or not t.inputs[0].ref.contiguous):
         return _encoded_copy(t, budget)
-    if t.action != COMPUTE:
-        return 2 * min(budget, COPY_CHUNK, t.nbytes)  # one chunk queued, the next mapped
+    if t.action != COMPUTE:  # the copy buffers it fills (the map's pages, the same or less)
+        chunk = copy_chunk(budget)
+        return min(copy_buffers(budget), -(-t.nbytes // chunk)) * chunk
     work = _computed(t, budget, threads, tensor_lanes(t, budget, lanes))
     if t.encoding is not None:  # the lanes' float32 chunks and the quantizer's copies
         return work + ENCODE_LANES * ENCODE_TEMPS

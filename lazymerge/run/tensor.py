@@ -25,7 +25,7 @@ from lazymerge.meaning.methods.base import Keeps, Splittable
 from lazymerge.plan.model import COMPUTE, PlannedTensor
 from lazymerge.read.mapped import DTYPES, MappedReader
 from lazymerge.run import budget as memory
-from lazymerge.run.copies import Copier, Step
+from lazymerge.run.copies import Copier, CopyBuffers, Step
 from lazymerge.run.device import Lanes, Scratch
 from lazymerge.run.encode import EncodeLane
 from lazymerge.run.rows import Factor, Source, TensorBlock
@@ -46,10 +46,12 @@ class ShardContext:
     lanes: int = 0  # compute lanes on the CPU; 0: budget.merge_lanes for this process
     nonfinite: list[str] = field(default_factory=list)  # tensors written with NaN/Inf
     source: Source = field(init=False)  # reader and scratch, as the rows of a block need them
+    copies: CopyBuffers = field(init=False)  # what plain copies are read into
     _pool: Lanes[Source] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.source = Source(self.reader, self.scratch)
+        self.copies = CopyBuffers(self.budget)
         if not self.lanes:
             # This process's share of the cores: a batch worker's torch threads are its
             # share less the writer's core (run.process.compute_threads), so no more.
@@ -64,7 +66,8 @@ class ShardContext:
         return self._pool
 
     def close(self) -> None:
-        """Stop the lanes, if any started."""
+        """Stop the lanes, if any started; let the copy buffers' pages go."""
+        self.copies.idle()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -73,6 +76,7 @@ class ShardContext:
 def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:
     """Produce one output tensor's bytes into the shard's writer."""
     if t.action == COMPUTE:
+        ctx.copies.idle()  # the copies before it hold no pages while it computes
         _compute(ctx, t)
     elif t.data is not None:  # CONSTANT: the plan's own bytes
         ctx.writer.write(t.offset, t.data)
@@ -130,7 +134,7 @@ def _decode_copy(ctx: ShardContext, t: PlannedTensor) -> None:
 
 
 def _byte_copy(ctx: ShardContext, t: PlannedTensor) -> None:
-    Copier(ctx.reader, ctx.writer, ctx.budget, ctx.step).copy(t)
+    Copier(ctx.reader, ctx.writer, ctx.budget, ctx.step, ctx.copies).copy(t)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ COPY_RANGE_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTS
 # Filesystems where copy_file_range clones blocks or copies server-side, so copied
 # tensors move no data through this machine. Elsewhere (ext4, tmpfs, overlay) the kernel
 # copy measured slower than writing from the map (0.50-0.56 vs 0.76-0.95 GiB/s, cold,
-# see BENCHMARKS.md), and plain writes are used. LAZYMERGE_COPY_RANGE=always|never overrides.
+# see BENCHMARKS.md), and the bytes are read and written (run/copies.py CopyBuffers). LAZYMERGE_COPY_RANGE=always|never overrides.
 CLONING_FS = frozenset(
     {"btrfs", "xfs", "bcachefs", "zfs", "ocfs2", "nfs", "nfs4", "cifs", "smb3", "ceph"}
 )

@@ -97,9 +97,9 @@ class ShardWriter:
     so they overlap each other and the computation of the next block (plain copies are
     bound by them: an 8-layer 13B-shaped merge took 29.3 s with one thread doing both,
     21.2 s with two); the bytes queued at once are bounded by `inflight`. A queued
-    buffer must stay untouched until written (the executor hands over fresh tensors and
-    read-only maps); `after` callbacks run once their bytes are hashed and on their way
-    to disk (or dropped after an error).
+    buffer must stay untouched until written (the executor hands over fresh tensors,
+    read-only maps and copy buffers it takes back in `after`); `after` callbacks run
+    once their bytes are hashed and on their way to disk (or dropped after an error).
 
     Copies may also come from a thread of their own, ahead of the bytes before them:
     their ranges are `reserve`d first (the writes in order skip them), then filled in
@@ -162,6 +162,11 @@ class ShardWriter:
         (copy_file_range: no pass through this process; on NFS or a reflink filesystem,
         no data moved at all); `data` is still read once, for the sha256."""
         self._queue(offset, memoryview(data).cast("B"), after, source)
+
+    @property
+    def kernel_copies(self) -> bool:
+        """Whether `copy` has the kernel copy file to file here (copy_file_range)."""
+        return self._copy_range
 
     def reserve(self, offset: int, size: int) -> None:
         """Bytes [offset, offset + size) will come by `copy_ahead`, from another thread:
@@ -252,8 +257,18 @@ class ShardWriter:
             if lane == WRITE:
                 self._cond.wait_for(lambda: bool(self._writes))
                 return self._writes.popleft()
-            self._cond.wait_for(lambda: self._hash_at in self._hashes or self._stopping)
+            self._cond.wait_for(
+                lambda: (
+                    self._hash_at in self._hashes
+                    or self._stopping
+                    or (self._error is not None and bool(self._hashes))
+                )
+            )
             item = self._hashes.pop(self._hash_at, None)
+            if item is None and self._error is not None and self._hashes:
+                # Nothing is hashed after an error, and bytes reserved before these may
+                # never come (a failed copy lane): let them go now, whatever their place.
+                item = self._hashes.pop(next(iter(self._hashes)))
             if item is not None:
                 self._hash_at += len(item.view)
                 self._cond.notify_all()  # a copy ahead may wait for the hash (AHEAD_WINDOW)
@@ -265,7 +280,7 @@ class ShardWriter:
                 if self._error is None:  # after one, items are only let go
                     self._handle(lane, item)
             except BaseException as e:  # handed to the executor's thread at its next call
-                self._error = self._error or e
+                self.fail(e)  # (and wakes the hash lane, which lets go what it waits behind)
             self._done(item, lane)
         if lane == HASH:  # after an error: what could not be hashed in order is let go
             with self._cond:
