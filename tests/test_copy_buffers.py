@@ -5,6 +5,7 @@ idle, and an input that ends early is one line."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -31,7 +32,9 @@ def _tensor(path: Path, offset: int, nbytes: int, at: int) -> PlannedTensor:
     return PlannedTensor("t", "U8", (nbytes,), nbytes, COPY_BASE, (Input("base", ref),), offset=at)
 
 
-def _copy_all(tmp_path: Path, data: bytes, cuts: list[int], buffers: CopyBuffers) -> bytes:
+def _copy_all(
+    tmp_path: Path, data: bytes, cuts: list[tuple[int, int]], buffers: CopyBuffers
+) -> bytes:
     """The input's bytes between `cuts` (offset, length) copied one after the other
     into one shard; returns the shard's data section, checking its sha256."""
     src = tmp_path / "input.bin"
@@ -113,6 +116,29 @@ def test_an_input_that_ends_early_is_one_line(tmp_path: Path) -> None:
         read_into(fd, view, 0, path)  # within the file: fine
         with pytest.raises(InputError, match=r"input\.bin: ends at byte 12288, before the"):
             read_into(fd, view, 2 * PAGE, path)
+    finally:
+        os.close(fd)
+
+
+def test_an_unreadable_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read error (a failing disk) names the file and the reason; with no preadv on
+    the platform, plain pread reads the same bytes."""
+    path = tmp_path / "input.bin"
+    data = os.urandom(2 * PAGE)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def failing(*args: Any) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "preadv", failing)
+        view = memoryview(bytearray(PAGE))
+        with pytest.raises(InputError, match=r"input\.bin: cannot read \(Input/output error\)"):
+            read_into(fd, view, 0, path)
+        monkeypatch.delattr(os, "preadv")
+        read_into(fd, view, PAGE, path)
+        assert bytes(view) == data[PAGE:]
     finally:
         os.close(fd)
 

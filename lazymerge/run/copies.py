@@ -107,16 +107,28 @@ def _drop_pages(buf: mmap.mmap) -> None:
 
 
 def read_into(fd: int, view: memoryview, position: int, file: Path) -> None:
-    """Fill `view` from `fd` at `position`, or say in one line that the file ended."""
+    """Fill `view` from `fd` at `position`, or say in one line that the file ended or
+    could not be read."""
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:]], position + got)
+        try:
+            n = _pread_into(fd, view[got:], position + got)
+        except OSError as e:
+            raise InputError(f"{file}: cannot read ({e.strerror})") from None
         if n <= 0:
             raise InputError(
                 f"{file}: ends at byte {position + got}, before the tensor it holds; "
                 "was it changed during the merge?"
             )
         got += n
+
+
+def _pread_into(fd: int, view: memoryview, position: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], position)
+    data = os.pread(fd, len(view), position)  # a platform without preadv: one copy more
+    view[: len(data)] = data
+    return len(data)
 
 
 @dataclass(frozen=True)
