@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,21 +71,26 @@ def test_a_buffer_is_refilled_only_once_written_and_hashed(
     """Slow writes: the copying thread runs out of buffers and waits for one to come back
     (two buffers at this budget); had it refilled one still queued, the file would hold
     later bytes in earlier places."""
-    real = os.pwritev
-    in_flight: list[int] = []
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+    writes: list[int] = []
 
-    def slow(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+    def slow_pwritev(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
         time.sleep(0.01)
-        in_flight.append(threading.active_count())
-        return real(fd, buffers, offset, flags)
+        writes.append(offset)
+        return real_pwritev(fd, buffers, offset, flags)
 
-    monkeypatch.setattr(os, "pwritev", slow)
-    monkeypatch.setenv("LAZYMERGE_DONTCACHE", "1")
+    def slow_pwrite(fd: int, data: Any, offset: int) -> int:  # where uncached is refused
+        time.sleep(0.01)
+        writes.append(offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow_pwritev)
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
     data = os.urandom(16 * PAGE)
     buffers = CopyBuffers(2 * PAGE)
     assert budget.copy_buffers(2 * PAGE) == 2
     assert _copy_all(tmp_path, data, [(0, len(data))], buffers) == data
-    assert len(in_flight) >= 8  # written in buffer-sized pieces, every one of them
+    assert len(writes) >= 8  # written in buffer-sized pieces, every one of them
 
 
 def test_idle_buffers_give_their_pages_back() -> None:
@@ -104,6 +108,10 @@ def test_idle_buffers_give_their_pages_back() -> None:
     assert second[:5] == bytes(5)
     again = buffers.take()  # reused, not a third one made
     assert again in (first, second)
+    again[:5] = b"again"  # taken: idle again after it (not skipped as already idle)
+    buffers.give(again)
+    buffers.idle()
+    assert again[:5] == bytes(5)
 
 
 def test_an_input_that_ends_early_is_one_line(tmp_path: Path) -> None:

@@ -87,8 +87,11 @@ class CopyBuffers:
             self._free.put(buf)
 
     def idle(self) -> None:
-        """No copy for a while: the free buffers' pages go now, the others' on return."""
+        """No copy for a while: the free buffers' pages go now, the others' on return
+        (so a second call, with no take between, has nothing to do)."""
         with self._lock:
+            if self._idle:
+                return
             self._idle = True
             free = []
             while not self._free.empty():
@@ -147,7 +150,7 @@ class Copier:
         """`t`'s bytes, chunk by chunk, in order."""
         w = self.writer
         if self.buffers is not None and isinstance(w, ShardWriter) and not w.kernel_copies:
-            self._read(t, self.buffers)
+            self._read(t, w, self.buffers)
         else:
             self._chunks(t, self.writer.copy, copy_chunk(self.budget))
 
@@ -156,8 +159,7 @@ class Copier:
         assert isinstance(self.writer, ShardWriter)  # a GGUF writes in order, via its lane
         self._chunks(t, self.writer.copy_ahead, max(min(self.budget, AHEAD_CHUNK), 1))
 
-    def _read(self, t: PlannedTensor, buffers: CopyBuffers) -> None:
-        assert isinstance(self.writer, ShardWriter)
+    def _read(self, t: PlannedTensor, writer: ShardWriter, buffers: CopyBuffers) -> None:
         src = t.inputs[0].ref
         fd = self.files.fd(src.file)
         for start in range(0, src.nbytes, buffers.size):
@@ -166,7 +168,7 @@ class Copier:
             try:
                 view = memoryview(buf)[: stop - start]
                 read_into(fd, view, src.offset + start, src.file)
-                self.writer.write(t.offset + start, view, functools.partial(buffers.give, buf))
+                writer.write(t.offset + start, view, functools.partial(buffers.give, buf))
             except BaseException:
                 buffers.give(buf)  # never queued: the writer raised, or the read did
                 raise

@@ -122,8 +122,12 @@ def _in_order(job: ShardJob, ahead: ReadAhead, tensors: list[PlannedTensor]) -> 
     )  # fmt: skip
     try:
         for t in tensors:
+            # Each kind of tensor lets the other's buffers go: blocks before copies,
+            # copy buffers' pages before a computed tensor.
             if t.action != COMPUTE:
                 scratch.trim()
+            else:
+                ctx.copies.idle()
             write_tensor(ctx, t)
             if t.pad:  # a GGUF aligns the next tensor's data
                 sink.write(t.offset + t.nbytes, bytes(t.pad))

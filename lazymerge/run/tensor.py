@@ -76,7 +76,6 @@ class ShardContext:
 def write_tensor(ctx: ShardContext, t: PlannedTensor) -> None:
     """Produce one output tensor's bytes into the shard's writer."""
     if t.action == COMPUTE:
-        ctx.copies.idle()  # the copies before it hold no pages while it computes
         _compute(ctx, t)
     elif t.data is not None:  # CONSTANT: the plan's own bytes
         ctx.writer.write(t.offset, t.data)

@@ -31,9 +31,10 @@ def sign_vote(deltas: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor
     `(deltas * mask).sum(0)` and `(weights * mask).sum(0)` (mask: get_mask("sum") of
     `deltas`) in d, the latter with its zeros set to 1 as mergekit sets them next. The
     same bits (a NaN's payload aside) at about half the time: the work in fp32 (fp64 for
-    fp64), where torch's CPU kernels are fast, with the mask as 1.0/+0.0, never bool. It holds because torch sums fp16/bf16 in fp32, in input order, rounding once (a
-    sum of d's values never rounds to ±0, so its sign is the rounded one's); products by 1
-    or +0 are exact in either dtype; the int8 mask gives the same mask."""
+    fp64), where torch's CPU kernels are fast, with the mask as 1.0/+0.0, never bool. It
+    holds because torch sums fp16/bf16 in fp32, in input order, rounding once (a sum of
+    d's values never rounds to ±0, so its sign is the rounded one's); products by 1 or +0
+    are exact in either dtype; the int8 mask gives the same mask."""
     import torch
 
     d = deltas.dtype
